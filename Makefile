@@ -1,0 +1,46 @@
+# Sidekey — the two commands in README.md, plus lint and bench.
+# Works on a fresh Debian machine with Python 3.11: system packages are installed when
+# missing (as root, or through sudo), Python packages go into .venv.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: all demo test lint pytest bench system-deps bench-deps clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@scripts/system-deps.sh base
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,fast]'
+	@touch $@
+
+system-deps:
+	@scripts/system-deps.sh base
+
+bench-deps:
+	@scripts/system-deps.sh bench
+
+demo: $(STAMP)
+	$(BIN)/python demo/run_demo.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict broker adapters
+	$(BIN)/lint-imports
+	$(BIN)/hadolint Dockerfile
+
+pytest: $(STAMP) system-deps
+	$(BIN)/pytest -q -ra
+
+test: lint pytest
+
+bench: $(STAMP) bench-deps
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

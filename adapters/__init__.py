@@ -1,0 +1,1 @@
+"""Target-protocol adapters, one module per protocol, registered by entry point."""

@@ -1,0 +1,121 @@
+"""The small interface between the broker core and an adapter, and the adapter registry.
+
+An adapter knows one upstream protocol. The runtime gives it a `ServiceContext` holding
+everything the core provides for its service: the mTLS server context, identity mapping,
+policy, the credential source, audit and metrics. Adapters are found by name through the
+``sidekey.adapters`` entry point group, so the core never imports one.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import ssl
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from broker.audit import AuditLog
+from broker.config import Config, ServiceConfig
+from broker.credentials import CredentialSource
+from broker.errors import ConfigError
+from broker.identity import IdentityError, WorkloadIdentity, identity_from_der, local_identity
+from broker.metrics import Metrics
+from broker.policy import Decision, evaluate
+
+ENTRY_POINT_GROUP = "sidekey.adapters"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceContext:
+    """What the core provides to the adapter of one service."""
+
+    config: Config
+    service: ServiceConfig
+    # The mTLS serving context (client certificate required); None for client_auth: local.
+    server_ssl: ssl.SSLContext | None
+    credentials: CredentialSource
+    audit: AuditLog
+    metrics: Metrics
+    log: logging.Logger
+
+    def identify_tls(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> WorkloadIdentity:
+        """The identity proven by a completed mTLS handshake; raises IdentityError."""
+        if ssl_object is None:
+            raise IdentityError("connection is not TLS: present an X.509-SVID over TLS")
+        der = ssl_object.getpeercert(binary_form=True)
+        return identity_from_der(der, self.config.identity.trust_domain)
+
+    def identify_local(self) -> WorkloadIdentity:
+        """The operator-configured identity of a `client_auth: local` service."""
+        assert self.service.local_identity is not None  # enforced by config parsing
+        return local_identity(self.service.local_identity)
+
+    def authorize(self, identity: WorkloadIdentity | None, peer: str) -> Decision:
+        """Apply policy, count the decision, and audit a denial (an allow is audited by the
+        adapter when the request or session ends, with its byte counts and outcome)."""
+        decision = evaluate(identity, self.service)
+        self.metrics.requests.labels(self.service.name, "allow" if decision.allow else "deny").inc()
+        if not decision.allow:
+            self.record("deny", identity=identity, peer=peer, decision=decision)
+        return decision
+
+    def record(
+        self,
+        event: str,
+        *,
+        identity: WorkloadIdentity | None,
+        peer: str,
+        decision: Decision | None = None,
+        **fields: Any,
+    ) -> None:
+        """Emit one audit event with the standard fields filled in."""
+        self.audit.emit(
+            event,
+            service=self.service.name,
+            adapter=self.service.adapter,
+            spiffe_id=identity.spiffe_id if identity else None,
+            auth_method=identity.method if identity else None,
+            peer=peer,
+            decision=None if decision is None else ("allow" if decision.allow else "deny"),
+            rule=decision.rule if decision else None,
+            reason=decision.reason if decision and not decision.allow else None,
+            **fields,
+        )
+
+
+class Adapter(abc.ABC):
+    """One service's listener and protocol logic.
+
+    `__init__` parses the adapter's own config (`service.upstream`, `service.inject`) with
+    `broker.config.Section` and raises located ConfigErrors; it does no IO, so
+    `sidekey check` can construct adapters to validate a config. `start()` binds.
+    """
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Bind the listener and begin serving."""
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> str:
+        """The address actually bound (``host:port`` or ``unix:path``), after start()."""
+
+    @abc.abstractmethod
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop accepting, let in-flight work finish for up to `drain_timeout`, then cancel."""
+
+
+def load_adapter(name: str, where: str = "adapter") -> type[Adapter]:
+    """Find an adapter class by its registered name."""
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none installed"
+        raise ConfigError(f"{where}: unknown adapter {name!r} (known: {known})")
+    cls = found[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+        raise ConfigError(f"{where}: entry point {name!r} is not a Sidekey adapter")
+    return cls

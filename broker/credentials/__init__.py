@@ -1,0 +1,83 @@
+"""Credentials: what a provider returns, and the source interface adapters use.
+
+An adapter never talks to a vault. It asks its service's `CredentialSource` for a credential
+for one proven identity, holds it while a request or session uses it, and lets go:
+
+    async with ctx.credentials.use(identity) as credential:
+        token = credential.fields["token"]
+
+The source decides caching, sharing one fetch between concurrent callers, per-identity leases,
+renewal and revocation. Secret values live only in `Credential.fields`, which never appears in
+a repr, a log line or the audit trail: use `credential.ref` for those.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.identity import WorkloadIdentity
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRef:
+    """Where a credential came from: safe to log and audit (never a value)."""
+
+    provider: str
+    location: str
+    version: int | None = None
+    lease_id: str | None = None
+
+    def to_audit(self) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in (
+                ("provider", self.provider),
+                ("path", self.location),
+                ("version", self.version),
+                ("lease_id", self.lease_id),
+            )
+            if v is not None
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """One secret with all its fields (username *and* password of one lease, say)."""
+
+    fields: Mapping[str, str] = field(repr=False)
+    ref: CredentialRef
+    # Seconds the vault said the credential (or its lease) is valid for; None if unknown.
+    lease_duration: float | None = None
+    renewable: bool = False
+
+    def __repr__(self) -> str:
+        return f"Credential(ref={self.ref!r}, fields=<{len(self.fields)} redacted>)"
+
+    __str__ = __repr__
+
+
+class CredentialSource(abc.ABC):
+    """A service's supply of credentials. One per service; shared by all its connections."""
+
+    @abc.abstractmethod
+    def use(self, identity: WorkloadIdentity) -> AbstractAsyncContextManager[Credential]:
+        """Hold a credential for `identity` while the context is open.
+
+        Raises `broker.errors.CredentialUnavailable` (fail closed) when none can be had.
+        """
+
+    @abc.abstractmethod
+    async def prime(self) -> None:
+        """Fetch once at start-up so readiness means "credentials reachable"; may raise."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop background work and revoke every lease this source holds."""
+
+    def describe(self) -> str:
+        """A log-safe one-line description of where credentials come from."""
+        return type(self).__name__

@@ -1,0 +1,29 @@
+"""A shallow error tree, split by who is at fault.
+
+Foreign exceptions (hvac, ssl, OSError, ...) are translated into these once, at the boundary
+where they are caught. Messages never contain a secret value.
+"""
+
+
+class SidekeyError(Exception):
+    """Base of every error Sidekey raises on purpose."""
+
+
+class ConfigError(SidekeyError):
+    """The operator's configuration is wrong; the message names the located key."""
+
+
+class ClientError(SidekeyError):
+    """The calling workload is at fault: no/untrusted/invalid identity, protocol violation."""
+
+
+class UpstreamError(SidekeyError):
+    """The upstream (database, API) is down, slow, or refused our credential."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer in time."""
+
+
+class CredentialUnavailable(SidekeyError):
+    """The vault (or other credential source) could not produce a credential; fail closed."""
