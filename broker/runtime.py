@@ -129,6 +129,8 @@ class Broker:
                 log.warning(
                     "closing credentials service=%s error=%s", svc.context.service.name, exc
                 )
+        if self.vault is not None:
+            await self.vault.close()
         if self.admin is not None:
             await self.admin.stop()
         self.audit.close()
