@@ -11,11 +11,18 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker import __version__
 from broker.config import Config, load_config
 from broker.errors import SidekeyError
-from broker.runtime import DEFAULT_DRAIN_SECONDS, Broker
+
+if TYPE_CHECKING:
+    from broker.runtime import Broker
+
+# Seconds in-flight work gets on SIGTERM (mirrors broker.runtime; the CLI avoids importing the
+# runtime, and with it aiohttp and hvac, for --version and the CA commands).
+DEFAULT_DRAIN_SECONDS = 10.0
 
 log = logging.getLogger("sidekey")
 
@@ -96,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check(path: Path) -> int:
+    from broker.runtime import Broker  # noqa: PLC0415
+
     config = load_config(path)
     Broker(config)  # builds TLS contexts, credential sources and adapters: validates all
     print(f"{path}: ok ({len(config.services)} services)")
@@ -118,7 +127,9 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _serve(config: Config, drain_timeout: float) -> int:
-    broker = Broker(config)
+    from broker.runtime import Broker  # noqa: PLC0415
+
+    broker: Broker = Broker(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,12 +21,18 @@ def make_app(token: str) -> web.Application:
         if not hmac.compare_digest(got, expected):
             return web.json_response({"error": "missing or wrong API token"}, status=401)
         return web.json_response(
-            {"orders": [{"id": 1, "item": "espresso"}, {"id": 2, "item": "croissant"}],
-             "served_to": request.headers.get("User-Agent", "?")}
+            {
+                "orders": [{"id": 1, "item": "espresso"}, {"id": 2, "item": "croissant"}],
+                "served_to": request.headers.get("User-Agent", "?"),
+            }
         )
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
 
     app = web.Application()
     app.router.add_get("/orders", orders)
+    app.router.add_get("/healthz", healthz)
     return app
 
 
