@@ -1,0 +1,646 @@
+"""The HTTP adapter: an mTLS reverse proxy to one upstream that injects the credential as headers.
+
+One request, end to end::
+
+    client ──mTLS──▶ identity (per connection) ──▶ policy ──▶ credential ──▶ upstream
+                                                   403        503           502 / 504
+
+The caller proves who it is with its X.509-SVID; the broker decides, fetches the credential for
+that identity, renders the configured header templates from the credential's fields and
+forwards the request. Method, path, query, status, headers and bodies pass through; bodies are
+streamed both ways in chunks, so memory does not grow with their size. Hop-by-hop headers
+are dropped both ways and any client header with an injected name is replaced.
+
+It is not an open proxy: only origin-form request targets (``/path?query``) reach the one
+configured upstream; absolute-form targets and CONNECT are refused before any upstream contact.
+
+Config (``services[i]``)::
+
+    upstream: {url: https://api.example.net, ca: certs/api-ca.pem, timeout: 60, connect_timeout: 10}
+    inject: {headers: {Authorization: "Bearer {token}"}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import string
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, MultiMapping
+from yarl import URL
+
+from broker.adapter import Adapter, ServiceContext
+from broker.config import Section
+from broker.credentials import Credential
+from broker.errors import ConfigError, CredentialUnavailable
+from broker.identity import IdentityError, WorkloadIdentity
+from broker.policy import Decision
+from broker.tls import client_context
+
+# nginx's proxy_read_timeout default: the longest an upstream may stay silent (before its
+# response headers or between body chunks) before the client gets a 504.
+DEFAULT_UPSTREAM_TIMEOUT_SECONDS = 60.0
+# Connecting (TCP and TLS) to a reachable upstream takes milliseconds; a slow-to-connect one
+# should fail fast with a 504 rather than hold the client for a full read timeout.
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
+# Bounds for both: below 0.1 s a loaded host times out healthy upstreams; above an hour a
+# "timeout" no longer protects anything.
+MIN_TIMEOUT_SECONDS = 0.1
+MAX_TIMEOUT_SECONDS = 3600.0
+# A TLS handshake that has not finished in this long is a stuck or hostile client; asyncio's
+# default (60 s) lets a handshake flood hold sockets far longer.
+TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
+# nginx's keepalive_timeout default: an idle client connection is closed after this, so idle
+# keep-alives do not hold max_connections slots (aiohttp's default is an hour).
+KEEPALIVE_TIMEOUT_SECONDS = 75.0
+# Bodies are copied in chunks of this size: aiohttp's own read buffer size (2**16), so one
+# chunk is one buffer; larger chunks add memory per connection and no throughput.
+STREAM_CHUNK_BYTES = 64 * 1024
+# A credential field value shorter than this is not scrubbed from response headers: short
+# values match unrelated headers by chance, and real tokens and passwords are longer.
+MIN_SCRUB_VALUE_LENGTH = 8
+
+# RFC 9110 section 7.6.1: connection-specific headers, meaningful for one hop only.
+HOP_BY_HOP_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+# Headers the broker sets for the upstream hop itself; injecting them would break framing or
+# routing, so config may not name them.
+NOT_INJECTABLE = HOP_BY_HOP_HEADERS | {"host", "content-length", "expect"}
+# An HTTP header name (RFC 9110 section 5.1: a token).
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# aiohttp's client adds these unless told not to; the upstream should see the client's own.
+_SKIP_AUTO_HEADERS = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderTemplate:
+    """One injected header: its name and a template over the credential's fields."""
+
+    name: str
+    template: str
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    url: URL
+    ssl: ssl.SSLContext | None
+    timeout: float
+    connect_timeout: float
+    headers: tuple[HeaderTemplate, ...]
+
+
+def parse_settings(ctx: ServiceContext) -> HttpSettings:
+    """Parse `services[i].upstream` and `services[i].inject`; raise located ConfigErrors."""
+    service = ctx.service
+    up = Section(service.upstream, f"{service.where}.upstream")
+    url = _parse_url(up.text("url"), up.at("url"))
+    ca = up.path("ca", ctx.config.base_dir, None)
+    if ca is not None and url.scheme != "https":
+        raise ConfigError(f"{up.at('ca')}: only applies to an https URL")
+    timeout = up.number(
+        "timeout", MIN_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS, DEFAULT_UPSTREAM_TIMEOUT_SECONDS
+    )
+    connect_timeout = up.number(
+        "connect_timeout", MIN_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS, DEFAULT_CONNECT_TIMEOUT_SECONDS
+    )
+    up.finish()
+    tls = client_context(ca=ca, where=up.where) if url.scheme == "https" else None
+
+    inject = Section(service.inject, f"{service.where}.inject")
+    raw_headers: Mapping[str, str] = inject.string_map("headers")
+    where = inject.at("headers")
+    if not raw_headers:
+        raise ConfigError(f"{where}: name at least one header to inject the credential into")
+    inject.finish()
+    headers = tuple(
+        _parse_template(name, template, f"{where}.{name}") for name, template in raw_headers.items()
+    )
+    seen: set[str] = set()
+    for header in headers:
+        if header.name.lower() in seen:
+            raise ConfigError(f"{where}.{header.name}: named twice (header names ignore case)")
+        seen.add(header.name.lower())
+    return HttpSettings(url, tls, timeout, connect_timeout, headers)
+
+
+def _parse_url(text: str, where: str) -> URL:
+    try:
+        url = URL(text)
+    except ValueError:
+        raise ConfigError(f"{where}: must be an http or https URL, got {text!r}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"{where}: must be an http or https URL, got {text!r}")
+    if url.user is not None or url.password is not None:
+        # A password in the config is the standing secret the broker exists to remove.
+        raise ConfigError(f"{where}: must not contain user info; credentials come from the vault")
+    if url.query_string or url.fragment:
+        raise ConfigError(f"{where}: must not have a query or fragment")
+    return url
+
+
+def _parse_template(name: str, template: str, where: str) -> HeaderTemplate:
+    if not _TOKEN.match(name):
+        raise ConfigError(f"{where}: not a valid HTTP header name")
+    if name.lower() in NOT_INJECTABLE:
+        raise ConfigError(f"{where}: the broker sets this header itself; it cannot be injected")
+    if any(c in template for c in "\r\n\0"):
+        raise ConfigError(f"{where}: a header value cannot contain CR, LF or NUL")
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not a valid template: {exc}") from None
+    fields: list[str] = []
+    for _literal, field_name, spec, conversion in parts:
+        if field_name is None:
+            continue
+        # Only plain {field}: attribute, index, conversion and format spec syntax would let a
+        # template reach beyond the string values of the secret's fields.
+        if not field_name.isidentifier() or spec or conversion:
+            raise ConfigError(
+                f"{where}: template fields must be plain names like {{token}}, got "
+                f"{{{field_name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}}"
+            )
+        fields.append(field_name)
+    return HeaderTemplate(name, template, tuple(dict.fromkeys(fields)))
+
+
+# --------------------------------------------------------------------------- listener
+
+
+@dataclass(slots=True)
+class _Connection:
+    """What the broker knows about one client connection, worked out on its first request."""
+
+    peer: str
+    identity: WorkloadIdentity | None = None
+    error: IdentityError | None = None
+    # Over the service's max_connections when it arrived: answered 503, then closed.
+    refused: bool = False
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server plus a per-connection cache and the connection cap."""
+
+    def __init__(self, adapter: HttpAdapter, **kwargs: Any) -> None:
+        super().__init__(adapter._handle, **kwargs)
+        self.adapter = adapter
+        self.info: dict[web.RequestHandler, _Connection] = {}
+
+    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        over = len(self._connections) >= self.adapter.ctx.service.max_connections
+        super().connection_made(handler, transport)
+        self.info[handler] = _Connection(peer=_peer(transport), refused=over)
+
+    def connection_lost(
+        self, handler: web.RequestHandler, exc: BaseException | None = None
+    ) -> None:
+        self.info.pop(handler, None)
+        super().connection_lost(handler, exc)
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peername = transport.get_extra_info("peername")
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return f"{peername[0]}:{peername[1]}"
+    return "unix" if not peername else str(peername)
+
+
+class _Refused(Exception):
+    """A request answered by the broker itself, never by the upstream."""
+
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """The audit facts of one forwarded request, filled in as it progresses."""
+
+    started: float
+    credential: Credential | None = None
+    status: int | None = None
+    upstream_status: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: str | None = None
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+
+
+class HttpAdapter(Adapter):
+    """HTTPS (mTLS) in, HTTP or HTTPS to the one configured upstream, credential as headers."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.settings = parse_settings(ctx)
+        self._server: _Server | None = None
+        self._listener: asyncio.Server | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._address = ""
+        # The upstream's base path; request paths are appended to it.
+        self._base = str(self.settings.url.origin()) + self.settings.url.raw_path.rstrip("/")
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    async def start(self) -> None:
+        s, service = self.settings, self.ctx.service
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                # HTTP/1.1 carries one request at a time per client connection, so this never
+                # makes a request wait for a pooled connection and bounds upstream sockets by
+                # the same cap as client connections.
+                limit=service.max_connections,
+                limit_per_host=0,
+                ssl=s.ssl if s.ssl is not None else True,
+            ),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=s.connect_timeout, sock_read=s.timeout
+            ),
+            # Upstream cookies belong to the client that received them, never to the
+            # broker's shared session (that would hand one identity's cookies to another).
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # Bodies pass through byte for byte, with their Content-Encoding.
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            trust_env=False,
+        )
+        self._server = _Server(
+            self,
+            access_log=None,
+            keepalive_timeout=KEEPALIVE_TIMEOUT_SECONDS,
+            # Request bodies are forwarded as sent, Content-Encoding and all.
+            auto_decompress=False,
+        )
+        loop = asyncio.get_running_loop()
+        listen = service.listen
+        handshake = TLS_HANDSHAKE_TIMEOUT_SECONDS if self.ctx.server_ssl else None
+        try:
+            if listen.path is not None:
+                self._listener = await loop.create_unix_server(
+                    self._server,
+                    str(listen.path),
+                    ssl=self.ctx.server_ssl,
+                    ssl_handshake_timeout=handshake,
+                )
+                self._address = f"unix:{listen.path}"
+            else:
+                self._listener = await loop.create_server(
+                    self._server,
+                    listen.host,
+                    listen.port or 0,
+                    ssl=self.ctx.server_ssl,
+                    ssl_handshake_timeout=handshake,
+                )
+                host, port = self._listener.sockets[0].getsockname()[:2]
+                self._address = f"{host}:{port}"
+        except BaseException:
+            await self._session.close()
+            raise
+
+    async def stop(self, drain_timeout: float) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        if self._server is not None:
+            # Let requests that arrived before the listener closed begin, close idle
+            # keep-alive connections, then give in-flight requests drain_timeout to finish.
+            await asyncio.sleep(0)
+            self._server.pre_shutdown()
+            await self._server.shutdown(drain_timeout)
+        if self._listener is not None:
+            await self._listener.wait_closed()
+        if self._session is not None:
+            await self._session.close()
+
+    # ----------------------------------------------------------------------- per request
+
+    def _connection(self, request: web.BaseRequest) -> _Connection:
+        """The connection's identity, proven once and reused by every request on it."""
+        assert self._server is not None
+        handler = request.protocol
+        conn = self._server.info.get(handler)
+        if conn is None:  # connection already lost; no cache to fill
+            conn = _Connection(peer=_peer(request.transport) if request.transport else "unknown")
+        elif conn.identity is not None or conn.error is not None:
+            return conn
+        try:
+            if self.ctx.server_ssl is None:
+                conn.identity = self.ctx.identify_local()
+            else:
+                transport = request.transport
+                ssl_object = transport.get_extra_info("ssl_object") if transport else None
+                conn.identity = self.ctx.identify_tls(ssl_object)
+        except IdentityError as exc:
+            conn.error = exc
+        return conn
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        conn = self._connection(request)
+        identity, peer = conn.identity, conn.peer
+        if conn.refused:
+            self.ctx.metrics.connections_rejected.labels(self.ctx.service.name).inc()
+            return self._refuse(
+                request, identity, peer, started,
+                _Refused(503, f"service {self.ctx.service.name} is at its connection limit",
+                         "connection_limit"),
+                close=True,
+            )  # fmt: skip
+        # A keep-alive connection can outlive the certificate that opened it.
+        expires = identity.expires if identity is not None else None
+        if expires is not None and expires.timestamp() <= time.time():
+            conn.identity, conn.error = None, IdentityError("client certificate has expired")
+            identity = None
+        if identity is None:
+            error = conn.error or IdentityError("no proven workload identity")
+            self.ctx.metrics.requests.labels(self.ctx.service.name, "deny").inc()
+            self.ctx.record("deny", identity=None, peer=peer, decision=Decision(False, str(error)))
+            return _error(403, f"identity refused: {error}", close=True)
+        if request.method == hdrs.METH_CONNECT:
+            return self._refuse(
+                request, identity, peer, started,
+                _Refused(405, "CONNECT is not supported: this is not a forward proxy",
+                         "not_a_proxy"),
+                close=True,
+            )  # fmt: skip
+        if not request.raw_path.startswith("/"):
+            return self._refuse(
+                request, identity, peer, started,
+                _Refused(400, "request target must be a path (origin-form); this broker "
+                         "forwards only to its configured upstream", "not_a_proxy"),
+                close=True,
+            )  # fmt: skip
+        decision = self.ctx.authorize(identity, peer)
+        if not decision.allow:
+            return _error(403, decision.reason)
+        return await self._forward(request, identity, peer, decision, started)
+
+    def _refuse(
+        self,
+        request: web.BaseRequest,
+        identity: WorkloadIdentity | None,
+        peer: str,
+        started: float,
+        refusal: _Refused,
+        *,
+        close: bool = False,
+    ) -> web.Response:
+        self.ctx.record(
+            "request",
+            identity=identity,
+            peer=peer,
+            method=request.method,
+            path=_audit_path(request),
+            status=refusal.status,
+            error=refusal.message,
+            duration_ms=_ms(started),
+        )
+        return _error(refusal.status, refusal.message, close=close)
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        identity: WorkloadIdentity,
+        peer: str,
+        decision: Decision,
+        started: float,
+    ) -> web.StreamResponse:
+        ex = _Exchange(started)
+        name = self.ctx.service.name
+        self.ctx.metrics.sessions_active.labels(name).inc()
+        try:
+            try:
+                async with self.ctx.credentials.use(identity) as credential:
+                    ex.credential = credential
+                    return await self._exchange(request, credential, ex)
+            except CredentialUnavailable as exc:
+                ex.error = f"credential unavailable: {exc}"
+                self.ctx.log.warning("credential unavailable service=%s error=%s", name, exc)
+                raise _Refused(
+                    503,
+                    f"no credential is available for service {name} right now; "
+                    "the broker fails closed (see its audit log)",
+                    "credential",
+                ) from None
+        except _Refused as refusal:
+            ex.status = refusal.status
+            ex.error = ex.error or refusal.message
+            if refusal.kind in ("connect", "timeout", "tls", "protocol"):
+                self.ctx.metrics.upstream_errors.labels(name, refusal.kind).inc()
+            elif refusal.kind == "template":
+                # The operator's inject templates and the secret's fields disagree.
+                self.ctx.log.warning("cannot inject service=%s: %s", name, refusal.message)
+            return _error(refusal.status, refusal.message)
+        finally:
+            self.ctx.metrics.sessions_active.labels(name).dec()
+            self.ctx.metrics.sessions.labels(name, _outcome(ex)).inc()
+            self.ctx.log.debug(
+                "request service=%s spiffe_id=%s method=%s path=%s status=%s upstream_status=%s "
+                "bytes_in=%d bytes_out=%d",
+                name, identity, request.method, _audit_path(request), ex.status,
+                ex.upstream_status, ex.bytes_in, ex.bytes_out,
+            )  # fmt: skip
+            self.ctx.record(
+                "request",
+                identity=identity,
+                peer=peer,
+                decision=decision,
+                credential=ex.credential.ref.to_audit() if ex.credential else None,
+                method=request.method,
+                path=_audit_path(request),
+                status=ex.status,
+                upstream_status=ex.upstream_status,
+                bytes_in=ex.bytes_in,
+                bytes_out=ex.bytes_out,
+                duration_ms=_ms(started),
+                error=ex.error,
+            )
+
+    def _inject(self, credential: Credential, ex: _Exchange) -> list[tuple[str, str]]:
+        values: list[tuple[str, str]] = []
+        used: list[str] = []
+        for header in self.settings.headers:
+            for field_name in header.fields:
+                if field_name not in credential.fields:
+                    raise _Refused(503, f"credential has no field {field_name}", "template")
+                value = credential.fields[field_name]
+                if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+                    raise _Refused(
+                        503, f"credential field {field_name} is not a valid header value",
+                        "template",
+                    )  # fmt: skip
+                used.append(value)
+            values.append((header.name, header.template.format_map(credential.fields)))
+        ex.secrets = tuple(v for v in used if len(v) >= MIN_SCRUB_VALUE_LENGTH)
+        return values
+
+    def _upstream_url(self, request: web.BaseRequest) -> URL:
+        url = URL(self._base + request.raw_path, encoded=True)
+        target = self.settings.url
+        if (url.scheme, url.host, url.port) != (target.scheme, target.host, target.port):
+            raise _Refused(400, "request target does not map onto the upstream", "not_a_proxy")
+        return url
+
+    async def _exchange(
+        self, request: web.BaseRequest, credential: Credential, ex: _Exchange
+    ) -> web.StreamResponse:
+        assert self._session is not None
+        url = self._upstream_url(request)
+        injected = self._inject(credential, ex)
+        headers = _forward_headers(request.headers, {name.lower() for name, _ in injected})
+        for name, value in injected:
+            headers[name] = value
+        if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+            # Answer the client's Expect ourselves, after policy and credential: a refused
+            # client never uploads its body, and the upstream's 100 is not relayed.
+            await request.writer.write(_CONTINUE)
+        body = _counted(request, ex) if request.body_exists else None
+        try:
+            upstream = await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                compress=None,
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if request.transport is None or request.transport.is_closing():
+                # The client went away mid-upload: not the upstream's fault, nobody to tell.
+                ex.error = "client disconnected mid-request"
+                # nginx's 499 "client closed request": only the audit trail will see it.
+                raise _Refused(499, ex.error, "client") from None
+            raise self._upstream_refusal(exc, ex) from None
+        async with upstream:
+            ex.upstream_status = upstream.status
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response.headers.extend(_response_headers(upstream.headers, ex.secrets, self.ctx))
+            await response.prepare(request)
+            ex.status = upstream.status
+            try:
+                async for chunk in upstream.content.iter_chunked(STREAM_CHUNK_BYTES):
+                    await response.write(chunk)
+                    ex.bytes_out += len(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Headers are out: no error status can follow. Cut the client's connection so
+                # it sees a truncated response instead of a complete-looking one.
+                refusal = self._upstream_refusal(exc, ex)
+                self.ctx.metrics.upstream_errors.labels(self.ctx.service.name, refusal.kind).inc()
+                ex.error = f"upstream failed mid-response: {refusal.message}"
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            except ConnectionError:
+                ex.error = "client disconnected mid-response"
+                return response
+            await response.write_eof()
+            return response
+
+    def _upstream_refusal(self, exc: BaseException, ex: _Exchange) -> _Refused:
+        name, upstream = self.ctx.service.name, self.settings.url.origin()
+        self.ctx.log.warning(
+            "upstream error service=%s upstream=%s error=%s: %s",
+            name, upstream, type(exc).__name__, exc,
+        )  # fmt: skip
+        if isinstance(exc, TimeoutError):
+            ex.error = f"upstream timeout: {type(exc).__name__}"
+            return _Refused(504, f"upstream {upstream} did not answer in time", "timeout")
+        ex.error = f"upstream error: {type(exc).__name__}: {exc}"
+        if isinstance(exc, aiohttp.ClientSSLError):
+            return _Refused(502, f"TLS to upstream {upstream} failed verification", "tls")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return _Refused(502, f"upstream {upstream} is unreachable", "connect")
+        return _Refused(502, f"upstream {upstream} failed: {type(exc).__name__}", "protocol")
+
+
+async def _counted(request: web.BaseRequest, ex: _Exchange) -> AsyncIterator[bytes]:
+    """The client's body, chunk by chunk as it arrives (backpressure comes from awaiting)."""
+    async for chunk in request.content.iter_chunked(STREAM_CHUNK_BYTES):
+        ex.bytes_in += len(chunk)
+        yield chunk
+
+
+def _connection_tokens(headers: MultiMapping[str]) -> set[str]:
+    """Header names listed in Connection: hop-by-hop for this message too."""
+    tokens: set[str] = set()
+    for value in headers.getall(hdrs.CONNECTION, ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def _forward_headers(incoming: MultiMapping[str], injected: set[str]) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP_HEADERS | _connection_tokens(incoming) | injected | {"host", "expect"}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+def _response_headers(
+    incoming: MultiMapping[str], secrets: tuple[str, ...], ctx: ServiceContext
+) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP_HEADERS | _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() in drop:
+            continue
+        if any(secret in value for secret in secrets):
+            # The upstream echoed the credential: it must never travel toward the client.
+            ctx.log.warning(
+                "dropped response header carrying the credential service=%s header=%s",
+                ctx.service.name, name,
+            )  # fmt: skip
+            continue
+        out.add(name, value)
+    return out
+
+
+def _error(status: int, message: str, *, close: bool = False) -> web.Response:
+    response = web.Response(status=status, text=f"sidekey: {message}\n")
+    if close:
+        response.force_close()
+    return response
+
+
+def _audit_path(request: web.BaseRequest) -> str:
+    # The path only: query strings often carry client data that has no place in an audit log.
+    return request.raw_path.split("?", 1)[0]
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 3)
+
+
+def _outcome(ex: _Exchange) -> str:
+    if ex.error is not None:
+        return "error"
+    return "ok" if ex.status is not None else "incomplete"
