@@ -1,0 +1,595 @@
+"""The connection layer every TCP adapter shares: accept, connect, handshake, upgrade to TLS.
+
+A `Conduit` is one connection while an adapter drives its protocol handshake with a sans-IO
+codec: `receive()` what arrived, feed the codec, `unread()` what it did not consume, `write()`
+what it produced, `start_tls()` in place when the protocol upgrades mid-stream (PostgreSQL
+``SSLRequest``, MySQL ``CLIENT_SSL``). Afterwards the adapter hands both conduits to
+`broker.splice.splice`, which takes over the transports.
+
+Blame is decided here, once: every conduit knows whether its peer is the client or the
+upstream, so a timeout or a failed TLS handshake raises `ClientError` for a client peer and
+`UpstreamTimeout` / `UpstreamError` for an upstream peer. Adapters need not translate.
+
+`serve()` runs one task per accepted connection, caps how many run at once, and always
+closes the conduit when the handler returns or is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import ssl
+import stat
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+from broker.config import ListenAddress
+from broker.errors import ClientError, SidekeyError, UpstreamError, UpstreamTimeout
+
+log = logging.getLogger(__name__)
+
+Side = Literal["client", "upstream"]
+
+# Bytes a conduit buffers while nobody calls receive() before it pauses reading. Handshake
+# messages are small (PostgreSQL caps a startup packet at 10000 bytes, MySQL's handshake
+# response is a few hundred), so this only bounds a peer that floods during the handshake.
+HANDSHAKE_BUFFER_LIMIT = 64 * 1024
+# A TLS handshake on a LAN or loopback takes milliseconds; asyncio's default of 60 s would let
+# a silent peer hold a connection slot (and a max_connections unit) for a minute.
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
+# How long close() lets already-written bytes drain to a peer before aborting: a peer that
+# stops reading must not pin the transport and its buffer forever.
+CLOSE_LINGER_TIMEOUT = 5.0
+# Listen backlog: the value nginx and Redis use (511); asyncio's default of 100 drops SYNs
+# under a connection burst before max_connections can answer them.
+LISTEN_BACKLOG = 511
+# Unix socket mode: owner and group may connect (the app's group), others may not.
+UNIX_SOCKET_MODE = 0o660
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """The kernel-verified identity of a unix socket peer (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def close_with_linger(transport: asyncio.Transport, linger: float = CLOSE_LINGER_TIMEOUT) -> None:
+    """Close `transport`, flushing what it buffered, but abort it if that takes over `linger`."""
+    if transport.is_closing():
+        return
+    # Not isinstance(asyncio.WriteTransport): uvloop's transports do not register with the ABCs.
+    pending = transport.get_write_buffer_size()
+    transport.close()
+    if pending:
+        asyncio.get_running_loop().call_later(linger, transport.abort)
+
+
+class Conduit(asyncio.Protocol):
+    """One connection during the handshake phase, with a bounded receive buffer.
+
+    Only one `receive()` may wait at a time. After `splice()` took the transport over, the
+    conduit must not be read or written; `close()` and `abort()` still work.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_drain_waiter",
+        "_eof",
+        "_lost",
+        "_on_made",
+        "_read_paused",
+        "_receive_waiter",
+        "_spliced",
+        "_write_paused",
+        "credentials",
+        "error",
+        "peer",
+        "side",
+        "transport",
+    )
+
+    def __init__(
+        self, side: Side, *, on_connection_made: Callable[[Conduit], None] | None = None
+    ) -> None:
+        self.side: Side = side
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.credentials: PeerCredentials | None = None
+        # Why the connection was lost, if it was lost to an error (reset, TLS failure).
+        self.error: BaseException | None = None
+        self._on_made = on_connection_made
+        self._buffer = bytearray()
+        self._eof = False
+        self._lost = False
+        self._read_paused = False
+        self._write_paused = False
+        self._spliced = False
+        self._receive_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer, self.credentials = _describe_peer(self.transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Handshakes are small request/response exchanges: Nagle would add up to 40 ms
+            # (delayed ACK) per round trip. asyncio sets this already; uvloop may not.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._on_made is not None:
+            self._on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) > HANDSHAKE_BUFFER_LIMIT and not self._read_paused:
+            self._read_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+        self._wake_receiver()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_receiver()
+        # Keep the write side open: the adapter may still owe the peer an error message. For
+        # TLS transports asyncio ignores this and closes (and warns if we return True).
+        return not self.is_tls
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._eof = True
+        if exc is not None:
+            self.error = exc
+        self._wake_receiver()
+        self._wake_drainer()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drainer()
+
+    # -- API for adapters --------------------------------------------------------------------
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the connection is lost or being closed."""
+        return self._lost or self.transport is None or self.transport.is_closing()
+
+    @property
+    def at_eof(self) -> bool:
+        """True once the peer sent EOF (or the connection was lost)."""
+        return self._eof
+
+    @property
+    def is_tls(self) -> bool:
+        return self.ssl_object is not None
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        """The TLS session (peer certificate, cipher, ALPN) once TLS is up, else None."""
+        if self.transport is None:
+            return None
+        return cast(ssl.SSLObject | None, self.transport.get_extra_info("ssl_object"))
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received (or unread) that nobody has consumed yet."""
+        return len(self._buffer)
+
+    async def receive(self, timeout: float) -> bytes:
+        """Return and clear everything buffered, waiting up to `timeout` for at least one byte.
+
+        Returns b"" once the peer sent EOF or the connection is lost (see `error`). Raises
+        `ClientError` (client peer) or `UpstreamTimeout` (upstream peer) on timeout.
+        """
+        self._check_usable()
+        if not self._buffer and not self._eof:
+            if self._receive_waiter is not None:
+                raise RuntimeError("Conduit.receive() is already being awaited")
+            waiter = asyncio.get_running_loop().create_future()
+            self._receive_waiter = waiter
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter
+            except TimeoutError:
+                raise self._timeout_error(f"sent nothing for {timeout:g}s") from None
+            finally:
+                self._receive_waiter = None
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self._read_paused and not self._lost:
+            self._read_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        return data
+
+    def unread(self, data: bytes) -> None:
+        """Push back bytes the codec did not consume; `receive()` or `splice()` delivers them
+        before anything received later."""
+        self._check_usable()
+        if data:
+            self._buffer[:0] = data
+
+    def write(self, data: bytes) -> None:
+        """Queue `data` for the peer. Dropped silently once the connection is closing: the
+        next `receive()` reports the loss."""
+        self._check_usable()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until the write buffer is below its low-water mark (or the connection is lost).
+
+        Raises the side's timeout error if the peer does not read for `timeout` seconds.
+        """
+        if not self._write_paused or self._lost:
+            return
+        waiter = self._drain_waiter
+        if waiter is None:
+            waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(waiter)
+        except TimeoutError:
+            raise self._timeout_error(f"did not read for {timeout:g}s") from None
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        """Upgrade this connection to TLS in place; afterwards `ssl_object` is set.
+
+        Refuses to start if plaintext bytes are still buffered: they arrived before the
+        handshake and must not be treated as if they were protected (the PostgreSQL
+        buffer-stuffing bugs CVE-2021-23214 and CVE-2021-23222). On failure or timeout the
+        connection is aborted and the side's error is raised.
+        """
+        self._check_usable()
+        assert self.transport is not None
+        if self.is_closed:
+            raise self._error(f"closed before the TLS handshake ({self._where})")
+        if self._buffer:
+            self.abort()
+            raise self._error(
+                f"{self._where} sent {len(self._buffer)} bytes before the TLS handshake"
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            # The outer timeout is a backstop: ssl_handshake_timeout covers the handshake, this
+            # also covers a peer that never lets the TCP layer make progress.
+            async with asyncio.timeout(timeout + 1.0):
+                tls_transport = await loop.start_tls(
+                    self.transport,
+                    self,
+                    ssl_context,
+                    server_side=server_side,
+                    server_hostname=server_hostname,
+                    ssl_handshake_timeout=timeout,
+                )
+        except TimeoutError:
+            self.abort()
+            raise self._timeout_error(f"did not finish the TLS handshake in {timeout:g}s") from None
+        except ConnectionAbortedError as exc:
+            # asyncio reports its own ssl_handshake_timeout as ConnectionAbortedError.
+            self.abort()
+            if "longer than" in str(exc):
+                raise self._timeout_error(
+                    f"did not finish the TLS handshake in {timeout:g}s"
+                ) from None
+            raise self._error(f"TLS handshake with {self._where} failed: {exc}") from None
+        except (OSError, ssl.SSLError, EOFError) as exc:
+            self.abort()
+            reason = getattr(exc, "reason", None) or exc.__class__.__name__
+            raise self._error(f"TLS handshake with {self._where} failed: {reason}") from None
+        except BaseException:
+            self.abort()
+            raise
+        if tls_transport is None:  # pragma: no cover - only for transports without TLS support
+            self.abort()
+            raise self._error(f"TLS handshake with {self._where} failed: transport closed")
+        self.transport = tls_transport
+        # Fresh state for the protected stream: start_tls() resumed reading underneath.
+        self._read_paused = False
+        self._write_paused = False
+
+    def close(self) -> None:
+        """Close, flushing what was written (aborting if that takes over CLOSE_LINGER_TIMEOUT)."""
+        if self.transport is not None:
+            close_with_linger(self.transport)
+
+    def abort(self) -> None:
+        """Close at once, discarding anything not yet sent."""
+        if self.transport is not None:
+            self.transport.abort()
+        self._lost = True
+        self._eof = True
+        self._wake_receiver()
+        self._wake_drainer()
+
+    # -- for broker.splice --------------------------------------------------------------------
+
+    def _detach(self) -> tuple[bytes, bool, bool, bool]:
+        """Hand the connection over: (buffered bytes, eof seen, lost, writing paused)."""
+        self._check_usable()
+        self._spliced = True
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data, self._eof, self._lost, self._write_paused
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @property
+    def _where(self) -> str:
+        return f"{self.side} {self.peer}"
+
+    def _check_usable(self) -> None:
+        if self._spliced:
+            raise RuntimeError("Conduit was handed to splice(); use the splice instead")
+
+    def _error(self, message: str) -> SidekeyError:
+        return ClientError(message) if self.side == "client" else UpstreamError(message)
+
+    def _timeout_error(self, what: str) -> SidekeyError:
+        message = f"{self._where} {what}"
+        return ClientError(message) if self.side == "client" else UpstreamTimeout(message)
+
+    def _wake_receiver(self) -> None:
+        waiter = self._receive_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_drainer(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+def _describe_peer(transport: asyncio.BaseTransport) -> tuple[str, PeerCredentials | None]:
+    peername = transport.get_extra_info("peername")
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        creds = _peer_credentials(sock)
+        if creds is None:
+            return "unix", None
+        return f"unix:pid={creds.pid},uid={creds.uid},gid={creds.gid}", creds
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host = peername[0]
+        return (f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"), None
+    return str(peername), None
+
+
+_UCRED = struct.Struct("3i")
+
+
+def _peer_credentials(sock: socket.socket) -> PeerCredentials | None:
+    if not hasattr(socket, "SO_PEERCRED"):  # pragma: no cover - Linux only
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    pid, uid, gid = _UCRED.unpack(raw)
+    return PeerCredentials(pid, uid, gid)
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> Conduit:
+    """Open a TCP connection to an upstream (TLS from the first byte if `ssl_context`).
+
+    Raises `UpstreamTimeout` if it takes over `timeout`, `UpstreamError` if refused,
+    unreachable, unresolvable or the TLS handshake fails; messages name host:port.
+    """
+    loop = asyncio.get_running_loop()
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        async with asyncio.timeout(timeout):
+            _, conduit = await loop.create_connection(
+                lambda: Conduit("upstream"),
+                host,
+                port,
+                ssl=ssl_context,
+                server_hostname=server_hostname if ssl_context is not None else None,
+                ssl_handshake_timeout=timeout if ssl_context is not None else None,
+            )
+    except TimeoutError:
+        raise UpstreamTimeout(f"upstream {where}: no connection within {timeout:g}s") from None
+    except ssl.SSLError as exc:
+        reason = exc.reason or exc.__class__.__name__
+        raise UpstreamError(f"upstream {where}: TLS handshake failed: {reason}") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or exc.__class__.__name__
+        raise UpstreamError(f"upstream {where}: cannot connect: {reason}") from None
+    return conduit
+
+
+Handler = Callable[[Conduit], Awaitable[None]]
+
+
+class Listener:
+    """A bound listening socket running one handler task per accepted connection."""
+
+    def __init__(
+        self, handler: Handler, max_connections: int, on_reject: Callable[[], None] | None = None
+    ) -> None:
+        self._handler = handler
+        self._max_connections = max_connections
+        self._on_reject = on_reject
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._closing = False
+        self._unix_path: Path | None = None
+        self.address = ListenAddress()
+        # Counters for metrics: connections handed to the handler / refused over the cap.
+        self.accepted = 0
+        self.rejected = 0
+
+    @property
+    def active(self) -> int:
+        """Connections whose handler is still running."""
+        return len(self._tasks)
+
+    def _conduit(self) -> Conduit:
+        return Conduit("client", on_connection_made=self._on_connection_made)
+
+    def _on_connection_made(self, conduit: Conduit) -> None:
+        assert conduit.transport is not None
+        if self._closing or len(self._tasks) >= self._max_connections:
+            self.rejected += 1
+            if self._on_reject is not None:
+                self._on_reject()
+            log.debug("refusing %s: %d connections in flight", conduit.peer, len(self._tasks))
+            conduit.abort()
+            return
+        self.accepted += 1
+        task = asyncio.get_running_loop().create_task(self._run(conduit))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, conduit: Conduit) -> None:
+        try:
+            await self._handler(conduit)
+        except asyncio.CancelledError:
+            # Cancelled mid-handshake or mid-session (shutdown): nothing more will be said.
+            conduit.abort()
+            raise
+        except SidekeyError as exc:
+            log.warning("connection from %s ended: %s", conduit.peer, exc)
+        except Exception:
+            log.exception("handler failed for connection from %s", conduit.peer)
+        finally:
+            conduit.close()
+
+    async def close(self, drain_timeout: float) -> None:
+        """Stop accepting, give in-flight handlers `drain_timeout` seconds, then cancel the
+        rest and wait for them."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=drain_timeout)
+        remaining = set(self._tasks)
+        for task in remaining:
+            task.cancel()
+        if remaining:
+            await asyncio.gather(*remaining, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._unix_path.unlink()
+            self._unix_path = None
+
+
+async def serve(
+    listen: ListenAddress,
+    handler: Handler,
+    *,
+    max_connections: int,
+    ssl: ssl.SSLContext | None = None,
+    ssl_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+    on_reject: Callable[[], None] | None = None,
+) -> Listener:
+    """Bind `listen` (TCP host/port, or unix path) and run `handler(conduit)` per connection.
+
+    Connections over `max_connections` are closed at once, counted in `Listener.rejected`
+    and reported to `on_reject` (for a metric). Handler exceptions are logged; the conduit is
+    always closed when the handler returns. With `ssl`, the TLS handshake completes before
+    the handler runs.
+    """
+    if max_connections < 1:
+        raise ValueError("max_connections must be at least 1")
+    loop = asyncio.get_running_loop()
+    listener = Listener(handler, max_connections, on_reject)
+    tls_timeout = ssl_handshake_timeout if ssl is not None else None
+    if listen.path is not None:
+        sock = _bind_unix(listen.path)
+        try:
+            server = await loop.create_unix_server(
+                listener._conduit,
+                sock=sock,
+                backlog=LISTEN_BACKLOG,
+                ssl=ssl,
+                ssl_handshake_timeout=tls_timeout,
+            )
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                listen.path.unlink()
+            raise
+        listener._unix_path = listen.path
+        listener.address = ListenAddress(path=listen.path)
+    else:
+        server = await loop.create_server(
+            listener._conduit,
+            listen.host,
+            listen.port or 0,
+            backlog=LISTEN_BACKLOG,
+            ssl=ssl,
+            ssl_handshake_timeout=tls_timeout,
+            reuse_address=True,
+        )
+        host, port = server.sockets[0].getsockname()[:2]
+        listener.address = ListenAddress(host=host, port=port)
+    listener._server = server
+    return listener
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    """Bind a unix socket at `path` with UNIX_SOCKET_MODE, replacing a stale socket file.
+
+    The mode is set between bind() and listen(), so no one can connect in the window where
+    the umask's mode applies (connect() to a bound, unlistened socket is refused).
+    """
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, UNIX_SOCKET_MODE)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink()  # Nobody listens: left behind by a crashed process.
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by a running process")

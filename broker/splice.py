@@ -1,0 +1,301 @@
+"""The one byte relay every TCP adapter hands its two connections to after the handshake.
+
+Each transport gets a small `asyncio.Protocol` whose `data_received` writes straight into the
+other transport: no task, no queue, no copy beyond the kernel's. Backpressure is explicit:
+when one side's write buffer passes its high-water mark asyncio calls `pause_writing()` on
+that side's protocol and we pause *reading* on the other side until `resume_writing()`. So a
+connection pair holds at most about high-water plus one read (256 KiB) per direction,
+however fast one end writes and however slowly the other reads.
+
+Half-close is relayed where the transport can express it (plain TCP and unix sockets:
+`write_eof`); TLS cannot half-close, so an EOF towards a TLS side closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Literal
+
+from broker.net import CLOSE_LINGER_TIMEOUT, Conduit
+
+EndedBy = Literal["client", "upstream", "idle", "error", "cancelled"]
+
+# Write buffer limits of each relayed transport: the memory a pair may hold per direction is
+# about high-water plus one 256 KiB read. Measured by hand (client, relay and upstream in
+# three processes on 2 cores, loopback, 400 MB bulk, best of 3; relay CPU per GB relayed):
+#   asyncio loop: 64 KiB (the default) 0.66 s/GB, 1146 MB/s; 256 KiB 0.47 s/GB, 1639 MB/s;
+#                 1 MiB 0.55 s/GB, 1353 MB/s (no better, 4x the memory)
+#   uvloop:       0.62-0.63 s/GB, 1290-1380 MB/s at every mark
+#   baseline, a streams relay (read(64 KiB)/write/drain in two tasks): asyncio 1.85 s/GB,
+#   520 MB/s; uvloop 1.56 s/GB, 633 MB/s: 2.5-4x the CPU of this protocol relay.
+# Per round trip (64-byte ping-pong, median of 5, relay CPU): asyncio 119 us vs streams
+# 133 us; uvloop 19 us vs streams 79 us.
+RELAY_HIGH_WATER = 256 * 1024
+# Resume once a quarter is left, asyncio's own default ratio (16 of 64 KiB).
+RELAY_LOW_WATER = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SpliceResult:
+    """How a splice ended and how many bytes crossed it, for the audit event.
+
+    `ended_by`: "client" or "upstream" (that side closed or sent EOF first, cleanly),
+    "idle" (no bytes either way for idle_timeout), "error" (a side was reset or failed;
+    `error` says which and why), "cancelled" (the splice task was cancelled).
+    """
+
+    bytes_client_to_upstream: int
+    bytes_upstream_to_client: int
+    ended_by: EndedBy
+    error: str | None = None
+
+
+class SpliceStats:
+    """Live counters of one splice, readable while it runs (pass one to `splice()`).
+
+    After the splice ends, `ended_by` and `error` are set; this is also how the caller learns
+    the outcome when the splice was cancelled (CancelledError propagates, the stats remain).
+    """
+
+    __slots__ = ("_client", "_upstream", "ended_by", "error", "pauses")
+
+    def __init__(self) -> None:
+        self._client: _Side | None = None
+        self._upstream: _Side | None = None
+        # Times backpressure paused reading on either side: a slow reader, visible in metrics.
+        self.pauses = 0
+        self.ended_by: EndedBy | None = None
+        self.error: str | None = None
+
+    @property
+    def client_to_upstream(self) -> int:
+        return self._client.received if self._client is not None else 0
+
+    @property
+    def upstream_to_client(self) -> int:
+        return self._upstream.received if self._upstream is not None else 0
+
+    def result(self) -> SpliceResult:
+        return SpliceResult(
+            self.client_to_upstream,
+            self.upstream_to_client,
+            self.ended_by or "cancelled",
+            self.error,
+        )
+
+
+class _Side(asyncio.Protocol):
+    """The relay protocol on one transport: reads go to `peer`, its writes come from `peer`."""
+
+    __slots__ = ("is_tls", "lost", "name", "peer", "read_done", "received", "relay", "transport")
+
+    def __init__(
+        self, relay: _Relay, name: Literal["client", "upstream"], t: asyncio.Transport
+    ) -> None:
+        self.relay = relay
+        self.name: Literal["client", "upstream"] = name
+        self.transport = t
+        self.peer: _Side = self
+        self.is_tls = t.get_extra_info("ssl_object") is not None
+        self.received = 0
+        self.read_done = False
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        # The hot path: one write into the other transport, which sends at once when its
+        # buffer is empty (the common case) and buffers the rest.
+        peer = self.peer
+        if not peer.lost:
+            peer.transport.write(data)
+            self.received += len(data)
+        # For the idle timer: 150 ns (asyncio) / 85 ns (uvloop) per chunk, against roughly
+        # 19-119 us of relay CPU per round trip; cheaper than a periodic sampler's bookkeeping.
+        self.relay.last_activity = self.relay.loop.time()
+
+    def eof_received(self) -> bool:
+        self.relay.on_eof(self)
+        # A plain transport stays open so the other direction can finish (half-close). A TLS
+        # transport closes itself regardless, and warns if we ask otherwise.
+        return not self.is_tls
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.on_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        # Our write buffer is above high-water: stop reading what would be written to it.
+        peer = self.peer
+        if not peer.lost and not peer.read_done:
+            peer.transport.pause_reading()
+            self.relay.stats.pauses += 1
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if not peer.lost and not peer.read_done:
+            peer.transport.resume_reading()
+
+
+class _Relay:
+    """The state both sides share: how the splice ends."""
+
+    __slots__ = (
+        "client",
+        "done",
+        "first_end",
+        "idle_handle",
+        "idle_timeout",
+        "last_activity",
+        "linger_handle",
+        "loop",
+        "stats",
+        "upstream",
+        "verdict",
+    )
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, stats: SpliceStats, idle_timeout: float | None
+    ) -> None:
+        self.loop = loop
+        self.stats = stats
+        self.idle_timeout = idle_timeout
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.last_activity = loop.time()
+        self.first_end: EndedBy | None = None
+        self.verdict: EndedBy | None = None
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self.linger_handle: asyncio.TimerHandle | None = None
+
+    def on_eof(self, side: _Side) -> None:
+        side.read_done = True
+        if self.first_end is None:
+            self.first_end = side.name
+        peer = side.peer
+        if peer.read_done:
+            # Both directions finished: nothing more can flow.
+            self.close(side)
+            self.close(peer)
+        elif not peer.lost and not peer.transport.is_closing():
+            if peer.transport.can_write_eof():
+                peer.transport.write_eof()
+            else:
+                self.close(peer)
+        if side.is_tls:
+            # It closes itself after eof_received; the peer cannot keep talking to it.
+            self.close(peer)
+
+    def on_lost(self, side: _Side, exc: BaseException | None) -> None:
+        side.lost = True
+        side.read_done = True
+        if self.first_end is None:
+            self.first_end = side.name
+        if exc is not None and self.stats.error is None:
+            self.stats.error = f"{side.name}: {exc.__class__.__name__}: {exc}"
+        if side.peer.lost:
+            if not self.done.done():
+                self.done.set_result(None)
+        else:
+            self.close(side.peer)
+
+    def close(self, side: _Side) -> None:
+        """Close one side, letting its buffered bytes drain for up to CLOSE_LINGER_TIMEOUT."""
+        if side.lost or side.transport.is_closing():
+            return
+        side.transport.close()
+        if self.linger_handle is None:
+            self.linger_handle = self.loop.call_later(CLOSE_LINGER_TIMEOUT, self.abort)
+
+    def abort(self) -> None:
+        for side in (self.client, self.upstream):
+            if not side.lost:
+                side.transport.abort()
+
+    def check_idle(self) -> None:
+        assert self.idle_timeout is not None
+        deadline = self.last_activity + self.idle_timeout
+        if self.loop.time() < deadline:
+            self.idle_handle = self.loop.call_at(deadline, self.check_idle)
+            return
+        self.idle_handle = None
+        if self.verdict is None:
+            self.verdict = "idle"
+        self.close(self.client)
+        self.close(self.upstream)
+
+    def finish(self) -> None:
+        for handle in (self.idle_handle, self.linger_handle):
+            if handle is not None:
+                handle.cancel()
+        stats = self.stats
+        if stats.ended_by is None:
+            stats.ended_by = self.verdict or (
+                "error" if stats.error is not None else self.first_end or "error"
+            )
+
+    client: _Side
+    upstream: _Side
+
+
+async def splice(
+    client: Conduit,
+    upstream: Conduit,
+    *,
+    idle_timeout: float | None = None,
+    stats: SpliceStats | None = None,
+) -> SpliceResult:
+    """Relay bytes both ways between `client` and `upstream` until the session ends.
+
+    Bytes still buffered in either conduit (unread by the handshake) are delivered first.
+    Both transports are closed when this returns. If the calling task is cancelled, both
+    sides are aborted, `stats.ended_by` becomes "cancelled", and CancelledError propagates.
+    """
+    loop = asyncio.get_running_loop()
+    stats = stats if stats is not None else SpliceStats()
+    relay = _Relay(loop, stats, idle_timeout)
+    if client.transport is None or upstream.transport is None:
+        raise RuntimeError("splice() needs two connected conduits")
+    c_data, c_eof, c_lost, c_wpaused = client._detach()
+    u_data, u_eof, u_lost, u_wpaused = upstream._detach()
+    c = relay.client = _Side(relay, "client", client.transport)
+    u = relay.upstream = _Side(relay, "upstream", upstream.transport)
+    c.peer, u.peer = u, c
+    stats._client, stats._upstream = c, u
+
+    for side, lost, eof in ((c, c_lost, c_eof), (u, u_lost, u_eof)):
+        side.lost = lost
+        if lost:
+            continue
+        side.transport.set_protocol(side)
+        side.transport.set_write_buffer_limits(RELAY_HIGH_WATER, RELAY_LOW_WATER)
+        if not eof:
+            # The conduit may have paused reading at its handshake buffer cap.
+            side.transport.resume_reading()
+    # Carry over backpressure the handshake left behind, then the handshake's leftovers.
+    if c_wpaused:
+        c.pause_writing()
+    if u_wpaused:
+        u.pause_writing()
+    if c_data:
+        c.data_received(c_data)
+    if u_data:
+        u.data_received(u_data)
+    for side, lost, eof, error in (
+        (c, c_lost, c_eof, client.error),
+        (u, u_lost, u_eof, upstream.error),
+    ):
+        if lost:
+            relay.on_lost(side, error)
+        elif eof:
+            relay.on_eof(side)
+    if idle_timeout is not None:
+        relay.idle_handle = loop.call_at(relay.last_activity + idle_timeout, relay.check_idle)
+
+    try:
+        await relay.done
+    except asyncio.CancelledError:
+        if stats.ended_by is None:
+            stats.ended_by = "cancelled"
+        relay.abort()
+        raise
+    finally:
+        relay.finish()
+    return stats.result()
