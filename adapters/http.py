@@ -381,8 +381,7 @@ class HttpAdapter(Adapter):
             identity = None
         if identity is None:
             error = conn.error or IdentityError("no proven workload identity")
-            self.ctx.metrics.requests.labels(self.ctx.service.name, "deny").inc()
-            self.ctx.record("deny", identity=None, peer=peer, decision=Decision(False, str(error)))
+            self.ctx.refuse(peer, str(error))
             return _error(403, f"identity refused: {error}", close=True)
         if request.method == hdrs.METH_CONNECT:
             return self._refuse(

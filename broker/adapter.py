@@ -60,6 +60,11 @@ class ServiceContext:
             self.record("deny", identity=identity, peer=peer, decision=decision)
         return decision
 
+    def refuse(self, peer: str, reason: str, identity: WorkloadIdentity | None = None) -> None:
+        """Count and audit a caller refused before policy could run (no proven identity)."""
+        self.metrics.requests.labels(self.service.name, "deny").inc()
+        self.record("deny", identity=identity, peer=peer, decision=Decision(False, reason))
+
     def record(
         self,
         event: str,

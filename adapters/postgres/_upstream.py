@@ -1,0 +1,256 @@
+"""The broker as a PostgreSQL client: connect, negotiate TLS, authenticate, send cancels.
+
+Every wait is bounded by the deadline the caller passes; errors are UpstreamError (or
+UpstreamTimeout) with messages that name the upstream and never a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from broker.codecs.postgres import (
+    PROTOCOL_VERSION_3_0,
+    AuthenticationCleartextPassword,
+    AuthenticationMD5Password,
+    AuthenticationOk,
+    AuthenticationOther,
+    AuthenticationSASL,
+    AuthenticationSASLContinue,
+    AuthenticationSASLFinal,
+    BackendKeyData,
+    BackendMessage,
+    BackendParser,
+    CancelRequest,
+    ErrorResponse,
+    NegotiateProtocolVersion,
+    NoticeResponse,
+    ParameterStatus,
+    PasswordMessage,
+    ReadyForQuery,
+    SASLInitialResponse,
+    SASLResponse,
+    SSLAnswer,
+    SSLRequest,
+    StartupMessage,
+    encode,
+    md5_password,
+)
+from broker.errors import UpstreamError, UpstreamTimeout
+from broker.net import Conduit, connect
+
+from ._config import UpstreamConfig
+from ._scram import MECHANISM, ScramClient, ScramError, ScramKeyCache
+
+# A server that has received our CancelRequest closes the connection at once; waiting this
+# long for that close lets the cancel reach it before we hang up, without pinning the task.
+CANCEL_CLOSE_WAIT = 2.0
+# Messages a server may send between AuthenticationOk and ReadyForQuery (ParameterStatus,
+# notices, BackendKeyData). PostgreSQL 15 sends about 15; a server that sends thousands is
+# not behaving like one, and the client would get them all in one burst.
+MAX_STARTUP_MESSAGES = 1000
+
+
+class UpstreamRefused(UpstreamError):
+    """The upstream answered with an ErrorResponse during startup; pass it to the client."""
+
+    def __init__(self, response: ErrorResponse, upstream: str) -> None:
+        super().__init__(
+            f"upstream {upstream} refused the session: {response.sqlstate} {response.message}"
+        )
+        self.response = response
+
+
+@dataclass(slots=True)
+class Authenticated:
+    """What the upstream said from authentication to ReadyForQuery, for the client."""
+
+    # Sent by the server before authenticating: forward to the client first.
+    negotiate: NegotiateProtocolVersion | None
+    # ParameterStatus, NoticeResponse, BackendKeyData, ... in order, ending with ReadyForQuery.
+    messages: list[BackendMessage] = field(default_factory=list)
+
+    @property
+    def backend_key(self) -> BackendKeyData | None:
+        for message in self.messages:
+            if isinstance(message, BackendKeyData):
+                return message
+        return None
+
+
+class _Stream:
+    """A conduit plus the parser reading it, with every read bounded by one deadline."""
+
+    def __init__(self, conduit: Conduit, deadline: float, where: str) -> None:
+        self.conduit = conduit
+        self.parser = BackendParser()
+        self.deadline = deadline
+        self.where = where
+
+    def remaining(self) -> float:
+        left = self.deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise UpstreamTimeout(f"upstream {self.where}: startup did not finish in time")
+        return left
+
+    async def next(self) -> BackendMessage:
+        while (message := self.parser.next_message()) is None:
+            data = await self.conduit.receive(self.remaining())
+            if not data:
+                why = f": {self.conduit.error}" if self.conduit.error else ""
+                raise UpstreamError(f"upstream {self.where} closed the connection{why}")
+            self.parser.feed(data)
+        return message
+
+
+async def open_connection(config: UpstreamConfig, deadline: float) -> tuple[Conduit, _Stream]:
+    """Connect and, unless tls.mode is disable, negotiate TLS with an SSLRequest."""
+    loop = asyncio.get_running_loop()
+    timeout = min(config.connect_timeout, max(deadline - loop.time(), 0.001))
+    conduit = await connect(config.host, config.port, timeout=timeout)
+    stream = _Stream(conduit, deadline, config.address)
+    try:
+        if config.ssl_context is not None:
+            conduit.write(encode(SSLRequest()))
+            stream.parser.expect_ssl_answer()
+            answer = await stream.next()
+            if not (isinstance(answer, SSLAnswer) and answer.accepted):
+                raise UpstreamError(
+                    f"upstream {config.address} does not offer TLS "
+                    f"(upstream.tls.mode is {config.tls_mode})"
+                )
+            await conduit.start_tls(
+                config.ssl_context,
+                server_side=False,
+                server_hostname=config.server_name,
+                timeout=stream.remaining(),
+            )
+    except BaseException:
+        conduit.abort()
+        raise
+    return conduit, stream
+
+
+async def authenticate(
+    stream: _Stream,
+    startup: StartupMessage,
+    password: str,
+    scram_keys: ScramKeyCache,
+) -> Authenticated:
+    """Send `startup` and answer the server's authentication requests with `password`.
+
+    Returns everything up to ReadyForQuery. Raises UpstreamRefused for the server's
+    ErrorResponse, UpstreamError for anything else that goes wrong. The password is only ever
+    written to this connection, and only as the method the server asked for allows: in
+    cleartext only over TLS; SCRAM only as SCRAM-SHA-256 and the server must prove itself.
+    """
+    conduit, where = stream.conduit, stream.where
+    user = startup.user
+    conduit.write(encode(startup))
+    result = Authenticated(negotiate=None)
+    scram: ScramClient | None = None
+    scram_verified = False
+    while True:
+        message = await stream.next()
+        if isinstance(message, AuthenticationOk):
+            if scram is not None and not scram_verified:
+                # Skipping SASLFinal would skip the server's proof: a man in the middle (with
+                # tls.mode require) could pose as the server.
+                raise UpstreamError(f"upstream {where} ended SCRAM without proving its identity")
+            break
+        if isinstance(message, AuthenticationCleartextPassword):
+            if not conduit.is_tls:
+                raise UpstreamError(
+                    f"upstream {where} asked for a cleartext password over a connection "
+                    "without TLS; refusing to send it (set upstream.tls.mode)"
+                )
+            conduit.write(encode(PasswordMessage(password.encode("utf-8"))))
+        elif isinstance(message, AuthenticationMD5Password):
+            conduit.write(encode(PasswordMessage(md5_password(user, password, message.salt))))
+        elif isinstance(message, AuthenticationSASL):
+            if scram is not None:
+                raise UpstreamError(f"upstream {where} restarted SASL authentication")
+            if MECHANISM not in message.mechanisms:
+                offered = ", ".join(message.mechanisms)
+                raise UpstreamError(
+                    f"upstream {where} offers SASL mechanisms {offered}; only {MECHANISM} "
+                    "is supported"
+                )
+            scram = ScramClient(password, scram_keys)
+            conduit.write(encode(SASLInitialResponse(MECHANISM, scram.client_first())))
+        elif isinstance(message, AuthenticationSASLContinue):
+            if scram is None:
+                raise UpstreamError(f"upstream {where} sent SASLContinue before SASL")
+            try:
+                conduit.write(encode(SASLResponse(scram.client_final(message.data))))
+            except ScramError as exc:
+                raise UpstreamError(f"upstream {where}: SCRAM failed: {exc}") from None
+        elif isinstance(message, AuthenticationSASLFinal):
+            if scram is None:
+                raise UpstreamError(f"upstream {where} sent SASLFinal before SASL")
+            try:
+                scram.verify_server_final(message.data)
+            except ScramError as exc:
+                raise UpstreamError(f"upstream {where}: SCRAM failed: {exc}") from None
+            scram_verified = True
+        elif isinstance(message, AuthenticationOther):
+            raise UpstreamError(
+                f"upstream {where} asked for an unsupported authentication method "
+                f"(code {message.code}); use scram-sha-256, md5 or password in pg_hba.conf"
+            )
+        elif isinstance(message, ErrorResponse):
+            raise UpstreamRefused(message, where)
+        elif isinstance(message, NegotiateProtocolVersion):
+            result.negotiate = message
+        elif isinstance(message, NoticeResponse):
+            result.messages.append(message)
+        else:
+            raise UpstreamError(
+                f"upstream {where} sent {type(message).__name__} during authentication"
+            )
+
+    while True:
+        message = await stream.next()
+        if isinstance(message, ErrorResponse):
+            raise UpstreamRefused(message, where)
+        if not isinstance(message, ParameterStatus | NoticeResponse | BackendKeyData):
+            if not isinstance(message, ReadyForQuery):
+                raise UpstreamError(
+                    f"upstream {where} sent {type(message).__name__} before ReadyForQuery"
+                )
+            result.messages.append(message)
+            return result
+        result.messages.append(message)
+        if len(result.messages) > MAX_STARTUP_MESSAGES:
+            raise UpstreamError(f"upstream {where} sent over {MAX_STARTUP_MESSAGES} messages")
+
+
+async def send_cancel(
+    config: UpstreamConfig, process_id: int, secret_key: bytes, deadline: float
+) -> None:
+    """Open a new connection (same TLS mode as sessions) and send one CancelRequest."""
+    conduit, _ = await open_connection(config, deadline)
+    try:
+        conduit.write(encode(CancelRequest(process_id, secret_key)))
+        # The server closes without answering; wait for that, so the request is delivered.
+        loop = asyncio.get_running_loop()
+        timeout = max(min(CANCEL_CLOSE_WAIT, deadline - loop.time()), 0.001)
+        try:
+            while await conduit.receive(timeout):
+                pass
+        except UpstreamTimeout:
+            pass
+    finally:
+        conduit.close()
+
+
+def startup_for_upstream(client: StartupMessage, user: str, database: str) -> StartupMessage:
+    """The client's StartupMessage with the credential's user and the chosen database.
+
+    Every other parameter (application_name, options, client_encoding, _pq_.*) and the
+    protocol version pass through unchanged, so the server negotiates with what the client
+    asked for.
+    """
+    rest = tuple((k, v) for k, v in client.parameters if k not in ("user", "database"))
+    version = client.protocol_version if client.protocol_major == 3 else PROTOCOL_VERSION_3_0
+    return StartupMessage(version, (("user", user), ("database", database), *rest))
