@@ -838,3 +838,24 @@ async def test_session_ends_when_its_lease_reaches_max_ttl(world: World) -> None
             assert await again.fetchval("SELECT current_user") != first_user
         finally:
             await again.close()
+
+
+async def test_connections_over_max_connections_are_refused_and_counted(world: World) -> None:
+    pg = world.vdb.postgres
+    async with world.broker(service(pg, max_connections=1)) as b:
+        host, port = host_port(b)
+        # A silent client holds the only slot (it is still in its startup phase).
+        _, holder = await asyncio.open_connection(host, port)
+        adapter = b.services[SERVICE].adapter
+
+        async def slot_taken() -> bool:
+            return bool(adapter._listener.active == 1)
+
+        await wait_for(slot_taken, "the first connection to take the slot")
+        reader, writer = await asyncio.open_connection(host, port)
+        # The second connection is closed at once, before any protocol byte.
+        assert await asyncio.wait_for(reader.read(), CLIENT_TIMEOUT) == b""
+        writer.close()
+        metrics = b.metrics.render().decode()
+        assert f'sidekey_connections_rejected_total{{service="{SERVICE}"}} 1.0' in metrics
+        holder.close()
