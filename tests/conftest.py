@@ -1,3 +1,4 @@
-"""Shared fixtures: the dev PKI (tests/pki.py) and real servers (tests/servers.py)."""
+"""Shared fixtures: the dev PKI (tests/pki.py), real servers (tests/servers.py), and the
+asyncio-and-uvloop runner of the connection-layer tests (tests/loops.py)."""
 
-pytest_plugins = ["tests.pki", "tests.servers"]
+pytest_plugins = ["tests.pki", "tests.servers", "tests.loops"]
