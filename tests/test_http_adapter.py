@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import secrets
 import ssl
 import time
@@ -400,6 +401,32 @@ async def test_identity_is_proven_once_per_keep_alive_connection(env: Env) -> No
                     assert resp.status == 200
     assert calls == 1
     assert [s.raw_path for s in upstream.seen] == ["/n/0", "/n/1", "/n/2"]
+
+
+async def test_every_request_on_a_keep_alive_connection_is_injected_and_audited(
+    env: Env,
+) -> None:
+    # The hot path reuses the rendered headers of a cached credential and a cached timestamp
+    # prefix: neither may leak a forged header through or drop an audit line.
+    pki, kv, upstream = env.pki, env.kv, env.upstream
+    async with env.proxy() as p:
+        connector = aiohttp.TCPConnector(ssl=client_ssl_context(pki, pki.client()), limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for i in range(4):
+                forged = {"Authorization": f"Bearer forged-{i}"} if i % 2 else {}
+                async with session.get(f"{p.url}/k/{i}?q=secret", headers=forged) as resp:
+                    assert resp.status == 200
+        events = p.events("request")
+    assert [s.headers.getall("Authorization") for s in upstream.seen] == [
+        [f"Bearer {kv.token}"]
+    ] * 4
+    assert [e["path"] for e in events] == [f"/k/{i}" for i in range(4)]
+    stamps = [e["time"] for e in events]
+    assert stamps == sorted(stamps)
+    for event, stamp in zip(events, stamps, strict=True):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+        assert None not in event.values()
+        assert event["status"] == 200 and event["decision"] == "allow"
 
 
 async def test_other_identity_is_denied_and_upstream_sees_nothing(env: Env) -> None:
