@@ -1,0 +1,588 @@
+"""A lean, pooled HTTP/1.1 client for the HTTP adapter's one upstream.
+
+The adapter forwards every request to the same origin, so it needs no URL parsing, cookie jar,
+redirects, proxies or per-request timeout objects: aiohttp's ClientSession spent ~30% of the
+broker's CPU per proxied request on exactly those (py-spy, 32 keep-alive mTLS clients, trivial
+nginx upstream). This client keeps only what the adapter uses:
+
+- one `asyncio.Protocol` per upstream connection, fed into aiohttp's C response parser
+  (llhttp), whose payload `StreamReader` pauses the socket when the client side is slow;
+- a LIFO pool of idle keep-alive connections, closed after `IDLE_TIMEOUT_SECONDS`, with at
+  most `limit` connections open (idle or busy) at once;
+- the request head in one write; the body streamed with Content-Length when the client gave
+  one, else chunked, with the transport's write backpressure;
+- one silence timer per exchange, re-armed lazily rather than per received chunk.
+
+Retry rule: a request that fails on a *reused* connection before any response byte arrived
+(the upstream closed it while idle, racing our write) is retried once on a fresh connection,
+but only if it has no body: idempotency is unknown, and a streamed body cannot be replayed.
+A request with a body fails with `UpstreamProtocolError` instead (502).
+
+Errors are the broker's upstream errors (`broker.errors`), split so the adapter can map them:
+`UpstreamConnectError` (refused, unreachable), `UpstreamTLSError`, `UpstreamTimeout` (connect
+or silence), `UpstreamProtocolError` (malformed, oversized, closed or reset). A failure reading
+the *client's* body is a `RequestBodyError`, the client's fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterable, Iterable
+
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_parser import HttpResponseParser
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDictProxy
+
+from broker.errors import ClientError, UpstreamError, UpstreamTimeout
+
+# An idle keep-alive connection is closed after this long: under nginx's 75 s keepalive_timeout
+# default and most load balancers' 60 s, so we usually close first. Servers with shorter ones
+# (Apache, Node.js: 5 s) close first instead: their close is seen while idle and the connection
+# dropped, and the rare close racing a reuse is retried (see above).
+IDLE_TIMEOUT_SECONDS = 30.0
+# The whole response head (status line and headers). aiohttp's parser caps a line at 8190
+# bytes and a head at 128 fields but not the total (that allows ~1 MiB). Real API responses
+# carry a few KiB; 64 KiB is twice the most nginx accepts in a request head
+# (large_client_header_buffers 4 x 8 KiB) and one aiohttp read buffer.
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+# aiohttp's defaults for a single header line, a single field and the number of fields.
+MAX_LINE_BYTES = 8190
+MAX_FIELD_BYTES = 8190
+MAX_HEADER_FIELDS = 128
+# The payload reader pauses the upstream socket above 2x this many buffered bytes: one 64 KiB
+# read buffer in flight, like aiohttp's own client (read_bufsize=2**16).
+READ_BUFFER_BYTES = 64 * 1024
+
+_EMPTY: tuple[()] = ()
+
+
+class UpstreamConnectError(UpstreamError):
+    """The upstream refused the connection or could not be reached."""
+
+
+class UpstreamTLSError(UpstreamError):
+    """The TLS handshake with the upstream failed (usually certificate verification)."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream broke HTTP/1.1: malformed or oversized response, or closed/reset early."""
+
+
+class _ClosedBeforeResponse(UpstreamProtocolError):
+    """Closed or reset before any response byte: retryable on a fresh connection."""
+
+
+class RequestBodyError(ClientError):
+    """Reading the client's request body failed (the client went away mid-upload)."""
+
+
+class InvalidRequestHead(ClientError):
+    """A request line or header would contain CR, LF or NUL on the wire."""
+
+
+class UpstreamResponse:
+    """The status, reason and headers of an upstream response, and its body chunk by chunk.
+
+    Call `release()` exactly once when done (also on errors): it returns the connection to the
+    pool only if the whole body was read and the response allowed keep-alive.
+    """
+
+    __slots__ = ("_complete", "_conn", "_payload", "_released", "headers", "reason", "status")
+
+    def __init__(
+        self,
+        conn: _UpstreamConnection,
+        status: int,
+        reason: str,
+        headers: CIMultiDictProxy[str],
+        payload: StreamReader,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self._conn = conn
+        self._payload = payload
+        self._complete = False
+        self._released = False
+
+    async def read_chunk(self) -> bytes:
+        """The next body chunk, or b"" at the end. Raises UpstreamError if the upstream fails."""
+        chunk = await self._payload.readany()
+        if not chunk:
+            self._complete = True
+        return chunk
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        conn = self._conn
+        conn.finish(reusable=self._complete)
+        conn._pool._release_slot()
+
+
+class _UpstreamConnection(BaseProtocol):
+    """One upstream connection: feeds bytes to the parser, carries one exchange at a time."""
+
+    __slots__ = (
+        "_got_bytes",
+        "_head_bytes",
+        "_keep_alive",
+        "_last",
+        "_payload",
+        "_pool",
+        "_response_parser",
+        "_timer",
+        "_upload",
+        "_upload_done",
+        "_waiter",
+        "_with_body",
+        "idle_since",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        super().__init__(pool._loop)
+        self._pool = pool
+        self._with_body = True
+        # BaseProtocol pauses and resumes `_parser`; `_response_parser` is the same object,
+        # typed for the calls made here.
+        self._response_parser = self._new_parser(True)
+        self._parser = self._response_parser
+        self._waiter: asyncio.Future[tuple[object, StreamReader]] | None = None
+        self._payload: StreamReader | None = None
+        self._keep_alive = False
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._got_bytes = False
+        self._upload: asyncio.Task[None] | None = None
+        self._upload_done = True
+        self.idle_since = 0.0
+
+    def _new_parser(self, with_body: bool) -> HttpResponseParser:
+        return HttpResponseParser(
+            self,
+            self._loop,
+            READ_BUFFER_BYTES,
+            max_line_size=MAX_LINE_BYTES,
+            max_field_size=MAX_FIELD_BYTES,
+            max_headers=MAX_HEADER_FIELDS,
+            payload_exception=UpstreamProtocolError,
+            response_with_body=with_body,
+            read_until_eof=True,
+            auto_decompress=False,
+        )
+
+    @property
+    def usable(self) -> bool:
+        transport = self.transport
+        return transport is not None and not transport.is_closing()
+
+    # ------------------------------------------------------------------- one exchange
+
+    def begin(self, with_body: bool) -> asyncio.Future[tuple[object, StreamReader]]:
+        """Start an exchange: arm the silence timer and return the response-head future."""
+        if with_body is not self._with_body:
+            # HEAD responses carry no body whatever their headers say; the parser must know.
+            self._with_body = with_body
+            self._parser = self._response_parser = self._new_parser(with_body)
+        waiter: asyncio.Future[tuple[object, StreamReader]] = self._loop.create_future()
+        self._waiter = waiter
+        self._payload = None
+        self._head_bytes = 0
+        self._got_bytes = False
+        self._keep_alive = False
+        self._upload_done = True
+        self._last = now = self._loop.time()
+        self._timer = self._loop.call_at(now + self._pool.read_timeout, self._on_silence)
+        return waiter
+
+    def touch(self) -> None:
+        """Upload progress counts as activity for the silence timer."""
+        self._last = self._loop.time()
+
+    def finish(self, *, reusable: bool) -> None:
+        """The exchange is over: pool the connection if it can carry another, else close it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        upload = self._upload
+        if upload is not None:
+            self._upload = None
+            if not upload.done():
+                upload.cancel()
+        reuse = reusable and self._keep_alive and self._upload_done and self.usable
+        self._waiter = None
+        self._payload = None
+        if not reuse and self.transport is not None:
+            if reusable:
+                self.transport.close()  # complete, but the upstream asked to close
+            else:
+                self.transport.abort()
+        self._pool._finished(self, reuse)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def fail(self, exc: BaseException) -> None:
+        """Fail the current exchange (headers or body) with `exc` and drop the connection."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        elif self._payload is not None and not self._payload.is_eof():
+            self._payload.set_exception(exc)
+        self._keep_alive = False
+        self.abort()
+
+    def _on_silence(self) -> None:
+        self._timer = None
+        if self._reading_paused:
+            return  # our pause (slow client), not the upstream's silence; resume re-arms
+        timeout = self._pool.read_timeout
+        due = self._last + timeout
+        if due > self._loop.time():
+            self._timer = self._loop.call_at(due, self._on_silence)
+            return
+        self.fail(UpstreamTimeout(f"upstream sent nothing for {timeout:g} s"))
+
+    # ------------------------------------------------------------------- asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        if data:
+            self._got_bytes = True
+            # One loop.time() per read (~0.08 us) instead of cancelling and re-arming a timer
+            # handle per read like aiohttp's _reschedule_timeout (~1.4 us, uvloop).
+            self._last = self._loop.time()
+        waiter = self._waiter
+        if waiter is None and self._payload is None:
+            if data:
+                # Bytes nobody asked for (on an idle connection): not an HTTP/1.1 peer we
+                # can trust with the next request.
+                self.abort()
+            return
+        try:
+            messages, upgraded, _tail = self._response_parser.feed_data(data)
+        except Exception as exc:
+            self.fail(UpstreamProtocolError(f"malformed response: {_short(exc)}"))
+            return
+        if waiter is not None and not waiter.done():
+            self._head_bytes += len(data)
+            if not messages and self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+                self.fail(UpstreamProtocolError("response head exceeds 64 KiB"))
+                return
+        if upgraded:
+            self.fail(UpstreamProtocolError("upstream switched protocols unasked"))
+            return
+        for message, payload in messages:
+            code = message.code
+            if code < 200:
+                # Interim responses (103 Early Hints, a stray 100) are not relayed; 101 would
+                # need an Upgrade we never send.
+                if code == 101:
+                    self.fail(UpstreamProtocolError("upstream switched protocols unasked"))
+                    return
+                continue
+            if waiter is None or waiter.done():
+                # A second final response to one request.
+                self.fail(UpstreamProtocolError("more responses than requests"))
+                return
+            if self._head_bytes > MAX_RESPONSE_HEAD_BYTES and _head_size(message) > (
+                MAX_RESPONSE_HEAD_BYTES
+            ):
+                self.fail(UpstreamProtocolError("response head exceeds 64 KiB"))
+                return
+            self._keep_alive = not message.should_close and message.version == (1, 1)
+            self._payload = payload
+            waiter.set_result((message, payload))
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: half-closed upstreams are not reused
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiter, payload = self._waiter, self._payload
+        if waiter is not None and not waiter.done():
+            why = f": {_short(exc)}" if exc is not None else ""
+            cls = UpstreamProtocolError if self._got_bytes else _ClosedBeforeResponse
+            waiter.set_exception(cls(f"upstream closed the connection before responding{why}"))
+        elif payload is not None and not payload.is_eof():
+            try:
+                # Ends a read-until-close body; a short Content-Length or chunked body raises.
+                self._response_parser.feed_eof()
+            except Exception as err:
+                payload.set_exception(
+                    UpstreamProtocolError(f"upstream closed mid-body: {_short(err)}")
+                )
+            else:
+                if not payload.is_eof():
+                    payload.set_exception(UpstreamProtocolError("upstream closed mid-body"))
+        elif waiter is None:
+            self._pool._discard(self)
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # The payload reader calls this on every read under its low-water mark; only an actual
+        # pause needs undoing (BaseProtocol's version re-feeds the parser each time).
+        if not self._reading_paused:
+            return
+        self._last = self._loop.time()
+        super().resume_reading(resume_parser)
+        if self._timer is None and self._payload is not None and self.transport is not None:
+            self._timer = self._loop.call_at(self._last + self._pool.read_timeout, self._on_silence)
+
+
+def _head_size(message: object) -> int:
+    raw: Iterable[tuple[bytes, bytes]] = getattr(message, "raw_headers", _EMPTY)
+    return sum(len(name) + len(value) + 4 for name, value in raw)
+
+
+def _short(exc: BaseException | None) -> str:
+    text = f"{type(exc).__name__}: {exc}" if exc is not None else "closed"
+    # Parser errors quote the offending bytes; keep log lines bounded.
+    return text.splitlines()[0][:200]
+
+
+class UpstreamPool:
+    """Keep-alive connections to one origin (http or https), at most `limit` open at once."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        host_header: str,
+        ssl_context: ssl.SSLContext | None,
+        connect_timeout: float,
+        read_timeout: float,
+        limit: int,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._host = host
+        self._port = port
+        self._ssl = ssl_context
+        self._host_line = f"\r\nHost: {host_header}"
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.limit = limit
+        # HTTP/1.1 carries one request per connection at a time; the adapter never has more
+        # than max_connections requests in flight, so this bound rarely makes one wait.
+        self._slots = asyncio.Semaphore(limit)
+        # LIFO: the most recently used connection is the least likely to have been closed by
+        # the upstream's keep-alive timeout, and the oldest age out at the bottom.
+        self._idle: list[_UpstreamConnection] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.opened = 0  # connections opened, for tests and metrics
+        self.busy = 0  # requests holding a connection slot
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: AsyncIterable[bytes] | None,
+        content_length: int | None,
+    ) -> UpstreamResponse:
+        """Send one request; return once the response head arrived.
+
+        `target` is origin-form (``/path?query``). `headers` must not include Host,
+        Content-Length or Transfer-Encoding: the client sets those for this hop. With `body`,
+        `content_length` (if known) is sent as Content-Length, else the body is chunked.
+        """
+        head = self._head(method, target, headers, body is not None, content_length)
+        chunked = body is not None and content_length is None
+        await self._slots.acquire()
+        self.busy += 1
+        try:
+            conn = self._take_idle()
+            if conn is not None:
+                try:
+                    return await self._exchange(conn, method, head, body, chunked)
+                except _ClosedBeforeResponse:
+                    if body is not None:
+                        raise
+                    # The upstream closed the idle connection as we reused it; see the
+                    # module docstring for why only bodiless requests are retried.
+            conn = await self._connect()
+            return await self._exchange(conn, method, head, body, chunked)
+        except BaseException:
+            self._release_slot()
+            raise
+
+    def _release_slot(self) -> None:
+        self.busy -= 1
+        self._slots.release()
+
+    def _head(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        has_body: bool,
+        content_length: int | None,
+    ) -> bytes:
+        lines = [method, " ", target, " HTTP/1.1", self._host_line]
+        # CR LF pairs we write: after the request line, after Host, and the blank line.
+        expected = 3
+        for name, value in headers:
+            lines += ("\r\n", name, ": ", value)
+            expected += 1
+        if content_length is not None:
+            lines.append(f"\r\nContent-Length: {content_length}")
+            expected += 1
+        elif has_body:
+            lines.append("\r\nTransfer-Encoding: chunked")
+            expected += 1
+        lines.append("\r\n\r\n")
+        text = "".join(lines)
+        # Every CR and LF must be one we put there. Three whole-string scans of a typical
+        # 9-line head cost ~0.9 us and also cover method and target; `in` checks on each name
+        # and value cost ~1.2 us, a regex per value ~3.4 us.
+        if text.count("\n") != expected or text.count("\r") != expected or "\0" in text:
+            raise InvalidRequestHead("request line or header contains CR, LF or NUL")
+        return text.encode("utf-8", "surrogateescape")
+
+    def _take_idle(self) -> _UpstreamConnection | None:
+        idle = self._idle
+        if not idle:
+            return None
+        oldest = self._loop.time() - IDLE_TIMEOUT_SECONDS
+        while idle:
+            conn = idle.pop()
+            if conn.usable and conn.idle_since > oldest:
+                return conn
+            conn.abort()
+        return None
+
+    async def _connect(self) -> _UpstreamConnection:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await self._loop.create_connection(
+                    lambda: _UpstreamConnection(self),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                    ssl_handshake_timeout=self.connect_timeout if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"connecting took longer than {self.connect_timeout:g} s"
+            ) from None
+        except ssl.SSLError as exc:  # includes certificate verification failures
+            raise UpstreamTLSError(f"TLS handshake failed: {_short(exc)}") from None
+        except OSError as exc:
+            raise UpstreamConnectError(f"cannot connect: {_short(exc)}") from None
+        self.opened += 1
+        return conn
+
+    async def _exchange(
+        self,
+        conn: _UpstreamConnection,
+        method: str,
+        head: bytes,
+        body: AsyncIterable[bytes] | None,
+        chunked: bool,
+    ) -> UpstreamResponse:
+        waiter = conn.begin(method != "HEAD")
+        transport = conn.transport
+        assert transport is not None
+        transport.write(head)
+        if body is not None:
+            conn._upload_done = False
+            conn._upload = asyncio.get_running_loop().create_task(_upload(conn, body, chunked))
+        try:
+            message, payload = await waiter
+        except BaseException:
+            conn.finish(reusable=False)
+            raise
+        m = message
+        return UpstreamResponse(
+            conn,
+            m.code,  # type: ignore[attr-defined]
+            m.reason,  # type: ignore[attr-defined]
+            m.headers,  # type: ignore[attr-defined]
+            payload,
+        )
+
+    def _finished(self, conn: _UpstreamConnection, reuse: bool) -> None:
+        if not reuse:
+            return
+        if self._closed:
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        conn.idle_since = self._loop.time()
+        self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(IDLE_TIMEOUT_SECONDS, self._sweep)
+
+    def _discard(self, conn: _UpstreamConnection) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        oldest = self._loop.time() - IDLE_TIMEOUT_SECONDS
+        idle = self._idle
+        # The list is ordered by idle_since (appended on release), oldest first.
+        while idle and idle[0].idle_since <= oldest:
+            idle.pop(0).abort()
+        if idle:
+            due = idle[0].idle_since + IDLE_TIMEOUT_SECONDS
+            self._sweeper = self._loop.call_at(due, self._sweep)
+
+    async def close(self) -> None:
+        """Close idle connections; busy ones close when their exchange finishes."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            if conn.transport is not None:
+                conn.transport.close()
+
+
+async def _upload(conn: _UpstreamConnection, body: AsyncIterable[bytes], chunked: bool) -> None:
+    """Stream the client's body upstream, concurrently with reading the response."""
+    chunks = body.__aiter__()
+    while True:
+        try:
+            chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            break
+        except Exception as exc:
+            conn.fail(RequestBodyError(f"reading the client's body failed: {_short(exc)}"))
+            return
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            return  # the response side reports why
+        if not chunk:
+            continue
+        if chunked:
+            transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        else:
+            transport.write(chunk)
+        conn.touch()
+        if conn.writing_paused:
+            try:
+                await conn._drain_helper()
+            except ConnectionError:
+                return  # the upstream went away; the response side reports it
+            conn.touch()
+    transport = conn.transport
+    if transport is None or transport.is_closing():
+        return
+    if chunked:
+        transport.write(b"0\r\n\r\n")
+    conn._upload_done = True
