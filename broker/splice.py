@@ -34,6 +34,10 @@ EndedBy = Literal["client", "upstream", "idle", "error", "cancelled"]
 RELAY_HIGH_WATER = 256 * 1024
 # Resume once a quarter is left, asyncio's own default ratio (16 of 64 KiB).
 RELAY_LOW_WATER = 64 * 1024
+# The idle timer ticks this many times per idle_timeout and compares the byte counts with the
+# previous tick: a splice ends after between 1 and 1 + 1/4 idle_timeouts of silence, never
+# sooner, with no per-chunk bookkeeping on the hot path.
+IDLE_CHECKS_PER_TIMEOUT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +112,9 @@ class _Side(asyncio.Protocol):
         peer = self.peer
         if not peer.lost:
             peer.transport.write(data)
+            # Also what the idle timer watches (it compares the counts between its ticks), so
+            # no clock is read per chunk: that was loop.time(), 85-150 ns, on every chunk.
             self.received += len(data)
-        # For the idle timer: 150 ns (asyncio) / 85 ns (uvloop) per chunk, against roughly
-        # 19-119 us of relay CPU per round trip; cheaper than a periodic sampler's bookkeeping.
-        self.relay.last_activity = self.relay.loop.time()
 
     def eof_received(self) -> bool:
         self.relay.on_eof(self)
@@ -147,6 +150,7 @@ class _Relay:
         "last_activity",
         "linger_handle",
         "loop",
+        "seen",
         "stats",
         "upstream",
         "verdict",
@@ -159,7 +163,9 @@ class _Relay:
         self.stats = stats
         self.idle_timeout = idle_timeout
         self.done: asyncio.Future[None] = loop.create_future()
+        # When the byte counts last changed (as of a tick), and what they were then.
         self.last_activity = loop.time()
+        self.seen = 0
         self.first_end: EndedBy | None = None
         self.verdict: EndedBy | None = None
         self.idle_handle: asyncio.TimerHandle | None = None
@@ -211,9 +217,16 @@ class _Relay:
 
     def check_idle(self) -> None:
         assert self.idle_timeout is not None
-        deadline = self.last_activity + self.idle_timeout
-        if self.loop.time() < deadline:
-            self.idle_handle = self.loop.call_at(deadline, self.check_idle)
+        now = self.loop.time()
+        seen = self.client.received + self.upstream.received
+        if seen != self.seen:
+            self.seen = seen
+            self.last_activity = now
+        if now - self.last_activity < self.idle_timeout:
+            tick = self.idle_timeout / IDLE_CHECKS_PER_TIMEOUT
+            self.idle_handle = self.loop.call_at(
+                min(now + tick, self.last_activity + self.idle_timeout), self.check_idle
+            )
             return
         self.idle_handle = None
         if self.verdict is None:
@@ -287,7 +300,10 @@ async def splice(
         elif eof:
             relay.on_eof(side)
     if idle_timeout is not None:
-        relay.idle_handle = loop.call_at(relay.last_activity + idle_timeout, relay.check_idle)
+        relay.seen = c.received + u.received
+        relay.idle_handle = loop.call_later(
+            idle_timeout / IDLE_CHECKS_PER_TIMEOUT, relay.check_idle
+        )
 
     try:
         await relay.done

@@ -13,6 +13,13 @@ from broker.errors import ConfigError
 
 # TLS 1.2 is the oldest version without known protocol-level breaks; 1.3 is preferred.
 MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+# TLS 1.3 session tickets the server sends after each full handshake. OpenSSL's default is 2,
+# and minting them (resumption secret, then the session, client certificate included,
+# encrypted) is a third of a mutual-TLS handshake: server CPU 2.4 -> 1.7 ms per handshake
+# without them (in-memory, P-256 SVIDs, OpenSSL 3.0.19, median of 280). Nobody redeems them:
+# libpq never resumes a session, and a resumed session would skip the client certificate's
+# chain and validity checks, which we want on every connection.
+SERVER_SESSION_TICKETS = 0
 
 
 def server_context(
@@ -21,6 +28,7 @@ def server_context(
     """A serving context. With `bundle`, a client certificate chaining to it is *required*."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = MIN_TLS_VERSION
+    ctx.num_tickets = SERVER_SESSION_TICKETS
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:

@@ -523,3 +523,42 @@ def test_unix_listener_refuses_to_replace_a_regular_file(run: Run, tmp_path: Pat
         assert path.read_text() == "keep me"
 
     run(main())
+
+
+def test_tcp_nodelay_on_accepted_and_connected_sockets_also_after_start_tls(
+    run: Run, ca: trustme.CA
+) -> None:
+    """Handshakes and relayed queries are small writes: Nagle must be off on both legs,
+    under either loop, and stay off after the in-place TLS upgrade."""
+
+    def nodelay(conduit: net.Conduit) -> int:
+        assert conduit.transport is not None
+        sock = conduit.transport.get_extra_info("socket")
+        return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    async def main() -> None:
+        seen: list[int] = []
+
+        async def handler(conduit: net.Conduit) -> None:
+            seen.append(nodelay(conduit))
+            assert await conduit.receive(5) == b"SSLREQ"
+            conduit.write(b"S")
+            await conduit.start_tls(server_context(ca), server_side=True, timeout=5)
+            seen.append(nodelay(conduit))
+            await conduit.receive(5)
+
+        listener = await net.serve(LOCAL, handler, max_connections=4)
+        upstream = await net.connect("127.0.0.1", port_of(listener), timeout=5)
+        assert nodelay(upstream) == 1
+        upstream.write(b"SSLREQ")
+        assert await upstream.receive(5) == b"S"
+        await upstream.start_tls(
+            client_context(ca), server_side=False, server_hostname="127.0.0.1", timeout=5
+        )
+        assert nodelay(upstream) == 1
+        await eventually(lambda: len(seen) == 2)
+        assert seen == [1, 1]
+        upstream.close()
+        await listener.close(drain_timeout=1)
+
+    run(main())

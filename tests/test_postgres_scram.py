@@ -140,3 +140,12 @@ def test_cancel_keys_map_only_their_own_session() -> None:
     assert len(secret2) == 32 and pid2 != pid
     keys.forget(pid)
     assert keys.find(pid, secret) is None and len(keys) == 1
+
+
+def test_normalized_passwords_are_remembered_per_password() -> None:
+    cache = ScramKeyCache(max_entries=2)
+    for password in ("a\u00a0b", "bad\u0007bell", PASSWORD):
+        assert cache.normalized(password) == normalize_password(password)
+        assert cache.normalized(password) == normalize_password(password)
+    assert len(cache._normalized) == 2, "bounded like the key cache"
+    assert all(PASSWORD.encode() not in key for key in cache._normalized), "keyed by HMAC"
