@@ -1,0 +1,1 @@
+"""`make bench`: the broker against direct, PgBouncer and nginx baselines on loopback."""

@@ -1,0 +1,779 @@
+"""The scenarios of `make bench`: a table of small functions, one row per issue row.
+
+A `Scenario` has variants (the broker and its baselines), an optional `prepare` run before
+every measured run, and a `verdict` that turns the variants' medians into the row's figure
+and its goal. Add a row by writing a variant function (or reusing `pgbench_variant` /
+`loadgen_variant`) and appending a `Scenario` to `SCENARIOS`.
+
+Each variant run gets a `Probe` and calls `start()`/`stop()` around its measurement window;
+the probe records the CPU time (utime + stime from /proc/<pid>/stat) of the proxy under test
+and, for the broker, OpenBao's audit-log request count and the broker's own
+``sidekey_credential_fetches`` counter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import servers
+from bench.loadgen import percentile
+
+# How long before a load generator's window opens: Python start-up, imports, and the TLS
+# handshakes of every keep-alive connection (measured ~0.4 s for 16; doubled, plus margin).
+LOADGEN_STARTUP_SECONDS = 1.5
+# A tool still running this long after its window closed is stuck: killed, the run fails.
+TOOL_GRACE_SECONDS = 60.0
+
+
+# --------------------------------------------------------------------------- types
+
+
+@dataclass
+class Env:
+    """What a variant needs: the running servers and the settings."""
+
+    settings: Any  # run.Settings
+    tools: Mapping[str, str]
+    pki: servers.Pki
+    tmp: Path
+    pg: servers.Postgres
+    bao: servers.OpenBao
+    pgbouncer: servers.PgBouncer
+    nginx_upstream: servers.Nginx
+    nginx_proxy: servers.Nginx
+    upstream: servers.Upstream
+    broker: servers.Broker
+    http_token: str
+    run_counter: int = 0
+
+    def run_dir(self, name: str) -> Path:
+        self.run_counter += 1
+        path = self.tmp / "runs" / f"{self.run_counter:03d}-{name}"
+        path.mkdir(parents=True)
+        return path
+
+
+@dataclass
+class Measurement:
+    ops: int  # transactions, responses or handshakes completed in the window
+    seconds: float
+    rate: float  # ops per second (pgbench's own tps where pgbench reports it)
+    p50_us: float | None = None
+    p99_us: float | None = None
+    connections: int = 0  # client connections opened towards the target
+    errors: int = 0
+    proxy_cpu_s: float | None = None
+    vault_requests: int | None = None  # OpenBao audit-log requests in the window (broker)
+    vault_paths: dict[str, int] | None = None  # the same, by "operation path"
+    credential_fetches: float | None = None  # broker's sidekey_credential_fetches delta
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cpu_us_per_op(self) -> float | None:
+        if self.proxy_cpu_s is None or not self.ops:
+            return None
+        return self.proxy_cpu_s / self.ops * 1e6
+
+    def as_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        data["cpu_us_per_op"] = self.cpu_us_per_op
+        data.update(self.extra)
+        return data
+
+
+class Probe:
+    """Measures the proxy under test across a run's window."""
+
+    def __init__(self, env: Env, proxy: str | None) -> None:
+        self.env = env
+        self.proxy = proxy
+        self._cpu0 = (0.0, 0.0)
+        self._audit0 = 0
+        self._fetch0 = 0.0
+        self._sys0 = (0, 0, 0)
+        self.system_busy: float | None = None
+        self.steal: float | None = None
+        self.cpu_s: float | None = None
+        self.sys_share: float | None = None
+        self.vault_requests: int | None = None
+        self.vault_paths: dict[str, int] | None = None
+        self.fetches: float | None = None
+
+    def _cpu(self) -> tuple[float, float]:
+        env = self.env
+        if self.proxy == "broker":
+            return env.broker.cpu_split()
+        if self.proxy == "pgbouncer":
+            return servers.cpu_split(env.pgbouncer.proc.pid)
+        if self.proxy == "nginx-proxy":
+            return env.nginx_proxy.cpu_split()
+        raise ValueError(self.proxy)
+
+    def start(self) -> None:
+        if self.proxy == "broker":
+            self._audit0 = self.env.bao.audit_offset()
+            self._fetch0 = self.env.broker.metric_sum("sidekey_credential_fetches_total")
+        if self.proxy is not None:
+            self._cpu0 = self._cpu()
+        self._sys0 = servers.system_cpu_ticks()
+
+    def stop(self) -> None:
+        now = servers.system_cpu_ticks()
+        self.system_busy = servers.busy_fraction(self._sys0, now)
+        self.steal = servers.steal_fraction(self._sys0, now)
+        if self.proxy is not None:
+            user, system = self._cpu()
+            user, system = user - self._cpu0[0], system - self._cpu0[1]
+            self.cpu_s = user + system
+            # The kernel's share (syscalls, loopback TCP): what no Python change can remove.
+            self.sys_share = system / self.cpu_s if self.cpu_s else None
+        if self.proxy == "broker":
+            paths = self.env.bao.audit_requests(self._audit0)
+            self.vault_paths = dict(paths)
+            self.vault_requests = sum(paths.values())
+            self.fetches = self.env.broker.metric_sum("sidekey_credential_fetches_total") - (
+                self._fetch0
+            )
+
+    def fill(self, m: Measurement) -> Measurement:
+        m.proxy_cpu_s = self.cpu_s
+        m.vault_requests = self.vault_requests
+        m.vault_paths = self.vault_paths
+        m.credential_fetches = self.fetches
+        if self.sys_share is not None:
+            m.extra["proxy_cpu_system_share"] = round(self.sys_share, 3)
+        if self.system_busy is not None:
+            # All CPUs, everything on the box: near 100% means the row was CPU-bound.
+            m.extra["system_cpu_busy_percent"] = round(self.system_busy * 100, 1)
+        if self.steal is not None:
+            m.extra["cpu_steal_percent"] = round(self.steal * 100, 1)
+        return m
+
+
+RunFn = Callable[[Env, Probe, float], Measurement]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # "broker", "direct", "pgbouncer", "nginx", ...
+    label: str  # what the table says about it
+    proxy: str | None  # whose CPU to count: "broker", "pgbouncer", "nginx-proxy" or None
+    run: RunFn
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    tool: str
+    goal: str
+    variants: tuple[Variant, ...]
+    verdict: Callable[[Mapping[str, Summary]], Verdict]
+    prepare: Callable[[Env], None] | None = None
+    unit: str = "ops/s"
+
+
+@dataclass
+class Summary:
+    """The median of each figure over a variant's repetitions."""
+
+    variant: Variant
+    runs: list[Measurement]
+
+    def _median(self, key: Callable[[Measurement], float | None]) -> float | None:
+        values = [v for v in (key(m) for m in self.runs) if v is not None]
+        return statistics.median(values) if values else None
+
+    @property
+    def rate(self) -> float:
+        return self._median(lambda m: m.rate) or 0.0
+
+    @property
+    def p50_us(self) -> float | None:
+        return self._median(lambda m: m.p50_us)
+
+    @property
+    def p99_us(self) -> float | None:
+        return self._median(lambda m: m.p99_us)
+
+    @property
+    def cpu_us_per_op(self) -> float | None:
+        return self._median(lambda m: m.cpu_us_per_op)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "label": self.variant.label,
+            "proxy": self.variant.proxy,
+            "median": {
+                "rate": self.rate,
+                "p50_us": self.p50_us,
+                "p99_us": self.p99_us,
+                "cpu_us_per_op": self.cpu_us_per_op,
+                "ops_per_cpu_second": 1e6 / self.cpu_us_per_op if self.cpu_us_per_op else None,
+            },
+            "runs": [m.as_json() for m in self.runs],
+        }
+
+
+@dataclass
+class Verdict:
+    figure: str  # e.g. "broker / direct TPS"
+    value: float | None
+    text: str  # the figure as printed
+    goal: str
+    passed: bool | None  # None: reported only, no goal
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- pgbench
+
+
+def _pg_env(env: Env, target: str) -> dict[str, str]:
+    pki = env.pki
+    base = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PGHOST": "127.0.0.1",
+        "PGDATABASE": servers.DATABASE,
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": str(pki.bundle),
+        "PGSSLCERT": str(pki.pgbench.cert),
+        "PGSSLKEY": str(pki.pgbench.key),
+        "PGCONNECT_TIMEOUT": "10",
+        "PGAPPNAME": f"bench-{target}",
+    }
+    if target in ("broker", "broker-plain"):
+        # The broker ignores the client's user name: the identity is the certificate's.
+        service = "pg" if target == "broker" else "pg-plain"
+        return {**base, "PGPORT": str(env.broker.ports[service]), "PGUSER": "bench"}
+    port = env.pg.port if target == "direct" else env.pgbouncer.port
+    return {
+        **base,
+        "PGPORT": str(port),
+        "PGUSER": servers.BENCH_USER,
+        "PGPASSWORD": env.pg.passwords[servers.BENCH_USER],
+    }
+
+
+_TPS = re.compile(r"^tps = ([\d.]+)", re.MULTILINE)
+_PROCESSED = re.compile(r"number of transactions actually processed: (\d+)")
+_FAILED = re.compile(r"number of failed transactions: (\d+)")
+_CONN_TIME = re.compile(r"average connection time = ([\d.]+) ms")
+
+
+def run_pgbench(
+    env: Env,
+    probe: Probe,
+    duration: float,
+    *,
+    target: str,
+    args: list[str],
+    log: bool,
+    clients: int,
+    reconnect: bool = False,
+) -> Measurement:
+    workdir = env.run_dir(f"pgbench-{target}")
+    args = [_sleep_script(env) if a == SLEEP_SCRIPT else a for a in args]
+    cmd = [env.tools["pgbench"], "-n", "-T", str(max(1, round(duration))), *args]
+    if log:
+        cmd += ["-l", f"--log-prefix={workdir}/tx"]
+    probe.start()
+    started = time.monotonic()
+    result = subprocess.run(
+        cmd,
+        env=_pg_env(env, target),
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=duration + TOOL_GRACE_SECONDS,
+        preexec_fn=_pin(env.settings.other_cpus),
+    )
+    elapsed = time.monotonic() - started
+    probe.stop()
+    (workdir / "pgbench.out").write_text(result.stdout + "\n--- stderr\n" + result.stderr)
+    tps = _TPS.search(result.stdout)
+    processed = _PROCESSED.search(result.stdout)
+    if result.returncode != 0 or not tps or not processed:
+        raise servers.BenchError(
+            f"pgbench via {target} failed ({result.returncode}): "
+            f"{(result.stderr or result.stdout).strip()[-1500:]}"
+        )
+    ops = int(processed.group(1))
+    failed = _FAILED.search(result.stdout)
+    m = Measurement(
+        ops=ops,
+        seconds=float(max(1, round(duration))),
+        rate=float(tps.group(1)),
+        connections=ops if reconnect else clients,
+        errors=int(failed.group(1)) if failed else 0,
+    )
+    conn_time = _CONN_TIME.search(result.stdout)
+    if conn_time:
+        m.extra["avg_connection_ms"] = float(conn_time.group(1))
+    m.extra["wall_seconds"] = round(elapsed, 3)
+    if log:
+        hist = _pgbench_latencies(workdir)
+        m.p50_us = percentile(hist, 0.50)
+        m.p99_us = percentile(hist, 0.99)
+        m.extra["logged_transactions"] = sum(hist.values())
+    return probe.fill(m)
+
+
+def _pgbench_latencies(workdir: Path) -> Counter[int]:
+    """Per-transaction latencies (us) from pgbench's -l logs: third column of each line."""
+    hist: Counter[int] = Counter()
+    for path in workdir.glob("tx.*"):
+        with path.open("rb") as f:
+            for line in f:
+                parts = line.split(maxsplit=3)
+                if len(parts) >= 3:
+                    hist[int(parts[2])] += 1
+    return hist
+
+
+def _pin(cpus: frozenset[int] | None) -> Callable[[], None] | None:
+    if not cpus:
+        return None
+
+    def setup() -> None:
+        os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
+def pgbench_variant(
+    name: str,
+    label: str,
+    args: list[str],
+    *,
+    clients: int,
+    log: bool = True,
+    reconnect: bool = False,
+) -> Variant:
+    proxy = {"broker": "broker", "broker-plain": "broker", "pgbouncer": "pgbouncer"}.get(name)
+
+    def run(env: Env, probe: Probe, duration: float) -> Measurement:
+        return run_pgbench(
+            env,
+            probe,
+            duration,
+            target=name,
+            args=args,
+            log=log,
+            clients=clients,
+            reconnect=reconnect,
+        )
+
+    return Variant(name, label, proxy, run)
+
+
+def _prepare_tpcb(env: Env) -> None:
+    """Same starting state for every TPC-B run: no history rows, fresh stats, no dirty WAL."""
+    env.pg.psql("TRUNCATE pgbench_history")
+    env.pg.psql("VACUUM ANALYZE pgbench_branches, pgbench_tellers, pgbench_accounts")
+    env.pg.psql("CHECKPOINT")
+
+
+# Placeholder in a pgbench argument list for the path of the pg_sleep custom script.
+SLEEP_SCRIPT = "{sleep-script}"
+
+
+def _sleep_script(env: Env) -> str:
+    path = env.tmp / "pg_sleep.sql"
+    if not path.exists():
+        path.write_text("SELECT pg_sleep(0.002);\n")
+    return str(path)
+
+
+# --------------------------------------------------------------------------- load generator
+
+
+def run_loadgen(
+    env: Env,
+    probe: Probe,
+    duration: float,
+    *,
+    mode: str,
+    port: int,
+    processes: int,
+    per_process: int,
+    headers: tuple[str, ...] = (),
+) -> Measurement:
+    workdir = env.run_dir(f"loadgen-{mode}-{port}")
+    pki = env.pki
+    start_at = time.time() + LOADGEN_STARTUP_SECONDS
+    count_flag = "--connections" if mode == "http" else "--threads"
+    cmd = [
+        str(servers.VENV_BIN / "python"), "-m", "bench.loadgen", mode,
+        "--port", str(port), "--cert", str(pki.loadgen.cert), "--key", str(pki.loadgen.key),
+        "--ca", str(pki.bundle), count_flag, str(per_process),
+        "--start-at", repr(start_at), "--duration", str(duration),
+    ]  # fmt: skip
+    for header in headers:
+        cmd += ["--header", header]
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for i in range(processes):
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=servers.REPO,
+                    stdout=subprocess.PIPE,
+                    stderr=(workdir / f"loadgen-{i}.err").open("w"),
+                    text=True,
+                    # No threads in the harness while it spawns; sched_setaffinity is async-safe.
+                    preexec_fn=_pin(env.settings.other_cpus),  # noqa: PLW1509
+                )
+            )
+        time.sleep(max(0.0, start_at - time.time()))
+        probe.start()
+        time.sleep(max(0.0, start_at + duration - time.time()))
+        probe.stop()
+        reports = []
+        for i, proc in enumerate(procs):
+            out, _ = proc.communicate(timeout=TOOL_GRACE_SECONDS)
+            if proc.returncode != 0 or not out.strip():
+                err = (workdir / f"loadgen-{i}.err").read_text()[-1500:]
+                raise servers.BenchError(f"loadgen {mode} :{port} failed: {err}")
+            reports.append(json.loads(out))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    (workdir / "reports.json").write_text(json.dumps(reports))
+    hist: Counter[int] = Counter()
+    for report in reports:
+        hist.update({int(k): v for k, v in report["hist"].items()})
+    ok = sum(r["ok"] for r in reports)
+    errors = sum(r["errors"] + r["non2xx"] for r in reports)
+    m = Measurement(
+        ops=ok,
+        seconds=duration,
+        rate=ok / duration,
+        p50_us=percentile(hist, 0.50),
+        p99_us=percentile(hist, 0.99),
+        connections=ok if mode == "handshake" else processes * per_process,
+        errors=errors,
+    )
+    late = max(float(r.get("started_late", 0.0)) for r in reports)
+    if late > 0.2:
+        m.extra["warning"] = f"a load generator finished {late:.2f}s late"
+    statuses: Counter[str] = Counter()
+    for r in reports:
+        statuses.update(r.get("statuses", {}))
+    if statuses:
+        m.extra["statuses"] = dict(statuses)
+    if mode == "handshake":
+        m.extra["negotiated"] = reports[0].get("negotiated")
+    return probe.fill(m)
+
+
+def loadgen_variant(
+    name: str,
+    label: str,
+    proxy: str | None,
+    port: Callable[[Env], int],
+    *,
+    mode: str = "http",
+    processes: int = 2,
+    per_process: int = 16,
+    send_credential: bool = False,
+) -> Variant:
+    """`send_credential`: the client sends the header itself (direct rows: no proxy injects)."""
+
+    def run(env: Env, probe: Probe, duration: float) -> Measurement:
+        headers = (f"Authorization: Bearer {env.http_token}",) if send_credential else ()
+        return run_loadgen(
+            env,
+            probe,
+            duration,
+            mode=mode,
+            port=port(env),
+            processes=processes,
+            per_process=per_process,
+            headers=headers,
+        )
+
+    return Variant(name, label, proxy, run)
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def ratio(
+    num: str, den: str, goal: float, figure: str
+) -> Callable[[Mapping[str, Summary]], Verdict]:
+    def verdict(s: Mapping[str, Summary]) -> Verdict:
+        a, b = s[num].rate, s[den].rate
+        value = a / b if b else None
+        notes, extra = [], {}
+        for other in s:
+            if other not in (num, den) and b and s[other].runs:
+                r = s[other].rate / b
+                extra[f"{other}_over_{den}"] = r
+                notes.append(f"{other} / {den}: {r:.3f}")
+        return Verdict(
+            figure=figure,
+            value=value,
+            text=f"{value:.3f}" if value is not None else "n/a",
+            goal=f">= {goal:.2f}",
+            passed=value is not None and value >= goal,
+            notes=notes,
+            extra=extra,
+        )
+
+    return verdict
+
+
+def added_latency(p50_goal: float, p99_goal: float) -> Callable[[Mapping[str, Summary]], Verdict]:
+    def verdict(s: Mapping[str, Summary]) -> Verdict:
+        b, d = s["broker"], s["direct"]
+        if None in (b.p50_us, d.p50_us, b.p99_us, d.p99_us):
+            return Verdict("added latency p50 / p99", None, "n/a", "", None)
+        add50 = b.p50_us - d.p50_us  # type: ignore[operator]
+        add99 = b.p99_us - d.p99_us  # type: ignore[operator]
+        notes, extra = [], {"added_p50_us": add50, "added_p99_us": add99}
+        for name, other in s.items():
+            if name not in ("broker", "direct") and other.p50_us is not None:
+                o50, o99 = other.p50_us - d.p50_us, (other.p99_us or 0) - d.p99_us  # type: ignore[operator]
+                extra[f"{name}_added_p50_us"], extra[f"{name}_added_p99_us"] = o50, o99
+                notes.append(f"{name}: +{o50:.0f} us / +{o99:.0f} us")
+        return Verdict(
+            figure="added latency p50 / p99",
+            value=add50,
+            text=f"+{add50:.0f} us / +{add99:.0f} us",
+            goal=f"<= +{p50_goal:.0f} us / <= +{p99_goal:.0f} us",
+            passed=add50 <= p50_goal and add99 <= p99_goal,
+            notes=notes,
+            extra=extra,
+        )
+
+    return verdict
+
+
+def per_core(
+    goal: float, figure: str, vs: str | None
+) -> Callable[[Mapping[str, Summary]], Verdict]:
+    """Broker ops per broker CPU-second against `goal`; with `vs`, also the throughput ratio."""
+
+    def verdict(s: Mapping[str, Summary]) -> Verdict:
+        cpu = s["broker"].cpu_us_per_op
+        value = 1e6 / cpu if cpu else None
+        text = f"{value:,.0f}/core-s" if value is not None else "n/a"
+        extra: dict[str, Any] = {"broker_ops_per_cpu_second": value}
+        notes = []
+        if vs is not None:
+            other = s[vs]
+            r = s["broker"].rate / other.rate if other.rate else None
+            extra[f"broker_over_{vs}_rate"] = r
+            text += f"; broker/{vs} {r:.3f}" if r is not None else ""
+            if other.cpu_us_per_op:
+                extra[f"{vs}_ops_per_cpu_second"] = 1e6 / other.cpu_us_per_op
+                notes.append(f"{vs}: {1e6 / other.cpu_us_per_op:,.0f}/core-s")
+        return Verdict(
+            figure=figure,
+            value=value,
+            text=text,
+            goal=f">= {goal:,.0f}/core-s",
+            passed=value is not None and value >= goal,
+            notes=notes,
+            extra=extra,
+        )
+
+    return verdict
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _broker(service: str) -> Callable[[Env], int]:
+    return lambda env: env.broker.ports[service]
+
+
+PG_BROKER = "sidekey (mTLS in, verify-full upstream)"
+PG_DIRECT = "direct PostgreSQL (mTLS, SCRAM)"
+PG_BOUNCER = "PgBouncer session mode (mTLS in, verify-full upstream)"
+PG_BROKER_PLAIN = "sidekey, upstream TLS off (informational)"
+# The same proxy hop by a C proxy: calibrates what any proxy costs on this box.
+PG_BOUNCER_INFO = "PgBouncer (informational: any proxy hop on this box)"
+
+
+SLEEP = ["-M", "prepared", "-c16", "-j2", "-f", SLEEP_SCRIPT]
+SELECT_ONLY = ["-S", "-M", "prepared", "-c16", "-j2"]
+TPCB = ["-c16", "-j2"]
+SELECT_C1 = ["-S", "-c1", "-j1"]
+CHURN = ["-C", "-S", "-c8", "-j2"]
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario(
+        key="pg-latency",
+        title="PG latency-bound: SELECT pg_sleep(0.002), -M prepared -c16",
+        tool="pgbench",
+        goal="broker / direct TPS >= 0.93",
+        variants=(
+            pgbench_variant("broker", PG_BROKER, SLEEP, clients=16),
+            pgbench_variant("direct", PG_DIRECT, SLEEP, clients=16),
+            pgbench_variant("pgbouncer", PG_BOUNCER_INFO, SLEEP, clients=16),
+        ),
+        verdict=ratio("broker", "direct", 0.93, "broker / direct TPS"),
+        unit="tps",
+    ),
+    Scenario(
+        key="pg-cpu",
+        title="PG CPU-bound: pgbench -S -M prepared -c16",
+        tool="pgbench",
+        goal="broker / PgBouncer TPS >= 0.90",
+        variants=(
+            pgbench_variant("broker", PG_BROKER, SELECT_ONLY, clients=16, log=False),
+            pgbench_variant("pgbouncer", PG_BOUNCER, SELECT_ONLY, clients=16, log=False),
+            pgbench_variant("direct", PG_DIRECT, SELECT_ONLY, clients=16, log=False),
+            pgbench_variant("broker-plain", PG_BROKER_PLAIN, SELECT_ONLY, clients=16, log=False),
+        ),
+        verdict=ratio("broker", "pgbouncer", 0.90, "broker / PgBouncer TPS"),
+        unit="tps",
+    ),
+    Scenario(
+        key="pg-tpcb",
+        title="PG durable TPC-B (fsync, synchronous_commit on) -c16",
+        tool="pgbench",
+        goal="broker / direct TPS >= 0.75",
+        variants=(
+            pgbench_variant("broker", PG_BROKER, TPCB, clients=16),
+            pgbench_variant("direct", PG_DIRECT, TPCB, clients=16),
+            pgbench_variant("pgbouncer", PG_BOUNCER_INFO, TPCB, clients=16),
+        ),
+        verdict=ratio("broker", "direct", 0.75, "broker / direct TPS"),
+        prepare=_prepare_tpcb,
+        unit="tps",
+    ),
+    Scenario(
+        key="pg-c1",
+        title="PG -S -c1: added latency (pgbench -l per-transaction log)",
+        tool="pgbench",
+        goal="added p50 <= +30 us, p99 <= +150 us",
+        variants=(
+            pgbench_variant("broker", PG_BROKER, SELECT_C1, clients=1),
+            pgbench_variant("direct", PG_DIRECT, SELECT_C1, clients=1),
+            pgbench_variant("pgbouncer", PG_BOUNCER_INFO, SELECT_C1, clients=1),
+            pgbench_variant("broker-plain", PG_BROKER_PLAIN, SELECT_C1, clients=1),
+        ),
+        verdict=added_latency(30, 150),
+        unit="tps",
+    ),
+    Scenario(
+        key="pg-churn",
+        title="PG connection churn: pgbench -C -S -c8 (a new mTLS connection per transaction)",
+        tool="pgbench",
+        goal="broker / direct connections/s >= 0.70",
+        variants=(
+            pgbench_variant("broker", PG_BROKER, CHURN, clients=8, reconnect=True),
+            pgbench_variant("direct", PG_DIRECT, CHURN, clients=8, reconnect=True),
+        ),
+        verdict=ratio("broker", "direct", 0.70, "broker / direct connections/s"),
+        unit="conn/s",
+    ),
+    Scenario(
+        key="http-slow",
+        title="HTTP, upstream takes 10 ms (aiohttp), 32 keep-alive connections",
+        tool="bench/loadgen.py (mTLS, 2 processes x 16 connections)",
+        goal="broker / direct req/s >= 0.97",
+        variants=(
+            loadgen_variant(
+                "broker",
+                "sidekey -> aiohttp upstream",
+                "broker",
+                _broker("http-slow"),
+                processes=2,
+                per_process=16,
+            ),
+            loadgen_variant(
+                "direct",
+                "aiohttp upstream over mTLS",
+                None,
+                lambda env: env.upstream.tls_port,
+                send_credential=True,
+                processes=2,
+                per_process=16,
+            ),
+        ),
+        verdict=ratio("broker", "direct", 0.97, "broker / direct req/s"),
+        unit="req/s",
+    ),
+    Scenario(
+        key="http-trivial",
+        title="HTTP, trivial upstream (nginx return 200), 32 keep-alive connections",
+        tool="bench/loadgen.py (mTLS, 2 processes x 16 connections)",
+        goal="broker req/s per broker core >= 8,000; ratio to nginx reported",
+        variants=(
+            loadgen_variant(
+                "broker",
+                "sidekey -> nginx upstream",
+                "broker",
+                _broker("http-trivial"),
+                processes=2,
+                per_process=16,
+            ),
+            loadgen_variant(
+                "nginx",
+                "nginx proxy_pass + proxy_set_header (1 worker)",
+                "nginx-proxy",
+                lambda env: env.nginx_proxy.ports["http-trivial"],
+                processes=2,
+                per_process=16,
+            ),
+            loadgen_variant(
+                "ceiling",
+                "nginx return 200 over mTLS (load generator ceiling)",
+                None,
+                lambda env: env.nginx_upstream.ports["tls"],
+                send_credential=True,
+                processes=2,
+                per_process=16,
+            ),
+        ),
+        verdict=per_core(8000, "broker req/s per broker core", "nginx"),
+        unit="req/s",
+    ),
+    Scenario(
+        key="handshake",
+        title="Inbound mTLS handshakes (ECDSA P-256 SVIDs, TLS 1.3, no resumption)",
+        tool="bench/loadgen.py handshake (2 processes x 4 threads)",
+        goal="full handshakes/s per broker core >= 900",
+        variants=(
+            loadgen_variant(
+                "broker",
+                "sidekey http listener",
+                "broker",
+                _broker("http-trivial"),
+                mode="handshake",
+                processes=2,
+                per_process=4,
+            ),
+            loadgen_variant(
+                "nginx",
+                "nginx ssl_verify_client on (1 worker)",
+                "nginx-proxy",
+                lambda env: env.nginx_proxy.ports["http-trivial"],
+                mode="handshake",
+                processes=2,
+                per_process=4,
+            ),
+        ),
+        verdict=per_core(900, "handshakes per broker core-second", "nginx"),
+        unit="hs/s",
+    ),
+)
+
+SCENARIOS_BY_KEY: dict[str, Scenario] = {s.key: s for s in SCENARIOS}
