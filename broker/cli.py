@@ -14,15 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker import __version__
-from broker.config import Config, load_config
+from broker.config import DEFAULT_DRAIN_SECONDS, Config, load_config
 from broker.errors import SidekeyError
 
 if TYPE_CHECKING:
     from broker.runtime import Broker
-
-# Seconds in-flight work gets on SIGTERM (mirrors broker.runtime; the CLI avoids importing the
-# runtime, and with it aiohttp and hvac, for --version and the CA commands).
-DEFAULT_DRAIN_SECONDS = 10.0
 
 log = logging.getLogger("sidekey")
 

@@ -32,6 +32,9 @@ DEFAULT_CREDENTIAL_TTL_SECONDS = 60.0
 DEFAULT_LEASE_IDLE_SECONDS = 300.0
 # Per-service cap on concurrent client connections: bounds memory under a connection flood.
 DEFAULT_MAX_CONNECTIONS = 1024
+# In-flight requests and sessions get this long to finish on SIGTERM before they are cut
+# (`sidekey run --drain-timeout`).
+DEFAULT_DRAIN_SECONDS = 10.0
 # A config file larger than this is a mistake (or an attack on the parser).
 MAX_CONFIG_BYTES = 1024 * 1024
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from broker.adapter import Adapter, ServiceContext, load_adapter
 from broker.admin import AdminServer
 from broker.audit import AuditLog
-from broker.config import Config
+from broker.config import DEFAULT_DRAIN_SECONDS, Config
 from broker.credentials import CredentialSource
 from broker.credentials.factory import make_source
 from broker.credentials.vault import VaultClient
@@ -25,8 +25,6 @@ from broker.tls import server_context
 
 log = logging.getLogger("sidekey")
 
-# In-flight requests and sessions get this long to finish on SIGTERM before they are cut.
-DEFAULT_DRAIN_SECONDS = 10.0
 # Retry priming a credential this often while it fails, so readiness recovers by itself.
 PRIME_RETRY_SECONDS = 2.0
 
