@@ -20,7 +20,7 @@ import socket
 import ssl
 import struct
 from types import TracebackType
-from typing import cast
+from typing import Self, cast
 
 # Per-leg write buffer above which the relay stops reading the other leg: keeps a test's
 # memory bounded when one end is slow.
@@ -118,7 +118,40 @@ class _Pair:
             self.relay._pairs.discard(self)
 
 
-class EchoServer:
+class _LoopbackServer:
+    """A loopback server that owns one task per connection: `close()` stops accepting,
+    cancels them and waits; `async with` starts and closes it."""
+
+    _server: asyncio.Server | None
+    _tasks: set[asyncio.Task[None]]
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class EchoServer(_LoopbackServer):
     """A TCP echo server on 127.0.0.1 (optionally TLS) honouring backpressure and half-close.
 
     Unlike asyncio.Server.close() on 3.11, close() also ends the connections it accepted.
@@ -155,30 +188,8 @@ class EchoServer:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=self._ssl)
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
 
-    async def __aenter__(self) -> EchoServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-
-class FaultyRelay:
+class FaultyRelay(_LoopbackServer):
     """A TCP relay on 127.0.0.1 towards `target_host:target_port` that can break on demand."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -237,24 +248,5 @@ class FaultyRelay:
                 leg.sync_reading()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
         self.reset_connections()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-
-    async def __aenter__(self) -> FaultyRelay:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+        await super().close()
