@@ -30,12 +30,12 @@ import string
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from http import HTTPStatus
 
-from aiohttp import hdrs, web
-from multidict import CIMultiDict, MultiMapping
+from multidict import MultiMapping
 from yarl import URL
 
+from adapters.http_server import Clock, HttpServer, InvalidResponseHead, Request
 from adapters.http_upstream import (
     InvalidRequestHead,
     RequestBodyError,
@@ -66,9 +66,10 @@ MAX_TIMEOUT_SECONDS = 3600.0
 # default (60 s) lets a handshake flood hold sockets far longer.
 TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
 # nginx's keepalive_timeout default: an idle client connection is closed after this, so idle
-# keep-alives do not hold max_connections slots (aiohttp's default is an hour).
+# keep-alives do not hold max_connections slots (http_server's timer may take up to an eighth
+# more to notice).
 KEEPALIVE_TIMEOUT_SECONDS = 75.0
-# Bodies are copied in chunks of this size: aiohttp's own read buffer size (2**16), so one
+# Bodies are copied in chunks of this size: the client reader's buffer size (2**16), so one
 # chunk is one buffer; larger chunks add memory per connection and no throughput.
 STREAM_CHUNK_BYTES = 64 * 1024
 # A credential field value shorter than this is not scrubbed from response headers: short
@@ -97,7 +98,6 @@ NOT_INJECTABLE = HOP_BY_HOP_HEADERS | {"host", "content-length", "expect"}
 _HOP_FRAMING = frozenset({"host", "expect", "content-length"})
 # An HTTP header name (RFC 9110 section 5.1: a token).
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 # --------------------------------------------------------------------------- configuration
@@ -214,24 +214,8 @@ class _Connection:
     expires_at: float | None = None
 
 
-class _Server(web.Server):
-    """aiohttp's low-level server plus a per-connection cache and the connection cap."""
-
-    def __init__(self, adapter: HttpAdapter, **kwargs: Any) -> None:
-        super().__init__(adapter._handle, **kwargs)
-        self.adapter = adapter
-        self.info: dict[web.RequestHandler, _Connection] = {}
-
-    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
-        over = len(self._connections) >= self.adapter.ctx.service.max_connections
-        super().connection_made(handler, transport)
-        self.info[handler] = _Connection(peer=_peer(transport), refused=over)
-
-    def connection_lost(
-        self, handler: web.RequestHandler, exc: BaseException | None = None
-    ) -> None:
-        self.info.pop(handler, None)
-        super().connection_lost(handler, exc)
+def _new_connection(transport: asyncio.Transport, over_limit: bool) -> _Connection:
+    return _Connection(peer=_peer(transport), refused=over_limit)
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:
@@ -271,7 +255,7 @@ class HttpAdapter(Adapter):
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         self.settings = parse_settings(ctx)
-        self._server: _Server | None = None
+        self._server: HttpServer[_Connection] | None = None
         self._listener: asyncio.Server | None = None
         self._pool: UpstreamPool | None = None
         self._address = ""
@@ -318,12 +302,11 @@ class HttpAdapter(Adapter):
             # the same cap as client connections.
             limit=service.max_connections,
         )
-        self._server = _Server(
-            self,
-            access_log=None,
-            keepalive_timeout=KEEPALIVE_TIMEOUT_SECONDS,
-            # Request bodies are forwarded as sent, Content-Encoding and all.
-            auto_decompress=False,
+        self._server = HttpServer(
+            self._handle,
+            _new_connection,
+            max_connections=service.max_connections,
+            idle_timeout=KEEPALIVE_TIMEOUT_SECONDS,
         )
         loop = asyncio.get_running_loop()
         listen = service.listen
@@ -358,7 +341,6 @@ class HttpAdapter(Adapter):
             # Let requests that arrived before the listener closed begin, close idle
             # keep-alive connections, then give in-flight requests drain_timeout to finish.
             await asyncio.sleep(0)
-            self._server.pre_shutdown()
             await self._server.shutdown(drain_timeout)
         if self._listener is not None:
             await self._listener.wait_closed()
@@ -367,14 +349,10 @@ class HttpAdapter(Adapter):
 
     # ----------------------------------------------------------------------- per request
 
-    def _connection(self, request: web.BaseRequest) -> _Connection:
+    def _connection(self, request: Request[_Connection]) -> _Connection:
         """The connection's identity, proven once and reused by every request on it."""
-        assert self._server is not None
-        handler = request.protocol
-        conn = self._server.info.get(handler)
-        if conn is None:  # connection already lost; no cache to fill
-            conn = _Connection(peer=_peer(request.transport) if request.transport else "unknown")
-        elif conn.identity is not None or conn.error is not None:
+        conn = request.info
+        if conn.identity is not None or conn.error is not None:
             return conn
         try:
             if self.ctx.server_ssl is None:
@@ -390,13 +368,13 @@ class HttpAdapter(Adapter):
             conn.expires_at = expires.timestamp() if expires is not None else None
         return conn
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, request: Request[_Connection]) -> None:
         started = time.monotonic()
         conn = self._connection(request)
         identity, peer = conn.identity, conn.peer
         if conn.refused:
             self._rejected.inc()
-            return self._refuse(
+            return await self._refuse(
                 request, identity, peer, started,
                 _Refused(503, f"service {self.ctx.service.name} is at its connection limit",
                          "connection_limit"),
@@ -410,16 +388,16 @@ class HttpAdapter(Adapter):
         if identity is None:
             error = conn.error or IdentityError("no proven workload identity")
             self.ctx.refuse(peer, str(error))
-            return _error(403, f"identity refused: {error}", close=True)
-        if request.method == hdrs.METH_CONNECT:
-            return self._refuse(
+            return await _error(request, 403, f"identity refused: {error}", close=True)
+        if request.method == "CONNECT":
+            return await self._refuse(
                 request, identity, peer, started,
                 _Refused(405, "CONNECT is not supported: this is not a forward proxy",
                          "not_a_proxy"),
                 close=True,
             )  # fmt: skip
-        if not request.raw_path.startswith("/"):
-            return self._refuse(
+        if not request.target.startswith("/"):
+            return await self._refuse(
                 request, identity, peer, started,
                 _Refused(400, "request target must be a path (origin-form); this broker "
                          "forwards only to its configured upstream", "not_a_proxy"),
@@ -427,19 +405,19 @@ class HttpAdapter(Adapter):
             )  # fmt: skip
         decision = self.ctx.authorize(identity, peer)
         if not decision.allow:
-            return _error(403, decision.reason)
-        return await self._forward(request, identity, peer, decision, started)
+            return await _error(request, 403, decision.reason)
+        await self._forward(request, identity, peer, decision, started)
 
-    def _refuse(
+    async def _refuse(
         self,
-        request: web.BaseRequest,
+        request: Request[_Connection],
         identity: WorkloadIdentity | None,
         peer: str,
         started: float,
         refusal: _Refused,
         *,
         close: bool = False,
-    ) -> web.Response:
+    ) -> None:
         self.ctx.record(
             "request",
             identity=identity,
@@ -450,16 +428,16 @@ class HttpAdapter(Adapter):
             error=refusal.message,
             duration_ms=_ms(started),
         )
-        return _error(refusal.status, refusal.message, close=close)
+        await _error(request, refusal.status, refusal.message, close=close)
 
     async def _forward(
         self,
-        request: web.BaseRequest,
+        request: Request[_Connection],
         identity: WorkloadIdentity,
         peer: str,
         decision: Decision,
         started: float,
-    ) -> web.StreamResponse:
+    ) -> None:
         ex = _Exchange(started)
         name = self.ctx.service.name
         self._active.inc()
@@ -467,7 +445,7 @@ class HttpAdapter(Adapter):
             try:
                 async with self.ctx.credentials.use(identity) as credential:
                     ex.credential = credential
-                    return await self._exchange(request, credential, ex)
+                    await self._exchange(request, credential, ex)
             except CredentialUnavailable as exc:
                 ex.error = f"credential unavailable: {exc}"
                 self.ctx.log.warning("credential unavailable service=%s error=%s", name, exc)
@@ -486,7 +464,8 @@ class HttpAdapter(Adapter):
             elif refusal.kind == "template":
                 # The operator's inject templates and the secret's fields disagree.
                 self.ctx.log.warning("cannot inject service=%s: %s", name, refusal.message)
-            return _error(refusal.status, refusal.message)
+            if refusal.status != 499:  # nobody left to tell
+                await _error(request, refusal.status, refusal.message)
         finally:
             self._active.dec()
             self._outcomes[_outcome(ex)].inc()
@@ -539,25 +518,25 @@ class HttpAdapter(Adapter):
         return values
 
     async def _exchange(
-        self, request: web.BaseRequest, credential: Credential, ex: _Exchange
-    ) -> web.StreamResponse:
+        self, request: Request[_Connection], credential: Credential, ex: _Exchange
+    ) -> None:
         assert self._pool is not None
         # Origin-form only (checked in _handle); the fragment never goes on the wire.
-        target = self._base_path + request.raw_path.partition("#")[0]
+        target = self._base_path + request.target.partition("#")[0]
         injected = self._inject(credential, ex)
         headers = _forward_headers(request.headers, self._drop_request)
         headers += injected
-        if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        if request.headers.get("Expect", "").lower() == "100-continue":
             # Answer the client's Expect ourselves, after policy and credential: a refused
             # client never uploads its body, and the upstream's 100 is not relayed.
-            await request.writer.write(_CONTINUE)
+            request.send_continue()
         body = _counted(request, ex) if request.body_exists else None
         try:
             upstream = await self._pool.request(
                 request.method, target, headers, body, request.content_length
             )
         except InvalidRequestHead as exc:
-            # aiohttp's parser already refuses CR, LF and NUL; this is the last line of defence.
+            # llhttp already refuses CR, LF and NUL in a request; this is the last line of defence.
             raise _Refused(400, str(exc), "client") from None
         except (UpstreamError, RequestBodyError, OSError) as exc:
             if (
@@ -571,43 +550,43 @@ class HttpAdapter(Adapter):
                 raise _Refused(499, ex.error, "client") from None
             raise self._upstream_refusal(exc, ex) from None
         try:
-            return await self._relay(request, upstream, ex)
+            await self._relay(request, upstream, ex)
         finally:
             upstream.release()
 
     async def _relay(
-        self, request: web.BaseRequest, upstream: UpstreamResponse, ex: _Exchange
-    ) -> web.StreamResponse:
+        self, request: Request[_Connection], upstream: UpstreamResponse, ex: _Exchange
+    ) -> None:
         ex.upstream_status = upstream.status
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(_response_headers(upstream.headers, ex.secrets, self.ctx))
-        await response.prepare(request)
+        headers = _response_headers(upstream.headers, ex.secrets, self.ctx)
+        try:
+            request.start(upstream.status, upstream.reason, headers)
+        except InvalidResponseHead as exc:
+            raise _Refused(502, f"upstream response head is unusable: {exc}", "protocol") from None
         ex.status = upstream.status
         try:
             while chunk := await upstream.read_chunk():
-                await response.write(chunk)
+                await request.write(chunk)
                 ex.bytes_out += len(chunk)
         except RequestBodyError:
             # The client stopped uploading while the response streamed: its fault, not the
             # upstream's, and the connection to it is already gone.
             ex.error = "client disconnected mid-request"
-            if request.transport is not None:
-                request.transport.abort()
-            return response
+            request.abort()
+            return
         except UpstreamError as exc:
             # Headers are out: no error status can follow. Cut the client's connection so
             # it sees a truncated response instead of a complete-looking one.
             refusal = self._upstream_refusal(exc, ex)
             self._upstream_errors[refusal.kind].inc()
             ex.error = f"upstream failed mid-response: {refusal.message}"
-            if request.transport is not None:
-                request.transport.abort()
-            return response
+            request.abort()
+            return
         except ConnectionError:
             ex.error = "client disconnected mid-response"
-            return response
-        await response.write_eof()
-        return response
+            request.abort()
+            return
+        await request.end()
 
     def _upstream_refusal(self, exc: BaseException, ex: _Exchange) -> _Refused:
         name, upstream = self.ctx.service.name, self.settings.url.origin()
@@ -626,9 +605,9 @@ class HttpAdapter(Adapter):
         return _Refused(502, f"upstream {upstream} failed: {type(exc).__name__}", "protocol")
 
 
-async def _counted(request: web.BaseRequest, ex: _Exchange) -> AsyncIterator[bytes]:
+async def _counted(request: Request[_Connection], ex: _Exchange) -> AsyncIterator[bytes]:
     """The client's body, chunk by chunk as it arrives (backpressure comes from awaiting)."""
-    async for chunk in request.content.iter_chunked(STREAM_CHUNK_BYTES):
+    async for chunk in request.payload.iter_chunked(STREAM_CHUNK_BYTES):
         ex.bytes_in += len(chunk)
         yield chunk
 
@@ -636,7 +615,7 @@ async def _counted(request: web.BaseRequest, ex: _Exchange) -> AsyncIterator[byt
 def _connection_tokens(headers: MultiMapping[str]) -> set[str]:
     """Header names listed in Connection: hop-by-hop for this message too."""
     tokens: set[str] = set()
-    for value in headers.getall(hdrs.CONNECTION, ()):
+    for value in headers.getall("Connection", ()):
         for token in value.split(","):
             if token := token.strip().lower():
                 tokens.add(token)
@@ -644,7 +623,7 @@ def _connection_tokens(headers: MultiMapping[str]) -> set[str]:
 
 
 def _forward_headers(incoming: MultiMapping[str], drop: frozenset[str]) -> list[tuple[str, str]]:
-    if hdrs.CONNECTION in incoming:
+    if "Connection" in incoming:
         drop = drop | _connection_tokens(incoming)
     # A plain list: the upstream client iterates it once (measured ~2.5 us either way for six
     # headers, so no CIMultiDict is built just to be read once).
@@ -653,11 +632,11 @@ def _forward_headers(incoming: MultiMapping[str], drop: frozenset[str]) -> list[
 
 def _response_headers(
     incoming: MultiMapping[str], secrets: tuple[str, ...], ctx: ServiceContext
-) -> CIMultiDict[str]:
+) -> list[tuple[str, str]]:
     drop = HOP_BY_HOP_HEADERS
-    if hdrs.CONNECTION in incoming:
+    if "Connection" in incoming:
         drop = drop | _connection_tokens(incoming)
-    out: CIMultiDict[str] = CIMultiDict()
+    out: list[tuple[str, str]] = []
     for name, value in incoming.items():
         if name.lower() in drop:
             continue
@@ -668,20 +647,30 @@ def _response_headers(
                 ctx.service.name, name,
             )  # fmt: skip
             continue
-        out.add(name, value)
+        out.append((name, value))
     return out
 
 
-def _error(status: int, message: str, *, close: bool = False) -> web.Response:
-    response = web.Response(status=status, text=f"sidekey: {message}\n")
-    if close:
-        response.force_close()
-    return response
+async def _error(
+    request: Request[_Connection], status: int, message: str, *, close: bool = False
+) -> None:
+    """The broker's own answer: a short text body saying what happened and what to fix."""
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Date", _clock.date())]
+    try:
+        await request.respond(
+            status, HTTPStatus(status).phrase, headers, f"sidekey: {message}\n".encode(),
+            close=close,
+        )  # fmt: skip
+    except ConnectionError:
+        request.abort()  # the client is gone; the audit line says what it would have got
 
 
-def _audit_path(request: web.BaseRequest) -> str:
+_clock = Clock()
+
+
+def _audit_path(request: Request[_Connection]) -> str:
     # The path only: query strings often carry client data that has no place in an audit log.
-    return request.raw_path.split("?", 1)[0]
+    return request.target.split("?", 1)[0]
 
 
 def _ms(started: float) -> float:

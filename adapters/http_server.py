@@ -1,0 +1,507 @@
+"""A lean HTTP/1.1 server for the HTTP adapter's client side.
+
+aiohttp's low-level `web.Server` spent ~35% of the broker's CPU per proxied request (py-spy,
+32 keep-alive mTLS clients, trivial upstream) building Request and StreamResponse objects and
+writing a response head and body as separate TLS records. A one-upstream reverse proxy needs
+much less, so this server keeps only that:
+
+- one `asyncio.Protocol` per client connection, fed into aiohttp's C request parser (llhttp),
+  whose payload `StreamReader` pauses the socket while the upstream is slow to take a body;
+- requests handled one at a time per connection and in order; pipelined requests wait in a
+  short queue, and the socket is paused while it is full;
+- a response head is held back and sent with the first body bytes, so a small response is one
+  transport write: one TLS record and one send;
+- one coarse timer per connection: a connection with no request in progress is closed
+  `idle_timeout` after its last request ended (nginx's keepalive_timeout), which also bounds
+  a client that dribbles a request head;
+- request heads over `MAX_REQUEST_HEAD_BYTES` get a 431; malformed requests a 400; both close.
+
+The handler gets a `Request` and must answer it exactly once: `respond()` for a whole
+response, or `start()`, `write()`… and `end()` for a streamed one. Framing is this server's
+job: a Content-Length among the given headers is kept, otherwise the body is chunked (or
+close-delimited for an HTTP/1.0 client); HEAD, 1xx, 204 and 304 responses have no body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Generic, TypeVar
+
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from multidict import CIMultiDictProxy
+
+from broker.errors import ClientError
+
+log = logging.getLogger("sidekey.http")
+
+# The payload reader pauses the client socket above 2x this many buffered body bytes: one
+# 64 KiB read buffer in flight, aiohttp's own server default (read_bufsize=2**16).
+READ_BUFFER_BYTES = 64 * 1024
+# aiohttp's defaults for one request line or header line, one field, and the field count.
+MAX_LINE_BYTES = 8190
+MAX_FIELD_BYTES = 8190
+MAX_HEADER_FIELDS = 128
+# A whole request head. The limits above allow ~2 MiB; nginx accepts at most 32 KiB
+# (large_client_header_buffers 4 x 8k) and real clients send well under 8 KiB.
+MAX_REQUEST_HEAD_BYTES = 64 * 1024
+# Pipelined requests parsed ahead of the one being handled before the socket is paused.
+# Clients rarely pipeline at all; the bound keeps a flood of tiny requests from queueing
+# without limit.
+MAX_PIPELINED_REQUESTS = 8
+
+_EMPTY_BODY = b""
+_LAST_CHUNK = b"0\r\n\r\n"
+_NO_BODY_STATUSES = frozenset({204, 304})
+_HTTP_11 = (1, 1)
+
+T = TypeVar("T")
+
+
+class RequestBodyBroken(ClientError):
+    """The client's request body ended early or broke its framing (raised by its reader)."""
+
+
+class InvalidResponseHead(ClientError):
+    """A status reason or header would contain CR, LF or NUL on the wire."""
+
+
+class Request(Generic[T]):
+    """One parsed request and the one response owed to it."""
+
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_head",
+        "_with_body",
+        "body_exists",
+        "content_length",
+        "finished",
+        "headers",
+        "keep_alive",
+        "method",
+        "payload",
+        "started",
+        "target",
+        "version",
+    )
+
+    def __init__(
+        self, conn: ClientConnection[T], message: RawRequestMessage, payload: StreamReader
+    ) -> None:
+        self._conn = conn
+        self.method = message.method
+        # The request target exactly as sent: "/path?query" (origin-form) for a normal
+        # request, a URL or authority for the forms a forward proxy would take.
+        self.target = message.path
+        self.version = message.version
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.payload = payload
+        self.body_exists = payload is not EMPTY_PAYLOAD
+        length = None
+        if self.body_exists and not message.chunked:
+            # llhttp has checked it is one decimal number (and refused conflicting ones).
+            raw = message.headers.get("Content-Length")
+            length = int(raw) if raw is not None else None
+        self.content_length: int | None = length
+        self.keep_alive = not message.should_close and not message.upgrade
+        self.started = False
+        self.finished = False
+        self._chunked = False
+        self._with_body = True
+        self._head: bytes | None = None
+
+    @property
+    def info(self) -> T:
+        """What the server's `connection_info` said about this request's connection."""
+        return self._conn.info
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._conn.transport
+
+    def abort(self) -> None:
+        """Cut the client's connection: a response that cannot be completed must not look
+        complete."""
+        self.keep_alive = False
+        self.finished = True
+        transport = self._conn.transport
+        if transport is not None:
+            transport.abort()
+
+    def send_continue(self) -> None:
+        """Answer ``Expect: 100-continue`` (before any response is started)."""
+        transport = self._conn.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def start(
+        self,
+        status: int,
+        reason: str,
+        headers: Iterable[tuple[str, str]],
+        *,
+        close: bool = False,
+    ) -> None:
+        """Render the response head; it goes out with the first `write()` or with `end()`.
+
+        `headers` must not carry hop-by-hop fields (Connection, Transfer-Encoding, ...): this
+        server adds its own. Raises `InvalidResponseHead` if a reason, name or value would
+        break the head (llhttp already refuses such bytes from an upstream; this is the last
+        line of defence).
+        """
+        assert not self.started, "response already started"
+        conn = self._conn
+        if close or conn.server.closing or (self.body_exists and not self.payload.is_eof()):
+            # An unread body would be parsed as the next request: close instead of draining.
+            self.keep_alive = False
+        lines = [f"HTTP/1.1 {status} {reason}"]
+        expected = 2  # the CR LF after the status line and the blank line
+        length_given = False
+        for name, value in headers:
+            lines += ("\r\n", name, ": ", value)
+            expected += 1
+            if len(name) == 14 and name.lower() == "content-length":
+                length_given = True
+        with_body = self.method != "HEAD" and status >= 200 and status not in _NO_BODY_STATUSES
+        self._with_body = with_body
+        if with_body and not length_given:
+            if self.version == _HTTP_11:
+                self._chunked = True
+                lines.append("\r\nTransfer-Encoding: chunked")
+                expected += 1
+            else:
+                self.keep_alive = False  # close-delimited body, the HTTP/1.0 way
+        if not self.keep_alive:
+            lines.append("\r\nConnection: close")
+            expected += 1
+        elif self.version != _HTTP_11:
+            lines.append("\r\nConnection: keep-alive")
+            expected += 1
+        lines.append("\r\n\r\n")
+        text = "".join(lines)
+        # Every CR and LF must be one we put there (three scans of a ~1 KiB head: ~1 us).
+        if text.count("\n") != expected or text.count("\r") != expected or "\0" in text:
+            raise InvalidResponseHead("response reason or header contains CR, LF or NUL")
+        self._head = text.encode("latin-1", "replace")
+        self.started = True
+
+    async def write(self, chunk: bytes) -> None:
+        """Send body bytes (with the held-back head, the first time); waits while the client
+        is slow. Raises ConnectionResetError if the client has gone."""
+        if not chunk or not self._with_body:
+            return  # a HEAD, 204 or 304 response has no body, whatever the caller has
+        if self._chunked:
+            data = b"".join((self._take_head(), b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        elif self._head is not None:
+            data = self._take_head() + chunk
+        else:
+            data = chunk
+        await self._conn.send(data)
+
+    async def end(self, body: bytes = _EMPTY_BODY) -> None:
+        """Finish the response, with `body` as its last bytes."""
+        head = self._take_head()
+        if not self._with_body:
+            body = _EMPTY_BODY
+        if self._chunked:
+            if body:
+                data = b"".join((head, b"%x\r\n" % len(body), body, b"\r\n", _LAST_CHUNK))
+            else:
+                data = head + _LAST_CHUNK
+        else:
+            data = head + body if body else head
+        self.finished = True
+        if data:
+            await self._conn.send(data)
+
+    async def respond(
+        self,
+        status: int,
+        reason: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        *,
+        close: bool = False,
+    ) -> None:
+        """A whole response in one write; Content-Length is added here."""
+        self.start(status, reason, [*headers, ("Content-Length", str(len(body)))], close=close)
+        await self.end(body)
+
+    def _take_head(self) -> bytes:
+        head = self._head
+        if head is None:
+            return _EMPTY_BODY
+        self._head = None
+        return head
+
+
+Handler = Callable[[Request[T]], Awaitable[None]]
+
+
+class HttpServer(Generic[T]):
+    """The protocol factory for a listener, and the registry its shutdown works from.
+
+    `connection_info(transport, over_limit)` is called once per connection, when it is made
+    (after the TLS handshake); its result is `request.info` for every request on it.
+    """
+
+    def __init__(
+        self,
+        handler: Handler[T],
+        connection_info: Callable[[asyncio.Transport, bool], T],
+        *,
+        max_connections: int,
+        idle_timeout: float,
+    ) -> None:
+        self.handler = handler
+        self.connection_info = connection_info
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.connections: set[ClientConnection[T]] = set()
+        self.closing = False
+
+    def __call__(self) -> ClientConnection[T]:
+        return ClientConnection(self)
+
+    def close_idle(self) -> None:
+        """Stop taking requests: close idle connections now, busy ones after their response."""
+        self.closing = True
+        for conn in list(self.connections):
+            if conn.idle and conn.transport is not None:
+                conn.transport.close()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Give in-flight requests `timeout` seconds to finish, then cut what is left."""
+        self.close_idle()
+        busy = [c.task for c in self.connections if c.task is not None]
+        if busy:
+            await asyncio.wait(busy, timeout=timeout)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()  # still busy after the drain timeout
+
+
+class ClientConnection(BaseProtocol, Generic[T]):
+    """One client connection: parses requests and runs the handler on them one by one."""
+
+    __slots__ = (
+        "_head_bytes",
+        "_idle_since",
+        "_queue",
+        "_receiving",
+        "_request_parser",
+        "_stopped",
+        "_timer",
+        "info",
+        "server",
+        "task",
+    )
+
+    def __init__(self, server: HttpServer[T]) -> None:
+        super().__init__(asyncio.get_running_loop())
+        self.server = server
+        self._request_parser = HttpRequestParser(
+            self,
+            self._loop,
+            READ_BUFFER_BYTES,
+            max_line_size=MAX_LINE_BYTES,
+            max_field_size=MAX_FIELD_BYTES,
+            max_headers=MAX_HEADER_FIELDS,
+            payload_exception=RequestBodyBroken,
+            # Request bodies are forwarded as sent, Content-Encoding and all.
+            auto_decompress=False,
+        )
+        # BaseProtocol pauses and resumes `_parser`; `_request_parser` is the same object,
+        # typed for the calls made here.
+        self._parser = self._request_parser
+        self._queue: deque[Request[T]] = deque()
+        # The body still arriving for the newest parsed request, if any.
+        self._receiving: StreamReader | None = None
+        self._head_bytes = 0
+        # No further requests are read: after an Upgrade request or an unparseable head.
+        self._stopped = False
+        self.task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
+        self.info: T
+
+    @property
+    def idle(self) -> bool:
+        return self.task is None and not self._queue
+
+    # ------------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        server = self.server
+        over = len(server.connections) >= server.max_connections
+        server.connections.add(self)
+        self.info = server.connection_info(self.transport, over)
+        self._idle_since = self._loop.time()
+        self._timer = self._loop.call_at(self._idle_since + server.idle_timeout, self._on_idle)
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        receiving = self._receiving
+        if receiving is None or receiving.is_eof():
+            self._head_bytes += len(data)
+        try:
+            messages, upgraded, _tail = self._request_parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._refuse_head(400, "Bad Request", f"malformed request: {exc.message}")
+            return
+        except Exception as exc:  # the parser's own limits raise plain errors too
+            self._refuse_head(400, "Bad Request", f"malformed request: {type(exc).__name__}")
+            return
+        if not messages:
+            if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+                self._refuse_head(
+                    431, "Request Header Fields Too Large", "request head exceeds 64 KiB"
+                )
+            return
+        self._head_bytes = 0
+        for message, payload in messages:
+            self._queue.append(Request(self, message, payload))
+            self._receiving = payload if payload is not EMPTY_PAYLOAD else None
+        if upgraded:
+            # Upgrade (WebSocket, h2c) is hop-by-hop and not proxied: the request is answered
+            # as a plain one and the connection closed; bytes after its head are ignored.
+            self._stop_reading()
+        elif len(self._queue) > MAX_PIPELINED_REQUESTS:
+            self._pause_reading_for_buffer()
+        if self.task is None:
+            self.task = self._loop.create_task(self._serve())
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.server.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # Request bodies are never close-delimited: one still arriving is truncated.
+        receiving = self._receiving
+        if receiving is not None and not receiving.is_eof():
+            receiving.set_exception(RequestBodyBroken("client disconnected mid-body"))
+        self._queue.clear()
+
+    # ------------------------------------------------------------------- requests
+
+    async def _serve(self) -> None:
+        """Run the handler on queued requests, in order, until none is left."""
+        queue, handler, server = self._queue, self.server.handler, self.server
+        try:
+            while queue:
+                request = queue.popleft()
+                paused = self._buffer_paused and not self._stopped
+                if paused and len(queue) <= MAX_PIPELINED_REQUESTS:
+                    self._resume_reading_for_buffer()
+                try:
+                    await handler(request)
+                    if not request.started:
+                        raise RuntimeError("the handler sent no response")
+                except ConnectionError:
+                    request.abort()
+                    return
+                except asyncio.CancelledError:
+                    request.abort()
+                    raise
+                except Exception:
+                    log.exception("HTTP handler failed method=%s", request.method)
+                    if request.started:
+                        request.abort()
+                    else:
+                        await request.respond(
+                            500, "Internal Server Error", [], b"sidekey: internal error\n",
+                            close=True,
+                        )  # fmt: skip
+                if not request.finished:
+                    request.abort()  # a handler that never ended its response
+                if not request.keep_alive or server.closing:
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
+        except ConnectionError:
+            pass  # the client went away while we answered it
+        finally:
+            self.task = None
+            self._idle_since = self._loop.time()
+
+    def _refuse_head(self, status: int, reason: str, message: str) -> None:
+        """Answer an unparseable request head and close, after any request in progress."""
+        transport = self.transport
+        if transport is None:
+            return
+        self._stop_reading()
+        body = f"sidekey: {message}\n".encode()
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        if self.task is None:
+            transport.write(head + body)
+            transport.close()
+        else:
+            # Pipelined behind a request in progress: that one's response comes first.
+            self._queue.clear()
+            task = self.task
+            task.add_done_callback(lambda _: self._write_and_close(head + body))
+
+    def _stop_reading(self) -> None:
+        self._stopped = True
+        self._pause_reading_for_buffer()
+
+    def _write_and_close(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+            transport.close()
+
+    async def send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client disconnected")
+        transport.write(data)
+        if self._paused:
+            await self._drain_helper()
+
+    def _on_idle(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        due = self._idle_since + self.server.idle_timeout
+        if self.task is None and self._loop.time() >= due:
+            transport.close()
+            return
+        # Busy, or idle for less than the timeout: look again when it could next be due.
+        # One timer per connection, re-armed at most once per idle_timeout, instead of a
+        # cancel and a new handle per request (~1.4 us each).
+        self._timer = self._loop.call_at(
+            max(due, self._loop.time() + self.server.idle_timeout / 8), self._on_idle
+        )
+
+
+class Clock:
+    """The HTTP Date header value, formatted once per second (~4 us per strftime)."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = ""
+
+    def date(self) -> str:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
+        return self._value
