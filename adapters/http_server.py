@@ -5,7 +5,8 @@ aiohttp's low-level `web.Server` spent ~35% of the broker's CPU per proxied requ
 writing a response head and body as separate TLS records. A one-upstream reverse proxy needs
 much less, so this server keeps only that:
 
-- one `asyncio.Protocol` per client connection, fed into aiohttp's C request parser (llhttp),
+- one `asyncio.Protocol` per client connection (behind `broker.net.BufferedReads`, so TLS
+  records are decrypted into a shared buffer), fed into aiohttp's C request parser (llhttp),
   whose payload `StreamReader` pauses the socket while the upstream is slow to take a body;
 - requests handled one at a time per connection and in order; pipelined requests wait in a
   short queue, and the socket is paused while it is full;
@@ -38,6 +39,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
 from broker.errors import ClientError
+from broker.net import BufferedReads
 
 log = logging.getLogger("sidekey.http")
 
@@ -267,8 +269,8 @@ class HttpServer(Generic[T]):
         self.connections: set[ClientConnection[T]] = set()
         self.closing = False
 
-    def __call__(self) -> ClientConnection[T]:
-        return ClientConnection(self)
+    def __call__(self) -> BufferedReads:
+        return BufferedReads(ClientConnection(self))
 
     def close_idle(self) -> None:
         """Stop taking requests: close idle connections now, busy ones after their response."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterable, Iterable
+from typing import cast
 
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import HttpResponseParser
@@ -36,6 +37,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
 from broker.errors import ClientError, UpstreamError, UpstreamTimeout
+from broker.net import BufferedReads
 
 # An idle keep-alive connection is closed after this long: under nginx's 75 s keepalive_timeout
 # default and most load balancers' 60 s, so we usually close first. Servers with shorter ones
@@ -466,8 +468,8 @@ class UpstreamPool:
     async def _connect(self) -> _UpstreamConnection:
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self._loop.create_connection(
-                    lambda: _UpstreamConnection(self),
+                _, reads = await self._loop.create_connection(
+                    lambda: BufferedReads(_UpstreamConnection(self)),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -483,7 +485,7 @@ class UpstreamPool:
         except OSError as exc:
             raise UpstreamConnectError(f"cannot connect: {_short(exc)}") from None
         self.opened += 1
-        return conn
+        return cast(_UpstreamConnection, reads.protocol)
 
     async def _exchange(
         self,

@@ -14,11 +14,10 @@ Half-close is relayed where the transport can express it (plain TCP and unix soc
 from __future__ import annotations
 
 import asyncio
-import threading
 from dataclasses import dataclass
 from typing import Literal
 
-from broker.net import CLOSE_LINGER_TIMEOUT, Conduit
+from broker.net import CLOSE_LINGER_TIMEOUT, Conduit, read_buffer
 
 EndedBy = Literal["client", "upstream", "idle", "error", "cancelled"]
 
@@ -35,14 +34,6 @@ EndedBy = Literal["client", "upstream", "idle", "error", "cancelled"]
 RELAY_HIGH_WATER = 256 * 1024
 # Resume once a quarter is left, asyncio's own default ratio (16 of 64 KiB).
 RELAY_LOW_WATER = 64 * 1024
-# Reads land in one buffer per thread (its event loop), shared by every side: a transport fills
-# it and calls buffer_updated() synchronously, which copies the bytes out before returning.
-# As a plain Protocol, uvloop's TLS layer handed us bytes from SSLObject.read(256 KiB) calls,
-# each allocating 256 KiB and failing once per event with SSLWantReadError; reading into
-# this buffer instead cut relay CPU per small round trip (TLS both legs, uvloop) from ~100
-# to ~42 us in a side-by-side run (median of 4, noisy 2-core VM).
-READ_BUFFER_BYTES = 256 * 1024
-_buffers = threading.local()
 # The idle timer ticks this many times per idle_timeout and compares the byte counts with the
 # previous tick: a splice ends after between 1 and 1 + 1/4 idle_timeouts of silence, never
 # sooner, with no per-chunk bookkeeping on the hot path.
@@ -98,13 +89,6 @@ class SpliceStats:
         )
 
 
-def _read_buffer() -> memoryview:
-    view: memoryview | None = getattr(_buffers, "view", None)
-    if view is None:
-        view = _buffers.view = memoryview(bytearray(READ_BUFFER_BYTES))
-    return view
-
-
 class _Side(asyncio.BufferedProtocol):
     """The relay protocol on one transport: reads go to `peer`, its writes come from `peer`."""
 
@@ -131,7 +115,7 @@ class _Side(asyncio.BufferedProtocol):
         self.received = 0
         self.read_done = False
         self.lost = False
-        self.buffer = _read_buffer()
+        self.buffer = read_buffer()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.buffer
