@@ -464,7 +464,9 @@ class HttpAdapter(Adapter):
             elif refusal.kind == "template":
                 # The operator's inject templates and the secret's fields disagree.
                 self.ctx.log.warning("cannot inject service=%s: %s", name, refusal.message)
-            if refusal.status != 499:  # nobody left to tell
+            if refusal.status == 499:
+                request.abort()  # nobody left to tell; the audit line says what happened
+            else:
                 await _error(request, refusal.status, refusal.message)
         finally:
             self._active.dec()
