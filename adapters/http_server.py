@@ -38,6 +38,7 @@ from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
+from adapters.http_head import render_head
 from broker.errors import ClientError
 from broker.net import BufferedReads
 
@@ -163,34 +164,27 @@ class Request(Generic[T]):
         if close or conn.server.closing or (self.body_exists and not self.payload.is_eof()):
             # An unread body would be parsed as the next request: close instead of draining.
             self.keep_alive = False
-        lines = [f"HTTP/1.1 {status} {reason}"]
-        expected = 2  # the CR LF after the status line and the blank line
-        length_given = False
-        for name, value in headers:
-            lines += ("\r\n", name, ": ", value)
-            expected += 1
-            if len(name) == 14 and name.lower() == "content-length":
-                length_given = True
+        headers = list(headers)
+        length_given = any(
+            len(name) == 14 and name.lower() == "content-length" for name, _ in headers
+        )
+        extra: list[str] = []
         with_body = self.method != "HEAD" and status >= 200 and status not in _NO_BODY_STATUSES
         self._with_body = with_body
         if with_body and not length_given:
             if self.version == _HTTP_11:
                 self._chunked = True
-                lines.append("\r\nTransfer-Encoding: chunked")
-                expected += 1
+                extra.append("Transfer-Encoding: chunked")
             else:
                 self.keep_alive = False  # close-delimited body, the HTTP/1.0 way
         if not self.keep_alive:
-            lines.append("\r\nConnection: close")
-            expected += 1
+            extra.append("Connection: close")
         elif self.version != _HTTP_11:
-            lines.append("\r\nConnection: keep-alive")
-            expected += 1
-        lines.append("\r\n\r\n")
-        text = "".join(lines)
-        # Every CR and LF must be one we put there (three scans of a ~1 KiB head: ~1 us).
-        if text.count("\n") != expected or text.count("\r") != expected or "\0" in text:
-            raise InvalidResponseHead("response reason or header contains CR, LF or NUL")
+            extra.append("Connection: keep-alive")
+        try:
+            text = render_head(f"HTTP/1.1 {status} {reason}", extra, headers)
+        except ValueError:
+            raise InvalidResponseHead("response reason or header contains CR, LF or NUL") from None
         self._head = text.encode("latin-1", "replace")
         self.started = True
 

@@ -36,6 +36,7 @@ from aiohttp.http_parser import HttpResponseParser
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
+from adapters.http_head import render_head
 from broker.errors import ClientError, UpstreamError, UpstreamTimeout
 from broker.net import BufferedReads
 
@@ -367,7 +368,7 @@ class UpstreamPool:
         self._host = host
         self._port = port
         self._ssl = ssl_context
-        self._host_line = f"\r\nHost: {host_header}"
+        self._host_line = f"Host: {host_header}"
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.limit = limit
@@ -432,25 +433,16 @@ class UpstreamPool:
         has_body: bool,
         content_length: int | None,
     ) -> bytes:
-        lines = [method, " ", target, " HTTP/1.1", self._host_line]
-        # CR LF pairs we write: after the request line, after Host, and the blank line.
-        expected = 3
-        for name, value in headers:
-            lines += ("\r\n", name, ": ", value)
-            expected += 1
+        extra = [self._host_line]
         if content_length is not None:
-            lines.append(f"\r\nContent-Length: {content_length}")
-            expected += 1
+            extra.append(f"Content-Length: {content_length}")
         elif has_body:
-            lines.append("\r\nTransfer-Encoding: chunked")
-            expected += 1
-        lines.append("\r\n\r\n")
-        text = "".join(lines)
-        # Every CR and LF must be one we put there. Three whole-string scans of a typical
-        # 9-line head cost ~0.9 us and also cover method and target; `in` checks on each name
-        # and value cost ~1.2 us, a regex per value ~3.4 us.
-        if text.count("\n") != expected or text.count("\r") != expected or "\0" in text:
-            raise InvalidRequestHead("request line or header contains CR, LF or NUL")
+            extra.append("Transfer-Encoding: chunked")
+        try:
+            # The method and target are checked too: they are part of the start line.
+            text = render_head(f"{method} {target} HTTP/1.1", extra, headers)
+        except ValueError:
+            raise InvalidRequestHead("request line or header contains CR, LF or NUL") from None
         return text.encode("utf-8", "surrogateescape")
 
     def _take_idle(self) -> _UpstreamConnection | None:
