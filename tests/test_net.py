@@ -562,3 +562,59 @@ def test_tcp_nodelay_on_accepted_and_connected_sockets_also_after_start_tls(
         await listener.close(drain_timeout=1)
 
     run(main())
+
+
+def test_buffered_reads_deliver_every_byte_over_tls_through_the_shared_buffer(
+    run: Run, ca: trustme.CA
+) -> None:
+    """The transport fills the per-thread buffer (get_buffer), the protocol gets copies in
+    order, then EOF and the loss: for a TLS server side whose peer sends 3 MB in odd pieces."""
+
+    class Recorder(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.data = bytearray()
+            self.chunks: list[bytes] = []
+            self.eof = False
+            self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def data_received(self, data: bytes) -> None:
+            assert isinstance(data, bytes)  # a copy, not a view of the shared buffer
+            self.chunks.append(data)
+            self.data += data
+
+        def eof_received(self) -> bool:
+            self.eof = True
+            return False
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.lost.set_result(None)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        recorder = Recorder()
+        buffers: list[int] = []
+
+        class Counting(net.BufferedReads):
+            def get_buffer(self, sizehint: int) -> memoryview:
+                buffers.append(sizehint)
+                return super().get_buffer(sizehint)
+
+        reads = Counting(recorder)
+        server = await loop.create_server(lambda: reads, "127.0.0.1", 0, ssl=server_context(ca))
+        port = server.sockets[0].getsockname()[1]
+        payload = bytes(range(256)) * (3 * 4096)
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(ca))
+        for start in range(0, len(payload), 7919):
+            writer.write(payload[start : start + 7919])
+        await writer.drain()
+        writer.close()
+        await asyncio.wait_for(recorder.lost, 10)
+        server.close()
+        await server.wait_closed()
+        assert bytes(recorder.data) == payload and recorder.eof
+        assert buffers, "the transport never read into the shared buffer"
+        # Every chunk is its own object: none aliases the buffer the next read overwrote.
+        assert len({id(c) for c in recorder.chunks}) == len(recorder.chunks)
+        assert net.read_buffer() is reads._buffer
+
+    run(main())
