@@ -123,11 +123,16 @@ def test_receive_timeout_blames_the_side(run: Run) -> None:
     async def main() -> None:
         errors: list[BaseException] = []
         accepted = asyncio.Event()
+        # The first client is timed out by the broker; the second connection is the broker's
+        # own "upstream" probe, and this side must stay silent for longer than it waits, or
+        # it would see this side's close instead of its own timeout.
+        silences = [0.1, 10.0]
 
         async def handler(conduit: net.Conduit) -> None:
+            silence = silences.pop(0)
             accepted.set()
             try:
-                await conduit.receive(0.1)
+                await conduit.receive(silence)
             except ClientError as exc:
                 errors.append(exc)
 
@@ -138,6 +143,7 @@ def test_receive_timeout_blames_the_side(run: Run) -> None:
         assert "sent nothing for 0.1s" in str(errors[0])
 
         # Towards an upstream that never speaks, the same silence is the upstream's fault.
+        accepted.clear()
         upstream = await net.connect("127.0.0.1", port_of(listener), timeout=5)
         await accepted.wait()
         with pytest.raises(UpstreamTimeout, match=r"upstream 127\.0\.0\.1"):
