@@ -16,6 +16,7 @@ import pytest
 import trustme
 
 from adapters.http_server import (
+    MAX_PIPELINED_REQUESTS,
     MAX_REQUEST_HEAD_BYTES,
     ClientConnection,
     HttpServer,
@@ -144,6 +145,26 @@ def test_pipelined_requests_are_answered_in_order(run: Run) -> None:
             writer.write(get("/slow") + get("/fast") + get("/third"))
             bodies = [(await read_response(reader))[2] for _ in range(3)]
             assert bodies == [b"/slow", b"/fast", b"/third"]
+            writer.close()
+
+    run(main())
+
+
+def test_a_burst_of_pipelined_requests_past_the_queue_bound_is_answered_in_order(
+    run: Run,
+) -> None:
+    """More requests than MAX_PIPELINED_REQUESTS in one write: reading pauses while the queue
+    is full and resumes as it drains, so every request is answered, once, in order."""
+    count = MAX_PIPELINED_REQUESTS * 6
+
+    async def main() -> None:
+        async with serving() as s:
+            reader, writer = await connect(s.port)
+            writer.write(b"".join(get(f"/n/{i}") for i in range(count)))
+            bodies = [(await read_response(reader))[2] for _ in range(count)]
+            assert bodies == [f"GET /n/{i} 0".encode() for i in range(count)]
+            writer.write(get("/after"))  # the connection still serves requests
+            assert (await read_response(reader))[2] == b"GET /after 0"
             writer.close()
 
     run(main())
