@@ -353,7 +353,9 @@ class ClientConnection(BaseProtocol, Generic[T]):
         try:
             messages, upgraded, _tail = self._request_parser.feed_data(data)
         except HttpProcessingError as exc:
-            self._refuse_head(400, "Bad Request", f"malformed request: {exc.message}")
+            # The parser's first line says what was wrong; later lines quote the request.
+            reason = (str(exc.message).splitlines() or ["unparseable"])[0][:200]
+            self._refuse_head(400, "Bad Request", f"malformed request: {reason}")
             return
         except Exception as exc:  # the parser's own limits raise plain errors too
             self._refuse_head(400, "Bad Request", f"malformed request: {type(exc).__name__}")
