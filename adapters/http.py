@@ -592,19 +592,29 @@ class HttpAdapter(Adapter):
 
     def _upstream_refusal(self, exc: BaseException, ex: _Exchange) -> _Refused:
         name, upstream = self.ctx.service.name, self.settings.url.origin()
+        # Error text can quote what the upstream sent, and an upstream may echo the request:
+        # the injected values never reach the log or the audit trail through it.
+        detail = _redact(str(exc), ex.secrets)
         self.ctx.log.warning(
             "upstream error service=%s upstream=%s error=%s: %s",
-            name, upstream, type(exc).__name__, exc,
+            name, upstream, type(exc).__name__, detail,
         )  # fmt: skip
         if isinstance(exc, (UpstreamTimeout, TimeoutError)):
             ex.error = f"upstream timeout: {type(exc).__name__}"
             return _Refused(504, f"upstream {upstream} did not answer in time", "timeout")
-        ex.error = f"upstream error: {type(exc).__name__}: {exc}"
+        ex.error = f"upstream error: {type(exc).__name__}: {detail}"
         if isinstance(exc, UpstreamTLSError):
             return _Refused(502, f"TLS to upstream {upstream} failed verification", "tls")
         if isinstance(exc, UpstreamConnectError):
             return _Refused(502, f"upstream {upstream} is unreachable", "connect")
         return _Refused(502, f"upstream {upstream} failed: {type(exc).__name__}", "protocol")
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    """`text` with every credential value in `secrets` replaced by ``[redacted]``."""
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return text
 
 
 async def _counted(request: Request[_Connection], ex: _Exchange) -> AsyncIterator[bytes]:

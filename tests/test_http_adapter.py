@@ -29,6 +29,7 @@ import trustme
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from adapters.http import _redact
 from broker.adapter import ServiceContext
 from broker.runtime import Broker
 from tests.brokers import base_config, running_broker
@@ -860,3 +861,11 @@ async def test_local_client_auth_over_a_unix_socket(env: Env) -> None:
         [event] = p.events("request")
     assert env.upstream.seen[-1].headers["Authorization"] == f"Bearer {env.kv.token}"
     assert event["spiffe_id"] == DEFAULT_CLIENT_ID and event["auth_method"] == "local"
+
+
+def test_upstream_error_text_is_redacted_before_log_and_audit() -> None:
+    """An upstream can echo the request; error text quoting it must not carry the credential."""
+    text = "malformed response: 'Authorization: Bearer tok-1234567890' and again tok-1234567890"
+    redacted = _redact(text, ("tok-1234567890", "other-secret"))
+    assert "tok-1234567890" not in redacted
+    assert redacted.count("[redacted]") == 2 and redacted.startswith("malformed response")
