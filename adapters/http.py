@@ -49,6 +49,7 @@ from broker.config import Section
 from broker.credentials import Credential
 from broker.errors import ConfigError, CredentialUnavailable, UpstreamError, UpstreamTimeout
 from broker.identity import IdentityError, WorkloadIdentity
+from broker.net import describe_peer
 from broker.policy import Decision
 from broker.tls import client_context
 
@@ -215,14 +216,7 @@ class _Connection:
 
 
 def _new_connection(transport: asyncio.Transport, over_limit: bool) -> _Connection:
-    return _Connection(peer=_peer(transport), refused=over_limit)
-
-
-def _peer(transport: asyncio.BaseTransport) -> str:
-    peername = transport.get_extra_info("peername")
-    if isinstance(peername, tuple) and len(peername) >= 2:
-        return f"{peername[0]}:{peername[1]}"
-    return "unix" if not peername else str(peername)
+    return _Connection(peer=describe_peer(transport)[0], refused=over_limit)
 
 
 class _Refused(Exception):

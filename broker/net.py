@@ -175,7 +175,7 @@ class Conduit(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.peer, self.credentials = _describe_peer(self.transport)
+        self.peer, self.credentials = describe_peer(self.transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Handshakes are small request/response exchanges: Nagle would add up to 40 ms
@@ -417,7 +417,9 @@ class Conduit(asyncio.Protocol):
                 waiter.set_result(None)
 
 
-def _describe_peer(transport: asyncio.BaseTransport) -> tuple[str, PeerCredentials | None]:
+def describe_peer(transport: asyncio.BaseTransport) -> tuple[str, PeerCredentials | None]:
+    """How audit lines name the peer (``host:port``, ``[v6]:port`` or ``unix:pid=…``), and
+    its kernel-verified credentials on a unix socket."""
     peername = transport.get_extra_info("peername")
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family == socket.AF_UNIX:
