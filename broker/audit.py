@@ -12,9 +12,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 log = logging.getLogger("sidekey.audit")
 
@@ -26,7 +27,7 @@ class AuditLog:
     line never sits in a buffer when the process dies, and concurrent writers (a rotated
     file's old and new owner) never interleave within a line. Writing the encoded bytes
     straight to the descriptor halved the cost of a line (14 -> 7 us, encoding included).
-    Without a file, lines go to standard output, flushed per line.
+    Without a file, lines go to standard output, flushed per line. Lines are UTF-8 JSON.
     """
 
     def __init__(self, path: Path | None) -> None:
@@ -48,16 +49,14 @@ class AuditLog:
         for key, value in fields.items():
             if value is not None:
                 record[key] = value
-        text = _encode(record) + "\n"
+        line = _encode(record)
         try:
             if self.path is None:
-                sys.stdout.write(text)
+                sys.stdout.write(line.decode())
                 sys.stdout.flush()
                 return
             if self._fd is None:
                 self._fd = self._open(self.path)
-            # ensure_ascii: the line is ASCII, whatever the identities and paths contain.
-            line = text.encode("ascii")
             written = os.write(self._fd, line)
             while written < len(line):  # a short write: only on a full disk or a signal
                 written += os.write(self._fd, line[written:])
@@ -92,21 +91,16 @@ class _Clock:
 _clock = _Clock()
 
 
-def _now() -> str:
-    return _clock.now()
+# The stdlib's C encoder, for what orjson refuses: a string with a lone surrogate (a path
+# decoded with surrogateescape, say) becomes \udcxx instead of costing the audit line.
+_fallback = json.JSONEncoder(default=str, separators=(",", ":"), check_circular=False).encode
 
 
-def _make_encoder() -> Callable[[dict[str, Any]], str]:
-    # json.dumps(default=..., separators=...) builds a JSONEncoder and a C encoder per call;
-    # reusing one C encoder cut an audit line's encoding by ~28% (23.8 -> 17.3 us, loaded host).
-    # No circular-reference check: records are flat dicts of strings and numbers built here.
-    c_encoder = getattr(json.encoder, "c_make_encoder", None)
-    if c_encoder is None:  # pure-Python json (no _json): the documented way
-        return json.JSONEncoder(default=str, separators=(",", ":"), check_circular=False).encode
-    make = c_encoder(
-        None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
-    )
-    return lambda record: "".join(make(record, 0))
-
-
-_encode = _make_encoder()
+def _encode(record: dict[str, Any]) -> bytes:
+    """One JSON line, newline included, UTF-8. orjson encodes a request's audit record (16
+    fields, one nested) in ~1.0 us where the stdlib's C encoder took ~6.5 us: the biggest
+    single cost of an HTTP request's audit line (measured by hand, timeit, same host)."""
+    try:
+        return orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:
+        return (_fallback(record) + "\n").encode()
