@@ -2,37 +2,111 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # Vault round trips take milliseconds on a LAN; the buckets span cache-warm to timeout.
 FETCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+class Value:
+    """One labelled child of a `Family`: a plain number the event loop adds to."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+
+class Family(Collector):
+    """A counter or gauge family for the hot paths, read by the registry at scrape time.
+
+    prometheus_client's Counter.inc() takes a lock and makes four Python calls; an HTTP
+    request incremented five of them (~1.2 us each, 3.5 % of the broker's busy samples under
+    the trivial-upstream bench). The broker updates metrics from its one event-loop thread,
+    so a child here is a plain float and inc() one addition. Scrapes read the floats.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: list[str],
+        *,
+        kind: Literal["counter", "gauge"],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.kind = kind
+        self._children: dict[tuple[str, ...], Value] = {}
+        registry.register(self)
+
+    def labels(self, *values: str, **by_name: str) -> Value:
+        """The child for these label values (positional, or all by name), made on first use."""
+        if by_name:
+            if values or set(by_name) != set(self.labelnames):
+                raise ValueError(f"{self.name}: labels are {', '.join(self.labelnames)}")
+            values = tuple(by_name[n] for n in self.labelnames)
+        elif len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: labels are {', '.join(self.labelnames)}")
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = Value()
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family_type = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        family = family_type(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(values, child.value)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        family_type = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        yield family_type(self.name, self.documentation, labels=self.labelnames)
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter(
+        self.requests = Family(
             "sidekey_requests",
             "Requests and connections by service and decision",
             ["service", "decision"],
+            kind="counter",
             registry=r,
         )
-        self.credential_fetches = Counter(
+        self.credential_fetches = Family(
             "sidekey_credential_fetches",
             "Credential fetches from a provider",
             ["service", "provider", "outcome"],
+            kind="counter",
             registry=r,
         )
-        self.cache_hits = Counter(
+        self.cache_hits = Family(
             "sidekey_credential_cache_hits",
             "Credential requests served from cache",
             ["service"],
+            kind="counter",
             registry=r,
         )
-        self.cache_misses = Counter(
+        self.cache_misses = Family(
             "sidekey_credential_cache_misses",
             "Credential requests that needed a fetch",
             ["service"],
+            kind="counter",
             registry=r,
         )
         self.fetch_seconds = Histogram(
@@ -42,34 +116,39 @@ class Metrics:
             buckets=FETCH_BUCKETS,
             registry=r,
         )
-        self.upstream_errors = Counter(
+        self.upstream_errors = Family(
             "sidekey_upstream_errors",
             "Upstream failures by kind",
             ["service", "kind"],
+            kind="counter",
             registry=r,
         )
-        self.sessions_active = Gauge(
+        self.sessions_active = Family(
             "sidekey_sessions_active",
             "Proxied sessions in flight",
             ["service"],
+            kind="gauge",
             registry=r,
         )
-        self.sessions = Counter(
+        self.sessions = Family(
             "sidekey_sessions",
             "Proxied sessions by outcome",
             ["service", "outcome"],
+            kind="counter",
             registry=r,
         )
-        self.leases = Counter(
+        self.leases = Family(
             "sidekey_leases",
             "Lease lifecycle events (created, renewed, revoked, expired)",
             ["service", "event"],
+            kind="counter",
             registry=r,
         )
-        self.connections_rejected = Counter(
+        self.connections_rejected = Family(
             "sidekey_connections_rejected",
             "Connections refused over max_connections",
             ["service"],
+            kind="counter",
             registry=r,
         )
 
