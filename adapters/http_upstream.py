@@ -199,7 +199,10 @@ class _UpstreamConnection(BaseProtocol):
         self._keep_alive = False
         self._upload_done = True
         self._last = now = self._loop.time()
-        self._timer = self._loop.call_at(now + self._pool.read_timeout, self._on_silence)
+        if self._timer is None:
+            # One timer per connection, left running across exchanges and re-armed only when
+            # it fires early, instead of a call_at() and a cancel() per request (~1.4 us each).
+            self._timer = self._loop.call_at(now + self._pool.read_timeout, self._on_silence)
         return waiter
 
     def touch(self) -> None:
@@ -208,9 +211,6 @@ class _UpstreamConnection(BaseProtocol):
 
     def finish(self, *, reusable: bool) -> None:
         """The exchange is over: pool the connection if it can carry another, else close it."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         upload = self._upload
         if upload is not None:
             self._upload = None
@@ -242,6 +242,8 @@ class _UpstreamConnection(BaseProtocol):
 
     def _on_silence(self) -> None:
         self._timer = None
+        if self._waiter is None and self._payload is None:
+            return  # between exchanges: the next begin() arms it again
         if self._reading_paused:
             return  # our pause (slow client), not the upstream's silence; resume re-arms
         timeout = self._pool.read_timeout

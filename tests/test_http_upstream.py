@@ -371,6 +371,34 @@ async def test_silent_upstream_times_out_before_and_during_the_body() -> None:
     assert pool.idle == 0 and pool.busy == 0
 
 
+async def test_a_reused_connection_that_goes_silent_times_out() -> None:
+    """The silence timer outlives an exchange on a pooled connection: the first request's
+    timer must still catch the second request's silence, however they interleave."""
+
+    async def once_then_silent(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_head(reader)
+        await asyncio.sleep(DEADLINE_SECONDS)
+
+    async with raw_upstream(once_then_silent) as up:
+        pool = make_pool(up.port, timeout=SHORT_TIMEOUT_SECONDS)
+        response, body = await fetch(pool)
+        assert body == b"ok"
+        # Half the timeout later: the first exchange's timer fires mid-way through the second.
+        await asyncio.sleep(SHORT_TIMEOUT_SECONDS / 2)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamTimeout):
+            await fetch(pool)
+        elapsed = asyncio.get_running_loop().time() - started
+        await pool.close()
+    assert up.connections == 1, "the second request reused the first connection"
+    assert SHORT_TIMEOUT_SECONDS * 0.9 <= elapsed < 5
+
+
 async def test_response_cut_mid_body_is_a_protocol_error() -> None:
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_head(reader)
