@@ -561,6 +561,12 @@ class HttpAdapter(Adapter):
             raise _Refused(502, f"upstream response head is unusable: {exc}", "protocol") from None
         ex.status = upstream.status
         try:
+            body = upstream.read_buffered()
+            if body is not None:
+                # Head and whole body in one write (the common small response).
+                ex.bytes_out = len(body)
+                await request.end(body)
+                return
             while chunk := await upstream.read_chunk():
                 await request.write(chunk)
                 ex.bytes_out += len(chunk)

@@ -298,6 +298,41 @@ async def test_content_length_and_chunked_uploads_and_responses() -> None:
     assert pool.opened == 1
 
 
+async def test_a_body_that_came_with_its_head_is_read_at_once_and_the_rest_streams() -> None:
+    go_on = asyncio.Event()
+
+    async def two_responses(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall")
+        await writer.drain()
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        await writer.drain()
+        await go_on.wait()
+        writer.write(b"-rest")
+        await writer.drain()
+        await asyncio.sleep(DEADLINE_SECONDS)
+
+    async with raw_upstream(two_responses) as up:
+        pool = make_pool(up.port)
+        response = await pool.request("GET", "/", [], None, None)
+        assert response.read_buffered() == b"small"
+        response.release()
+        assert pool.idle == 1, "a body read whole leaves the connection reusable"
+
+        response = await pool.request("GET", "/", [], None, None)
+        assert response.read_buffered() is None, "half the body is not the whole body"
+        assert await response.read_chunk() == b"first"
+        go_on.set()
+        assert await response.read_chunk() == b"-rest"
+        assert await response.read_chunk() == b""
+        response.release()
+        await pool.close()
+    assert up.connections == 1
+
+
 async def test_head_204_and_304_have_no_body_and_keep_the_connection() -> None:
     replies = {
         b"HEAD": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
@@ -386,7 +421,7 @@ async def test_a_reused_connection_that_goes_silent_times_out() -> None:
 
     async with raw_upstream(once_then_silent) as up:
         pool = make_pool(up.port, timeout=SHORT_TIMEOUT_SECONDS)
-        response, body = await fetch(pool)
+        _, body = await fetch(pool)
         assert body == b"ok"
         # Half the timeout later: the first exchange's timer fires mid-way through the second.
         await asyncio.sleep(SHORT_TIMEOUT_SECONDS / 2)
