@@ -127,7 +127,13 @@ def test_keep_alive_serves_many_requests_on_one_connection(run: Run) -> None:
                 assert status == b"HTTP/1.1 200 OK"
                 assert body == f"GET /n/{i} 0".encode()
                 assert "connection" not in headers
+            (conn,) = s.server.connections
+            task = conn.task
+            assert task is not None and conn.idle, "between requests the serving task waits"
             writer.close()
+            # The client leaving an idle connection ends its serving task: nothing leaks.
+            await asyncio.wait_for(task, DEADLINE)
+            assert not s.server.connections and conn.task is None
 
     run(main())
 
@@ -467,7 +473,7 @@ def test_shutdown_closes_idle_drains_busy_and_cuts_the_stuck(run: Run) -> None:
         busy[1].write(get("/busy"))
         stuck = await connect(port)
         stuck[1].write(get("/stuck"))
-        await eventually(lambda: sum(c.task is not None for c in server.connections) == 2)
+        await eventually(lambda: sum(not c.idle for c in server.connections) == 2)
         listener.close()
         shutting = asyncio.create_task(server.shutdown(0.5))
         assert await closed(idle[0])
