@@ -32,7 +32,7 @@ class Family(Collector):
     """A counter or gauge family for the hot paths, read by the registry at scrape time.
 
     prometheus_client's Counter.inc() takes a lock and makes four Python calls; an HTTP
-    request incremented five of them (~1.2 us each, 3.5 % of the broker's busy samples under
+    request incremented five of them (~1.2 us each; 3.5 % of py-spy samples of the broker under
     the trivial-upstream bench). The broker updates metrics from its one event-loop thread,
     so a child here is a plain float and inc() one addition. Scrapes read the floats.
     """
