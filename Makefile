@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test lint pytest bench system-deps bench-deps clean
+.PHONY: all demo test lint pytest bench bench-openssl bench-callgrind system-deps bench-deps clean
 
 all: test
 
@@ -41,6 +41,15 @@ test: lint pytest
 
 bench: $(STAMP) bench-deps
 	$(BIN)/python bench/run.py
+
+# The same bench with every process on OpenSSL 3.5 (built once into .cache/, ~8 min).
+bench-openssl: $(STAMP) bench-deps
+	scripts/build-openssl.sh
+	BENCH_OPENSSL=.cache/openssl-3.5.7 $(BIN)/python bench/run.py
+
+# The broker's instructions per operation under valgrind: repeatable on a noisy machine.
+bench-callgrind: $(STAMP) bench-deps
+	BENCH_CALLGRIND=1 $(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -26,6 +26,20 @@ Environment knobs (all optional):
                         box to stop (0 in quick runs); it goes on regardless afterwards
     BENCH_KEEP=1        keep the temp dir (logs, configs, pgbench logs) even on success
     BENCH_OUT=path      where to write the JSON (default bench/results.json)
+    BENCH_CALLGRIND=1   count instructions instead of seconds: the broker runs under
+                        valgrind's callgrind (instrumentation on only inside each measured
+                        window), only the broker's variants run, and the table gives its
+                        instructions per operation. They repeat to ~1 % on a VM where CPU
+                        seconds per request moved 60 % between repetitions: the way to judge
+                        a data-path change. Rates are ~50x lower under valgrind and mean
+                        nothing; no goals are judged. Default BENCH_OUT bench/callgrind.json
+    BENCH_OPENSSL=dir   every process the bench starts (broker, PostgreSQL, PgBouncer, nginx,
+                        pgbench, psql, the load generators) loads libssl/libcrypto from
+                        dir/lib instead of the system's (LD_LIBRARY_PATH; OpenSSL 3.x keeps
+                        one ABI). `make bench-openssl` builds Debian 13's OpenSSL 3.5 with
+                        scripts/build-openssl.sh and runs the bench on it; the JSON records
+                        which libssl each server really mapped. Default BENCH_OUT
+                        bench/results-openssl.json
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import platform
 import shutil
 import signal
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +66,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import credbench, scenarios, servers
-from bench.scenarios import Env, Measurement, Probe, Scenario, Summary, Verdict
+from bench.scenarios import Env, Measurement, Probe, Scenario, Summary, Variant, Verdict
 
 # Goals of the credential-path row.
 CACHE_HIT_GOAL_US = 10.0
@@ -73,6 +88,8 @@ class Settings:
     keep: bool
     quiet_wait: float
     out: Path
+    callgrind: bool
+    openssl: Path | None
 
 
 def settings_from_env() -> Settings:
@@ -88,6 +105,20 @@ def settings_from_env() -> Settings:
     elif pin not in ("proxy", "isolate", "none"):
         raise servers.BenchError(f"BENCH_PIN: proxy, isolate or none, got {pin!r}")
     only = tuple(k for k in os.environ.get("BENCH_ONLY", "").split(",") if k)
+    callgrind = os.environ.get("BENCH_CALLGRIND", "") not in ("", "0")
+    if callgrind and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        raise servers.BenchError("BENCH_CALLGRIND needs valgrind: apt-get install valgrind")
+    default_out = "callgrind.json" if callgrind else "results.json"
+    openssl = None
+    if os.environ.get("BENCH_OPENSSL"):
+        openssl = Path(os.environ["BENCH_OPENSSL"]).resolve()
+        if not (openssl / "lib" / "libssl.so.3").exists():
+            raise servers.BenchError(
+                f"BENCH_OPENSSL: no lib/libssl.so.3 under {openssl} (scripts/build-openssl.sh "
+                "builds one)"
+            )
+        if not callgrind:
+            default_out = "results-openssl.json"
     known = {s.key for s in scenarios.SCENARIOS} | {"credentials"}
     unknown = [k for k in only if k not in known]
     if unknown:
@@ -105,8 +136,11 @@ def settings_from_env() -> Settings:
         profile=os.environ.get("BENCH_PROFILE", "") not in ("", "0"),
         only=only,
         keep=os.environ.get("BENCH_KEEP", "") not in ("", "0"),
-        quiet_wait=float(os.environ.get("BENCH_QUIET_WAIT", "0" if quick else "60")),
-        out=Path(os.environ.get("BENCH_OUT", str(servers.REPO / "bench" / "results.json"))),
+        # Instruction counts do not depend on what else the box runs.
+        quiet_wait=float(os.environ.get("BENCH_QUIET_WAIT", "0" if quick or callgrind else "60")),
+        out=Path(os.environ.get("BENCH_OUT", str(servers.REPO / "bench" / default_out))),
+        callgrind=callgrind,
+        openssl=openssl,
     )
 
 
@@ -211,6 +245,7 @@ def setup(settings: Settings, tools: dict[str, str], tmp: Path, procs: servers.P
         admin_port=admin_port,
         bao=bao,
         cpus=settings.proxy_cpus,
+        callgrind=settings.callgrind,
     )
     say(f"setup: broker pid {broker.proc.pid} ready (pinned to CPUs "
         f"{sorted(settings.proxy_cpus) if settings.proxy_cpus else 'all'})")  # fmt: skip
@@ -292,9 +327,18 @@ def versions(env: Env) -> dict[str, str]:
         uvloop_version = str(getattr(uvloop, "__version__", "unknown"))
     except ImportError:
         uvloop_version = "not installed"
+    python = str(servers.VENV_BIN / "python")
     return {
         "python": platform.python_version(),
-        "openssl": ssl.OPENSSL_VERSION,
+        # What the broker's Python loads at run time (BENCH_OPENSSL changes it), and which
+        # libssl each TLS server has mapped: proof of what was measured.
+        "openssl": first_line([python, "-c", "import ssl; print(ssl.OPENSSL_VERSION)"]),
+        "libssl_mapped": {
+            "broker": servers.mapped_libssl(env.broker.proc.pid),
+            "postgresql": servers.mapped_libssl(env.pg.proc.pid),
+            "pgbouncer": servers.mapped_libssl(env.pgbouncer.proc.pid),
+            "nginx-proxy": servers.mapped_libssl(env.nginx_proxy.proc.pid),
+        },
         "postgresql": env.pg.version(),
         "pgbench": first_line([env.tools["pgbench"], "--version"]),
         "uvloop": uvloop_version,
@@ -366,19 +410,28 @@ def _fmt_us(value: float | None) -> str:
     return f"{value / 1000:.2f}ms" if value >= 1000 else f"{value:.0f}us"
 
 
+def measured_variants(settings: Settings, scenario: Scenario) -> tuple[Variant, ...]:
+    """Every variant; under BENCH_CALLGRIND only the broker's (the baselines' seconds would
+    be set against a broker slowed ~50x)."""
+    if settings.callgrind:
+        return tuple(v for v in scenario.variants if v.proxy == "broker")
+    return scenario.variants
+
+
 def run_scenario(env: Env, scenario: Scenario, counter: list[int], total: int) -> Outcome:
     s = env.settings
-    runs: dict[str, list[Measurement]] = {v.name: [] for v in scenario.variants}
+    variants = measured_variants(s, scenario)
+    runs: dict[str, list[Measurement]] = {v.name: [] for v in variants}
     background = wait_for_quiet(s.quiet_wait, scenario.key)
     try:
         if s.warmup > 0:
-            for variant in scenario.variants:
+            for variant in variants:
                 if scenario.prepare:
                     scenario.prepare(env)
                 variant.run(env, Probe(env, None), s.warmup)
                 say(f"         {scenario.key:<13} {variant.name:<12} warm-up {s.warmup:.0f}s")
         for rep in range(s.reps):
-            for variant in scenario.variants:
+            for variant in variants:
                 if scenario.prepare:
                     scenario.prepare(env)
                 m = variant.run(env, Probe(env, variant.proxy), s.duration)
@@ -386,6 +439,8 @@ def run_scenario(env: Env, scenario: Scenario, counter: list[int], total: int) -
                 counter[0] += 1
                 cpu = m.cpu_us_per_op
                 extra = f"  {variant.proxy} CPU {cpu:.1f}us/op" if cpu is not None else ""
+                if "instructions_per_op" in m.extra:
+                    extra = f"  {m.extra['instructions_per_op']:,} instructions/op"
                 if m.vault_requests is not None:
                     extra += f"  OpenBao calls {m.vault_requests}"
                 if m.errors:
@@ -403,10 +458,11 @@ def run_scenario(env: Env, scenario: Scenario, counter: list[int], total: int) -
         say(f"  !! {scenario.key}: {exc}")
         if not env.broker.proc.alive:
             say(f"  !! the broker exited:\n{env.broker.proc.tail()}")
-        summaries = {v.name: Summary(v, runs[v.name]) for v in scenario.variants}
+        summaries = {v.name: Summary(v, runs[v.name]) for v in variants}
         return Outcome(scenario, summaries, None, str(exc), background)
-    summaries = {v.name: Summary(v, runs[v.name]) for v in scenario.variants}
-    return Outcome(scenario, summaries, scenario.verdict(summaries), None, background)
+    summaries = {v.name: Summary(v, runs[v.name]) for v in variants}
+    verdict = None if s.callgrind else scenario.verdict(summaries)
+    return Outcome(scenario, summaries, verdict, None, background)
 
 
 def _time_driven(call: str) -> bool:
@@ -558,6 +614,19 @@ def _function(frame: str) -> str:
 # --------------------------------------------------------------------------- report
 
 
+def print_instructions(outcomes: list[Outcome]) -> None:
+    say("")
+    say("The broker's instructions per operation under callgrind (median; every repetition)")
+    for o in outcomes:
+        for name, summary in o.summaries.items():
+            each = [m.extra["instructions_per_op"] for m in summary.runs]
+            if each:
+                say(f"{o.scenario.key:<13} {name:<12} {statistics.median(each):>12,.0f}   "
+                    f"({', '.join(f'{n:,}' for n in each)})")  # fmt: skip
+            else:
+                say(f"{o.scenario.key:<13} {name:<12} {'ERROR':>12}   {(o.error or '')[:60]}")
+
+
 def print_tables(outcomes: list[Outcome], creds: dict[str, Any] | None) -> None:
     say("")
     say("Per variant (median of repetitions; CPU = the proxy's utime+stime per operation)")
@@ -624,6 +693,8 @@ def results_json(
             "other_cpus": sorted(settings.other_cpus) if settings.other_cpus else None,
             "order": "variants interleaved within each repetition (A, B, A, B, ...)",
             "cpu_source": "/proc/<pid>/stat utime+stime deltas over each run's window",
+            "callgrind": settings.callgrind,
+            "openssl_dir": str(settings.openssl) if settings.openssl else None,
         },
         "background_before_start": background,
         "loadavg_at_end": [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]],
@@ -673,10 +744,14 @@ def main() -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     selected = [s for s in scenarios.SCENARIOS if not settings.only or s.key in settings.only]
-    total = sum(len(s.variants) for s in selected) * settings.reps
+    total = sum(len(measured_variants(settings, s)) for s in selected) * settings.reps
     say(f"bench: {'quick' if settings.quick else 'full'} run: {len(selected)} scenarios, "
         f"{total} measured runs of {settings.duration:.0f}s, {settings.reps} repetitions, "
         f"pin={settings.pin}")  # fmt: skip
+    if settings.openssl:
+        # Inherited by every process the bench starts (pgbench's minimal env copies it).
+        os.environ["LD_LIBRARY_PATH"] = str(settings.openssl / "lib")
+        say(f"bench: every process loads OpenSSL from {settings.openssl / 'lib'}")
     background = quiet_check()
     code = code_state()  # before the broker starts: the code it runs
     tmp = Path(tempfile.mkdtemp(prefix="sidekey-bench-"))
@@ -688,10 +763,14 @@ def main() -> int:
         counter = [0]
         outcomes = [run_scenario(env, s, counter, total) for s in selected]
         creds = None
-        if not settings.only or "credentials" in settings.only or len(selected) > 1:
-            creds = credential_path(env, outcomes)
-        prof = profile(env) if settings.profile else None
-        print_tables(outcomes, creds)
+        if settings.callgrind:
+            prof = None
+            print_instructions(outcomes)
+        else:
+            if not settings.only or "credentials" in settings.only or len(selected) > 1:
+                creds = credential_path(env, outcomes)
+            prof = profile(env) if settings.profile else None
+            print_tables(outcomes, creds)
         data = results_json(
             settings,
             background=background,

@@ -8,7 +8,8 @@ and its goal. Add a row by writing a variant function (or reusing `pgbench_varia
 Each variant run gets a `Probe` and calls `start()`/`stop()` around its measurement window;
 the probe records the CPU time (utime + stime from /proc/<pid>/stat) of the proxy under test
 and, for the broker, OpenBao's audit-log request count and the broker's own
-``sidekey_credential_fetches`` counter.
+``sidekey_credential_fetches`` counter. Under BENCH_CALLGRIND it also switches callgrind's
+instrumentation on at `start()` and reads the instructions at `stop()`.
 """
 
 from __future__ import annotations
@@ -108,6 +109,26 @@ class Probe:
         self.vault_requests: int | None = None
         self.vault_paths: dict[str, int] | None = None
         self.fetches: float | None = None
+        # BENCH_CALLGRIND: the broker's instructions between count_start() and count_stop(),
+        # and that window in wall-clock seconds since the epoch (pgbench logs its
+        # transactions' times in the same clock).
+        self.instructions: int | None = None
+        self.window: tuple[float, float] = (0.0, 0.0)
+        self._counting = False
+
+    @property
+    def counts_instructions(self) -> bool:
+        return self.proxy == "broker" and self.env.settings.callgrind
+
+    def count_start(self) -> None:
+        self.env.broker.callgrind_start()
+        self.window = (time.time(), 0.0)
+        self._counting = True
+
+    def count_stop(self) -> None:
+        self.instructions = self.env.broker.callgrind_stop()
+        self.window = (self.window[0], time.time())
+        self._counting = False
 
     def _cpu(self) -> tuple[float, float]:
         env = self.env
@@ -119,15 +140,20 @@ class Probe:
             return env.nginx_proxy.cpu_split()
         raise ValueError(self.proxy)
 
-    def start(self) -> None:
+    def start(self, *, count: bool = True) -> None:
+        """Open the window; `count=False` leaves the instruction count to `count_start()`."""
         if self.proxy == "broker":
             self._audit0 = self.env.bao.audit_offset()
             self._fetch0 = self.env.broker.metric_sum("sidekey_credential_fetches_total")
         if self.proxy is not None:
             self._cpu0 = self._cpu()
         self._sys0 = servers.system_cpu_ticks()
+        if count and self.counts_instructions:  # last: the probe's admin requests stay out
+            self.count_start()
 
     def stop(self) -> None:
+        if self._counting:
+            self.count_stop()
         now = servers.system_cpu_ticks()
         self.system_busy = servers.busy_fraction(self._sys0, now)
         self.steal = servers.steal_fraction(self._sys0, now)
@@ -145,7 +171,9 @@ class Probe:
                 self._fetch0
             )
 
-    def fill(self, m: Measurement) -> Measurement:
+    def fill(self, m: Measurement, window_ops: int | None = None) -> Measurement:
+        """Copy the probe's figures into `m`. `window_ops`: operations completed inside the
+        instruction count's window, where the caller knows them exactly."""
         m.proxy_cpu_s = self.cpu_s
         m.vault_requests = self.vault_requests
         m.vault_paths = self.vault_paths
@@ -157,6 +185,15 @@ class Probe:
             m.extra["system_cpu_busy_percent"] = round(self.system_busy * 100, 1)
         if self.steal is not None:
             m.extra["cpu_steal_percent"] = round(self.steal * 100, 1)
+        if self.instructions is not None:
+            # Otherwise the tool's own window and the count's (opened and closed through
+            # callgrind_control, ~0.2 s each) nearly match: scaled by their lengths.
+            ops = window_ops
+            if ops is None:
+                ops = round(m.rate * (self.window[1] - self.window[0]))
+            m.extra["instructions"] = self.instructions
+            m.extra["instructions_window_ops"] = ops
+            m.extra["instructions_per_op"] = round(self.instructions / ops) if ops else None
         return m
 
 
@@ -252,6 +289,8 @@ def _pg_env(env: Env, target: str) -> dict[str, str]:
         "PGCONNECT_TIMEOUT": "10",
         "PGAPPNAME": f"bench-{target}",
     }
+    if "LD_LIBRARY_PATH" in os.environ:  # BENCH_OPENSSL
+        base["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
     if target in ("broker", "broker-plain"):
         # The broker ignores the client's user name: the identity is the certificate's.
         service = "pg" if target == "broker" else "pg-plain"
@@ -284,33 +323,49 @@ def run_pgbench(
 ) -> Measurement:
     workdir = env.run_dir(f"pgbench-{target}")
     args = [_sleep_script(env) if a == SLEEP_SCRIPT else a for a in args]
-    cmd = [env.tools["pgbench"], "-n", "-T", str(max(1, round(duration))), *args]
-    if log:
+    seconds = max(1, round(duration))
+    cmd = [env.tools["pgbench"], "-n", "-T", str(seconds), *args]
+    counting = probe.counts_instructions
+    if log or counting:
         cmd += ["-l", f"--log-prefix={workdir}/tx"]
-    probe.start()
+    probe.start(count=False)
     started = time.monotonic()
-    result = subprocess.run(
+    proc = subprocess.Popen(
         cmd,
         env=_pg_env(env, target),
         cwd=workdir,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        check=False,
-        timeout=duration + TOOL_GRACE_SECONDS,
-        preexec_fn=_pin(env.settings.other_cpus),
+        preexec_fn=_pin(env.settings.other_cpus),  # noqa: PLW1509
     )
+    try:
+        if counting:
+            _count_pgbench_window(
+                env,
+                probe,
+                proc,
+                target=target,
+                clients=clients,
+                reconnect=reconnect,
+                ends=started + seconds,
+            )
+        stdout, stderr = proc.communicate(timeout=duration + TOOL_GRACE_SECONDS)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     elapsed = time.monotonic() - started
     probe.stop()
-    (workdir / "pgbench.out").write_text(result.stdout + "\n--- stderr\n" + result.stderr)
-    tps = _TPS.search(result.stdout)
-    processed = _PROCESSED.search(result.stdout)
-    if result.returncode != 0 or not tps or not processed:
+    (workdir / "pgbench.out").write_text(stdout + "\n--- stderr\n" + stderr)
+    tps = _TPS.search(stdout)
+    processed = _PROCESSED.search(stdout)
+    if proc.returncode != 0 or not tps or not processed:
         raise servers.BenchError(
-            f"pgbench via {target} failed ({result.returncode}): "
-            f"{(result.stderr or result.stdout).strip()[-1500:]}"
+            f"pgbench via {target} failed ({proc.returncode}): {(stderr or stdout).strip()[-1500:]}"
         )
     ops = int(processed.group(1))
-    failed = _FAILED.search(result.stdout)
+    failed = _FAILED.search(stdout)
     m = Measurement(
         ops=ops,
         seconds=float(max(1, round(duration))),
@@ -318,7 +373,7 @@ def run_pgbench(
         connections=ops if reconnect else clients,
         errors=int(failed.group(1)) if failed else 0,
     )
-    conn_time = _CONN_TIME.search(result.stdout)
+    conn_time = _CONN_TIME.search(stdout)
     if conn_time:
         m.extra["avg_connection_ms"] = float(conn_time.group(1))
     m.extra["wall_seconds"] = round(elapsed, 3)
@@ -327,7 +382,60 @@ def run_pgbench(
         m.p50_us = percentile(hist, 0.50)
         m.p99_us = percentile(hist, 0.99)
         m.extra["logged_transactions"] = sum(hist.values())
-    return probe.fill(m)
+    window_ops = _pgbench_ended_within(workdir, probe.window) if counting else None
+    return probe.fill(m, window_ops)
+
+
+# A -c16 pgbench's connections through a broker under callgrind take seconds to open.
+CALLGRIND_SESSIONS_SECONDS = 120.0
+# The count's window closes this long before pgbench's -T ends: its disconnects stay out.
+CALLGRIND_TAIL_SECONDS = 1.0
+
+
+def _count_pgbench_window(
+    env: Env,
+    probe: Probe,
+    proc: subprocess.Popen[str],
+    *,
+    target: str,
+    clients: int,
+    reconnect: bool,
+    ends: float,
+) -> None:
+    """Count the broker's instructions over pgbench's steady state: from when all `clients`
+    sessions are open (at once for -C, where opening them is the work) to shortly before
+    its -T runs out. pgbench's -l log then says how many transactions ended inside."""
+    service = "pg" if target == "broker" else "pg-plain"
+    deadline = time.monotonic() + CALLGRIND_SESSIONS_SECONDS
+    while not reconnect:
+        if proc.poll() is not None:
+            return  # it failed: its own error is the one to report
+        active = env.broker.metric_sum("sidekey_sessions_active", service=service)
+        if active >= clients:
+            break
+        if time.monotonic() > deadline:
+            raise servers.BenchError(f"only {active:.0f} of {clients} sessions opened")
+        time.sleep(servers.POLL_SECONDS)
+    probe.count_start()
+    # pgbench's -T runs from when its connections are open: at least until `ends`.
+    time.sleep(max(1.0, ends - time.monotonic() - CALLGRIND_TAIL_SECONDS))
+    probe.count_stop()
+
+
+def _pgbench_ended_within(workdir: Path, window: tuple[float, float]) -> int:
+    """Transactions in pgbench's -l logs that ended inside `window` (epoch seconds): the
+    fifth and sixth columns are each one's end time, seconds and microseconds."""
+    ended = 0
+    for path in workdir.glob("tx.*"):
+        with path.open("rb") as f:
+            for line in f:
+                parts = line.split()
+                if (
+                    len(parts) >= 6
+                    and window[0] <= int(parts[4]) + int(parts[5]) / 1e6 <= window[1]
+                ):
+                    ended += 1
+    return ended
 
 
 def _pgbench_latencies(workdir: Path) -> Counter[int]:

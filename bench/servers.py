@@ -145,6 +145,16 @@ class Proc:
             return "(no log)"
 
 
+def mapped_libssl(pid: int) -> str | None:
+    """The libssl file a running process has mapped (None: none, or it is gone)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            path = line.split()[-1]
+            if "/libssl.so" in path:
+                return path
+    return None
+
+
 class Processes:
     """The processes this run started, stopped by PID (last started first)."""
 
@@ -851,15 +861,46 @@ def start_upstream(
 VAULT_TOKEN_ENV = "SIDEKEY_BENCH_VAULT_TOKEN"
 
 
+# Under BENCH_CALLGRIND the broker starts ~20x slower (imports run on valgrind's JIT).
+CALLGRIND_START_SECONDS = 600.0
+
+
 @dataclass
 class Broker:
     proc: Proc
     admin: str
     ports: dict[str, int]
     config: Path
+    # Where valgrind's callgrind writes its dumps, when the broker runs under it.
+    callgrind_dir: Path | None = None
 
     def cpu_split(self) -> tuple[float, float]:
         return cpu_split(self.proc.pid)
+
+    def _callgrind_control(self, *args: str) -> None:
+        subprocess.run(
+            ["callgrind_control", *args, str(self.proc.pid)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def callgrind_start(self) -> None:
+        """Count instructions from now: instrumentation on, counters zeroed."""
+        self._callgrind_control("--instr=on")
+        self._callgrind_control("--zero")
+
+    def callgrind_stop(self) -> int:
+        """Instructions the broker ran since `callgrind_start` (its newest dump's total)."""
+        assert self.callgrind_dir is not None
+        self._callgrind_control("--dump")
+        self._callgrind_control("--instr=off")
+        dumps = self.callgrind_dir.glob(f"callgrind.{self.proc.pid}.*")
+        newest = max(dumps, key=lambda p: int(p.name.rsplit(".", 1)[1]))
+        for line in newest.read_text().splitlines():
+            if line.startswith("summary:"):
+                return int(line.split()[1])
+        raise BenchError(f"no summary line in {newest}")
 
     def metrics(self) -> dict[str, float]:
         """The admin endpoint's Prometheus samples, keyed by name{labels}."""
@@ -959,21 +1000,39 @@ def start_broker(
     bao: OpenBao,
     cpus: frozenset[int] | None,
     extra_env: Mapping[str, str] | None = None,
+    callgrind: bool = False,
 ) -> Broker:
-    """`sidekey run --config FILE`, exactly as users run it; ready when /readyz says so."""
+    """`sidekey run --config FILE`, exactly as users run it; ready when /readyz says so.
+
+    With `callgrind`, the same command under valgrind's callgrind with instrumentation off:
+    `Broker.callgrind_start/stop` count the instructions of a window, which repeat from run
+    to run on a shared VM where CPU seconds move by half.
+    """
     env = dict(os.environ)
     env[VAULT_TOKEN_ENV] = bao.token
     env.update(extra_env or {})
+    cmd = [tools["sidekey"], "run", "--config", str(config)]
+    callgrind_dir = None
+    start_seconds = START_SECONDS
+    if callgrind:
+        callgrind_dir = config.parent / "callgrind"
+        callgrind_dir.mkdir()
+        cmd = [
+            "valgrind", "--tool=callgrind", "--instr-atstart=no",
+            f"--callgrind-out-file={callgrind_dir}/callgrind.%p",
+            str(VENV_BIN / "python"), *cmd,
+        ]  # fmt: skip
+        start_seconds = CALLGRIND_START_SECONDS
     proc = procs.start(
         "sidekey",
-        [tools["sidekey"], "run", "--config", str(config)],
+        cmd,
         log=config.parent / "sidekey.log",
         env=env,
         cwd=config.parent,
         cpus=cpus,
     )
-    broker = Broker(proc, f"127.0.0.1:{admin_port}", ports, config)
-    deadline = time.monotonic() + START_SECONDS
+    broker = Broker(proc, f"127.0.0.1:{admin_port}", ports, config, callgrind_dir)
+    deadline = time.monotonic() + start_seconds
     while True:
         proc.check("sidekey run")
         try:
@@ -983,5 +1042,5 @@ def start_broker(
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise BenchError(f"broker not ready after {START_SECONDS:.0f}s\n{proc.tail()}")
+            raise BenchError(f"broker not ready after {start_seconds:.0f}s\n{proc.tail()}")
         time.sleep(POLL_SECONDS)

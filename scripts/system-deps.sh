@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Install the Debian packages Sidekey's tests, demo or benchmarks need, if any is missing.
 #   base:  PostgreSQL server and clients (psql, pgbench), curl, python3-venv
-#   bench: base + pgbouncer, nginx-light, wrk
+#   bench: base + pgbouncer, nginx-light, wrk, valgrind (make bench-callgrind)
 set -euo pipefail
 
 want=(postgresql postgresql-client curl python3-venv)
 if [ "${1:-base}" = bench ]; then
-  want+=(pgbouncer nginx-light wrk)
+  want+=(pgbouncer nginx-light wrk valgrind)
 fi
 
 missing=()
