@@ -123,6 +123,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _serve(config: Config, drain_timeout: float) -> int:
+    from broker.metrics import platform_info  # noqa: PLC0415
     from broker.runtime import Broker  # noqa: PLC0415
 
     broker: Broker = Broker(config)
@@ -131,7 +132,11 @@ async def _serve(config: Config, drain_timeout: float) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await broker.start()
-    log.info("sidekey %s running with %d services", __version__, len(config.services))
+    info = platform_info()
+    log.info(
+        "sidekey %s running with %d services (Python %s, %s, %s)",
+        __version__, len(config.services), info["python"], info["openssl"], info["event_loop"],
+    )  # fmt: skip
     await stop.wait()
     log.info("signal received: draining for up to %.1fs", drain_timeout)
     await broker.stop(drain_timeout)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import platform
+import ssl
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker import __version__
 from broker.metrics import Metrics
 
 
@@ -63,3 +67,17 @@ def test_labels_by_name_and_by_position_are_the_same_child() -> None:
 def test_wrong_labels_are_refused(args: tuple[str, ...], kwargs: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="labels are service, outcome"):
         Metrics().sessions.labels(*args, **kwargs)
+
+
+def test_build_info_names_the_openssl_python_and_loop_in_use() -> None:
+    # The text format has no info type: a gauge named *_info, always 1, as prometheus_client
+    # writes it.
+    (kind, samples) = scrape(Metrics())["sidekey_build_info"]
+    assert kind == "gauge"
+    [(labels, value)] = samples.items()
+    info = dict(labels)
+    assert value == 1.0
+    assert info["openssl"] == ssl.OPENSSL_VERSION
+    assert info["python"] == platform.python_version()
+    assert info["version"] == __version__
+    assert info["event_loop"].startswith(("uvloop ", "asyncio"))

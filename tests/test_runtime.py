@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -114,6 +115,7 @@ async def test_admin_health_ready_metrics_inventory(
                 inventory = await resp.text()
         assert 'sidekey_requests_total{decision="allow",service="orders-api"} 1.0' in metrics
         assert "sidekey_credential_fetches_total" in metrics
+        assert f'openssl="{ssl.OPENSSL_VERSION}"' in metrics  # sidekey_build_info
         listed = json.loads(inventory)["services"][0]
         assert listed["name"] == "orders-api"
         assert listed["allow"] == [ORDERS]
