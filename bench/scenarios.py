@@ -8,8 +8,9 @@ and its goal. Add a row by writing a variant function (or reusing `pgbench_varia
 Each variant run gets a `Probe` and calls `start()`/`stop()` around its measurement window;
 the probe records the CPU time (utime + stime from /proc/<pid>/stat) of the proxy under test
 and, for the broker, OpenBao's audit-log request count and the broker's own
-``sidekey_credential_fetches`` counter. Under BENCH_CALLGRIND it also switches callgrind's
-instrumentation on at `start()` and reads the instructions at `stop()`.
+``sidekey_credential_fetches`` counter. Under BENCH_CALLGRIND it also counts the broker's
+instructions: from `start()` to `stop()`, or, for pgbench, from when all its sessions are
+open to shortly before its run ends (`_count_pgbench_window`).
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class Probe:
             m.extra["cpu_steal_percent"] = round(self.steal * 100, 1)
         if self.instructions is not None:
             # Otherwise the tool's own window and the count's (opened and closed through
-            # callgrind_control, ~0.2 s each) nearly match: scaled by their lengths.
+            # callgrind_control, a process start each) nearly match: scaled by their lengths.
             ops = window_ops
             if ops is None:
                 ops = round(m.rate * (self.window[1] - self.window[0]))
