@@ -42,7 +42,7 @@ test: lint pytest
 bench: $(STAMP) bench-deps
 	$(BIN)/python bench/run.py
 
-# The same bench with every process on OpenSSL 3.5 (built once into .cache/, ~8 min).
+# The same bench with every process on OpenSSL 3.5 (built once into .cache/, ~3 min).
 bench-openssl: $(STAMP) bench-deps
 	scripts/build-openssl.sh
 	BENCH_OPENSSL=.cache/openssl-3.5.7 $(BIN)/python bench/run.py
