@@ -5,9 +5,16 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+from pathlib import Path
 
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from broker import tls
+from broker.ca import init_ca, issue_certificate, load_ca, write_issued
 from broker.tls import server_context
-from tests.pki import Pki, client_ssl_context
+from tests.pki import SERVER_DNS, SERVER_ID, Pki, client_ssl_context
 
 
 def test_serving_context_requires_a_client_certificate_and_mints_no_tickets(pki: Pki) -> None:
@@ -16,10 +23,8 @@ def test_serving_context_requires_a_client_certificate_and_mints_no_tickets(pki:
     assert ctx.num_tickets == 0
 
 
-def test_no_session_to_resume_after_a_full_handshake(pki: Pki) -> None:
-    """Every connection proves its client certificate again: nothing to resume from."""
-    server_ctx = server_context(pki.server.cert, pki.server.key, pki.bundle)
-    client_ctx = client_ssl_context(pki, pki.client())
+def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> ssl.SSLSession | None:
+    """One mutual-TLS handshake over loopback and a byte each way; the client's session."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
 
@@ -39,7 +44,76 @@ def test_no_session_to_resume_after_a_full_handshake(pki: Pki) -> None:
             tls.sendall(b"x")  # the server's tickets, if any, arrive before its close
             tls.settimeout(5)
             tls.recv(1)
-            assert tls.session is None or not tls.session.has_ticket
+            return tls.session
     finally:
         thread.join(5)
         listener.close()
+
+
+def test_no_session_to_resume_after_a_full_handshake(pki: Pki) -> None:
+    """Every connection proves its client certificate again: nothing to resume from."""
+    server_ctx = server_context(pki.server.cert, pki.server.key, pki.bundle)
+    session = handshake(server_ctx, client_ssl_context(pki, pki.client()))
+    assert session is None or not session.has_ticket
+
+
+def pem_certs(data: bytes | None) -> list[x509.Certificate]:
+    assert data is not None
+    return x509.load_pem_x509_certificates(data)
+
+
+def test_a_leaf_alone_is_served_with_its_issuer_from_the_bundle(pki: Pki) -> None:
+    """What OpenSSL would look up per handshake is found once: the leaf, then the root."""
+    chain = pem_certs(tls._with_issuers(pki.server.cert, pki.bundle))
+    assert chain == [x509.load_pem_x509_certificate(pki.server.cert.read_bytes()), pki.ca_cert]
+
+
+def test_intermediates_are_followed_up_to_the_root(pki: Pki, tmp_path: Path) -> None:
+    intermediate, intermediate_key = issue_certificate(
+        pki.ca_cert, pki.ca_key, uri_sans=[f"spiffe://{pki.trust_domain}/intermediate"],
+        is_ca=True, key_cert_sign=True,
+    )  # fmt: skip
+    leaf, key = issue_certificate(
+        intermediate, intermediate_key, uri_sans=[SERVER_ID], dns=list(SERVER_DNS)
+    )
+    bundle = pki.bundle.read_bytes() + intermediate.public_bytes(Encoding.PEM)
+    files = write_issued(leaf, key, tmp_path / "server", bundle)
+    chain = pem_certs(tls._with_issuers(files.cert, files.bundle))
+    # (The development root's pathLenConstraint is 0, so no verifier accepts this chain; the
+    # lookup, like OpenSSL's own, only follows issuers.)
+    assert chain == [leaf, intermediate, pki.ca_cert]
+
+
+def test_nothing_is_added_to_a_file_that_has_a_chain_or_an_issuer_outside_the_bundle(
+    pki: Pki, tmp_path: Path
+) -> None:
+    with_chain = tmp_path / "with-chain.pem"
+    with_chain.write_bytes(pki.server.cert.read_bytes() + pki.bundle.read_bytes())
+    assert tls._with_issuers(with_chain, pki.bundle) is None
+    other = init_ca(tmp_path / "other-ca", pki.trust_domain)
+    assert tls._with_issuers(pki.server.cert, other) is None
+
+
+def test_a_bundle_certificate_with_the_issuers_name_but_not_its_key_is_not_the_issuer(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Another CA of the same trust domain has the same subject: only the signature tells."""
+    impostor = init_ca(tmp_path / "other-ca", pki.trust_domain)
+    assert load_ca(tmp_path / "other-ca")[0].subject == pki.ca_cert.subject
+    both = tmp_path / "both.pem"
+    both.write_bytes(impostor.read_bytes() + pki.bundle.read_bytes())
+    chain = pem_certs(tls._with_issuers(pki.server.cert, both))
+    assert chain[1:] == [pki.ca_cert]
+
+
+def test_without_a_writable_temp_dir_the_files_load_as_they_are(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only root file system costs the optimisation, never the listener."""
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tls.tempfile, "TemporaryDirectory", read_only)
+    server_ctx = server_context(pki.server.cert, pki.server.key, pki.bundle)
+    handshake(server_ctx, client_ssl_context(pki, pki.client()))
