@@ -21,9 +21,8 @@ FETCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 def platform_info() -> dict[str, str]:
     """What this broker runs on, for `sidekey_build_info` and the start-up log line.
 
-    The OpenSSL version matters to operators twice: for its advisories, and for cost. Debian
-    12's 3.0 spends ~30 % more CPU per mTLS handshake and ~25 % more per small TLS record
-    than 3.5 (`make bench-openssl`)."""
+    The OpenSSL version matters to operators twice: for its advisories, and for cost: Debian
+    12's 3.0 spends ~30 % more CPU per mutual-TLS handshake than 3.5 (`make bench-openssl`)."""
     try:
         loop = f"uvloop {version('uvloop')}"  # what cli.run uses when it is installed
     except PackageNotFoundError:
