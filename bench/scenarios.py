@@ -294,8 +294,8 @@ def _pg_env(env: Env, target: str) -> dict[str, str]:
         base["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
     if target in ("broker", "broker-plain"):
         # The broker ignores the client's user name: the identity is the certificate's.
-        service = "pg" if target == "broker" else "pg-plain"
-        return {**base, "PGPORT": str(env.broker.ports[service]), "PGUSER": "bench"}
+        port = env.broker.ports[_broker_service(target)]
+        return {**base, "PGPORT": str(port), "PGUSER": "bench"}
     port = env.pg.port if target == "direct" else env.pgbouncer.port
     return {
         **base,
@@ -393,6 +393,11 @@ CALLGRIND_SESSIONS_SECONDS = 120.0
 CALLGRIND_TAIL_SECONDS = 1.0
 
 
+def _broker_service(target: str) -> str:
+    """The broker's PostgreSQL service a pgbench target goes through."""
+    return "pg" if target == "broker" else "pg-plain"
+
+
 def _count_pgbench_window(
     env: Env,
     probe: Probe,
@@ -406,21 +411,26 @@ def _count_pgbench_window(
     """Count the broker's instructions over pgbench's steady state: from when all `clients`
     sessions are open (at once for -C, where opening them is the work) to shortly before
     its -T runs out. pgbench's -l log then says how many transactions ended inside."""
-    service = "pg" if target == "broker" else "pg-plain"
-    deadline = time.monotonic() + CALLGRIND_SESSIONS_SECONDS
-    while not reconnect:
-        if proc.poll() is not None:
-            return  # it failed: its own error is the one to report
-        active = env.broker.metric_sum("sidekey_sessions_active", service=service)
-        if active >= clients:
-            break
-        if time.monotonic() > deadline:
-            raise servers.BenchError(f"only {active:.0f} of {clients} sessions opened")
-        time.sleep(servers.POLL_SECONDS)
+    if not reconnect and not _sessions_open(env, proc, _broker_service(target), clients):
+        return  # pgbench failed: its own error is the one to report
     probe.count_start()
     # pgbench's -T runs from when its connections are open: at least until `ends`.
     time.sleep(max(1.0, ends - time.monotonic() - CALLGRIND_TAIL_SECONDS))
     probe.count_stop()
+
+
+def _sessions_open(env: Env, proc: subprocess.Popen[str], service: str, clients: int) -> bool:
+    """Poll the broker until `clients` sessions of `service` are open; False if pgbench
+    exited first."""
+    deadline = time.monotonic() + CALLGRIND_SESSIONS_SECONDS
+    while proc.poll() is None:
+        active = env.broker.metric_sum("sidekey_sessions_active", service=service)
+        if active >= clients:
+            return True
+        if time.monotonic() > deadline:
+            raise servers.BenchError(f"only {active:.0f} of {clients} sessions opened")
+        time.sleep(servers.POLL_SECONDS)
+    return False
 
 
 def _pgbench_ended_within(workdir: Path, window: tuple[float, float]) -> int:
