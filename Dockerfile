@@ -1,6 +1,6 @@
 # Sidekey broker image: slim Python, non-root, `sidekey run` as the entrypoint.
 # Debian 13 (trixie) for its OpenSSL 3.5: inbound mTLS handshakes cost ~25 % less CPU than on
-# Debian 12's 3.0 (make bench-openssl: 877 -> 1,165 handshakes per broker core-second).
+# Debian 12's 3.0 (make bench-openssl: 847 -> 1,156 handshakes per broker core-second).
 FROM python:3.11-slim-trixie
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
