@@ -176,12 +176,8 @@ class Conduit(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.peer, self.credentials = describe_peer(self.transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Handshakes are small request/response exchanges: Nagle would add up to 40 ms
-            # (delayed ACK) per round trip. asyncio sets this already; uvloop may not.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No TCP_NODELAY here: asyncio and uvloop both set it on every TCP socket they accept
+        # or connect, which test_tcp_nodelay_on_accepted_and_connected_sockets checks.
         if self._on_made is not None:
             self._on_made(self)
 

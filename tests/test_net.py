@@ -535,7 +535,8 @@ def test_tcp_nodelay_on_accepted_and_connected_sockets_also_after_start_tls(
     run: Run, ca: trustme.CA
 ) -> None:
     """Handshakes and relayed queries are small writes: Nagle must be off on both legs,
-    under either loop, and stay off after the in-place TLS upgrade."""
+    under either loop, and stay off after the in-place TLS upgrade. The loops set it; the
+    broker relies on that and sets nothing itself, so this fails if a loop stops."""
 
     def nodelay(conduit: net.Conduit) -> int:
         assert conduit.transport is not None
