@@ -7,6 +7,7 @@ pipelining, limits and timeouts can be checked byte by byte.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -520,5 +521,33 @@ def test_a_small_response_leaves_in_one_write(
                 assert status == b"HTTP/1.1 200 OK" and body == expected
                 assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\n" + expected)
             writer.close()
+
+    run(main())
+
+
+def test_tls_connections_have_nagle_off(run: Run, ca: trustme.CA) -> None:
+    """A response is one small write: with Nagle on, a client's next request could wait for a
+    delayed ACK. The loops turn it off on every accepted socket and the server relies on that
+    (it skips aiohttp's own setsockopt), so this fails if a loop stops doing it."""
+    seen: list[int] = []
+
+    def info(transport: asyncio.BaseTransport, over: bool) -> Info:
+        sock = transport.get_extra_info("socket")
+        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        return Info("peer", over)
+
+    async def main() -> None:
+        server = HttpServer(echo, info, max_connections=4, idle_timeout=30.0)
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_server(server, "127.0.0.1", 0, ssl=server_context(ca))
+        reader, writer = await connect(listener.sockets[0].getsockname()[1], client_context(ca))
+        writer.write(get("/"))
+        status, _, _ = await read_response(reader)
+        assert status == b"HTTP/1.1 200 OK"
+        assert seen == [1]
+        writer.close()
+        listener.close()
+        await server.shutdown(1.0)
+        await listener.wait_closed()
 
     run(main())
