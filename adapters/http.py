@@ -35,7 +35,7 @@ from http import HTTPStatus
 from multidict import MultiMapping
 from yarl import URL
 
-from adapters.http_server import Clock, HttpServer, InvalidResponseHead, Request
+from adapters.http_server import HttpServer, InvalidResponseHead, Request, clock
 from adapters.http_upstream import (
     InvalidRequestHead,
     RequestBodyError,
@@ -672,6 +672,10 @@ def _response_headers(
             )  # fmt: skip
             continue
         out.append((name, value))
+    if "Date" not in incoming:
+        # RFC 9110 6.6.1: a recipient with a clock that forwards a response without Date
+        # must add one. Formatted once per second (`Clock`).
+        out.append(("Date", clock.date()))
     return out
 
 
@@ -679,7 +683,7 @@ async def _error(
     request: Request[_Connection], status: int, message: str, *, close: bool = False
 ) -> None:
     """The broker's own answer: a short text body saying what happened and what to fix."""
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Date", _clock.date())]
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Date", clock.date())]
     try:
         await request.respond(
             status, HTTPStatus(status).phrase, headers, f"sidekey: {message}\n".encode(),
@@ -687,9 +691,6 @@ async def _error(
         )  # fmt: skip
     except ConnectionError:
         request.abort()  # the client is gone; the audit line says what it would have got
-
-
-_clock = Clock()
 
 
 def _audit_path(request: Request[_Connection]) -> str:

@@ -475,7 +475,7 @@ class ClientConnection(BaseProtocol, Generic[T]):
         body = f"sidekey: {message}\n".encode()
         head = (
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            f"Date: {clock.date()}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
         if self.task is None or not self._busy:
             transport.write(head + body)
@@ -536,3 +536,7 @@ class Clock:
             self._second = second
             self._value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
         return self._value
+
+
+# The one clock every response the broker writes or forwards takes its Date from.
+clock = Clock()

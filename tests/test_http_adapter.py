@@ -8,6 +8,7 @@ current token from OpenBao; "the upstream got nothing" therefore means no reques
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import json
 import logging
@@ -675,6 +676,42 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(env: Env) -> None:
         assert name not in reply.headers, name
     assert "x-upstream-hop" not in reply.headers.get("Connection", "").lower()
     assert reply.body == b"hop"
+
+
+async def test_a_response_without_date_gets_one_and_a_dated_one_keeps_its_own(
+    env: Env,
+) -> None:
+    """RFC 9110 6.6.1: a recipient with a clock that forwards a response without Date must
+    add one. aiohttp's server always sends Date, so this upstream speaks raw HTTP/1.1."""
+    dates = {"/undated": "", "/dated": "Date: Mon, 01 Jan 2024 00:00:00 GMT\r\n"}
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                date = dates[head.split(b" ", 2)[1].decode()]
+                writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{date}\r\nok".encode())
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the broker closed its upstream connection
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with env.proxy(http_service(url, env.kv.path)) as p:
+            undated = await call(env.client(), f"{p.url}/undated")
+            dated = await call(env.client(), f"{p.url}/dated")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert undated.status == 200 and undated.headers is not None, undated
+    [date] = undated.headers.getall("Date")
+    assert abs(email.utils.parsedate_to_datetime(date).timestamp() - time.time()) < 60, date
+    assert dated.status == 200 and dated.headers is not None, dated
+    assert dated.headers.getall("Date") == ["Mon, 01 Jan 2024 00:00:00 GMT"]
+    assert undated.body == dated.body == b"ok"
 
 
 async def test_https_upstream_with_custom_ca(env: Env) -> None:

@@ -7,6 +7,7 @@ pipelining, limits and timeouts can be checked byte by byte.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -266,6 +267,7 @@ def test_malformed_requests_get_400_and_a_close(
             raw = await asyncio.wait_for(reader.read(), DEADLINE)
             assert raw.startswith(b"HTTP/1.1 " + status)
             assert b"Connection: close" in raw and b"sidekey: malformed request" in raw
+            assert re.search(rb"\r\nDate: \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT\r\n", raw)
             writer.close()
             assert s.seen == []
             # The server keeps serving other connections.
