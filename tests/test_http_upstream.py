@@ -156,6 +156,13 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
+async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> None:
+    """Wait for the next request head, then send `raw` as the response."""
+    await read_head(reader)
+    writer.write(raw)
+    await writer.drain()
+
+
 def make_pool(port: int, *, limit: int = 10, timeout: float = 10.0) -> UpstreamPool:
     return UpstreamPool(
         host="127.0.0.1",
@@ -217,9 +224,7 @@ async def test_pool_never_opens_more_than_its_limit() -> None:
 
 async def test_connection_closed_by_upstream_while_idle_is_discarded() -> None:
     async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+        await answer(reader, writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         # Keep-alive promised, then closed while idle (an upstream keep-alive timeout).
 
     async with raw_upstream(once) as up:
@@ -241,9 +246,7 @@ async def test_reused_connection_closed_on_request_is_retried_only_without_body(
     with_body: bool,
 ) -> None:
     async def race(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+        await answer(reader, writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         # The next request arrives as the upstream gives up on the connection: it closes
         # without a response byte, the race a keep-alive client cannot avoid.
         await read_head(reader)
@@ -304,12 +307,8 @@ async def test_a_body_that_came_with_its_head_is_read_at_once_and_the_rest_strea
     async def two_responses(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
     ) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall")
-        await writer.drain()
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
-        await writer.drain()
+        await answer(reader, writer, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall")
+        await answer(reader, writer, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
         await go_on.wait()
         writer.write(b"-rest")
         await writer.drain()
@@ -369,9 +368,7 @@ async def test_oversized_response_head_is_a_protocol_error() -> None:
     head = b"".join(b"X-Big-%d: %s\r\n" % (i, field_value) for i in range(20))
 
     async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: 0\r\n\r\n")
-        await writer.drain()
+        await answer(reader, writer, b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: 0\r\n\r\n")
         await reader.read()
 
     async with raw_upstream(big) as up:
@@ -413,9 +410,7 @@ async def test_a_reused_connection_that_goes_silent_times_out() -> None:
     async def once_then_silent(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
     ) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+        await answer(reader, writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await read_head(reader)
         await asyncio.sleep(DEADLINE_SECONDS)
 
@@ -436,9 +431,7 @@ async def test_a_reused_connection_that_goes_silent_times_out() -> None:
 
 async def test_response_cut_mid_body_is_a_protocol_error() -> None:
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
-        await writer.drain()
+        await answer(reader, writer, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
         writer.transport.abort()
 
     async with raw_upstream(cut) as up:
