@@ -20,7 +20,7 @@ from broker.credentials.cache import CachedSource
 from broker.credentials.leases import LeaseManager
 from broker.credentials.vault import VaultClient
 from broker.identity import WorkloadIdentity
-from broker.metrics import Metrics
+from broker.observe.metrics import Metrics
 
 IDENTITY = WorkloadIdentity(spiffe_id="spiffe://bench.test/ns/bench/sa/pgbench", method="x509-svid")
 

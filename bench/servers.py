@@ -1,8 +1,8 @@
 """Every server the benchmark runs, started on loopback under one temp dir and stopped by PID.
 
-Standalone (no pytest): a development CA and SVIDs from `broker.ca`, OpenBao dev with a file
-audit device, a *durable* PostgreSQL 15 cluster (fsync and synchronous_commit on, TLS with
-client certificates requested), PgBouncer in session mode, two nginx instances (trivial
+Standalone (no pytest): a development CA and SVIDs from `broker.identity.ca`, OpenBao dev
+with a file audit device, a *durable* PostgreSQL 15 cluster (fsync and synchronous_commit
+on, TLS with client certificates requested), PgBouncer in session mode, two nginx instances (trivial
 upstream; reverse proxy injecting the header), the aiohttp upstreams of `bench.upstream`, and
 the broker itself as users run it: ``sidekey run --config FILE``.
 
@@ -33,7 +33,7 @@ from typing import Any
 
 import hvac
 
-from broker.ca import IssuedFiles, init_ca, issue
+from broker.identity.ca import IssuedFiles, init_ca, issue
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -279,7 +279,7 @@ def _stat_ticks(pid: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Pki:
-    """The bench CA's trust bundle and every SVID the bench uses (all P-256, from broker.ca)."""
+    """The bench CA's trust bundle and every SVID the bench uses (P-256, broker.identity.ca)."""
 
     bundle: Path  # readable by the postgres account (the CA directory itself is 0700)
     broker: IssuedFiles

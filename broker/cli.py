@@ -123,7 +123,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _serve(config: Config, drain_timeout: float) -> int:
-    from broker.metrics import platform_info  # noqa: PLC0415
+    from broker.observe.metrics import platform_info  # noqa: PLC0415
     from broker.runtime import Broker  # noqa: PLC0415
 
     broker: Broker = Broker(config)
@@ -144,7 +144,7 @@ async def _serve(config: Config, drain_timeout: float) -> int:
 
 
 def ca_command(args: argparse.Namespace) -> int:
-    from broker import ca  # noqa: PLC0415 - only the CA commands need it
+    from broker.identity import ca  # noqa: PLC0415 - only the CA commands need it
 
     if args.ca_command == "init":
         bundle = ca.init_ca(args.dir, args.trust_domain)

@@ -12,16 +12,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from broker.adapter import Adapter, ServiceContext, load_adapter
-from broker.admin import AdminServer
-from broker.audit import AuditLog
 from broker.config import DEFAULT_DRAIN_SECONDS, Config
 from broker.credentials import CredentialSource
 from broker.credentials.factory import make_source
 from broker.credentials.vault import VaultClient
 from broker.errors import SidekeyError
-from broker.metrics import Metrics
-from broker.tls import server_context
+from broker.identity.tls import server_context
+from broker.observe.admin import AdminServer
+from broker.observe.audit import AuditLog
+from broker.observe.metrics import Metrics
+from broker.session.adapter import Adapter, ServiceContext, load_adapter
 
 log = logging.getLogger("sidekey")
 

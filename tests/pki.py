@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from broker.ca import IssuedFiles, init_ca, issue, issue_certificate, load_ca, write_issued
+from broker.identity.ca import IssuedFiles, init_ca, issue, issue_certificate, load_ca, write_issued
 
 TRUST_DOMAIN = "example.org"
 SERVER_ID = f"spiffe://{TRUST_DOMAIN}/sidekey"

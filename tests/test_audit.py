@@ -1,4 +1,4 @@
-"""broker.audit: one JSON line per event, on a real file and on standard output."""
+"""broker.observe.audit: one JSON line per event, on a real file and on standard output."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.audit import AuditLog
+from broker.observe.audit import AuditLog
 
 
 def lines(path: Path) -> list[dict[str, object]]:

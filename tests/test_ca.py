@@ -19,7 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from broker.ca import (
+from broker.errors import ConfigError
+from broker.identity import IdentityError, identity_from_certificate, identity_from_der
+from broker.identity.ca import (
     DEFAULT_LEAF_DAYS,
     IssuedFiles,
     init_ca,
@@ -27,8 +29,6 @@ from broker.ca import (
     issue_certificate,
     load_ca,
 )
-from broker.errors import ConfigError
-from broker.identity import IdentityError, identity_from_certificate, identity_from_der
 from tests.pki import (
     DEFAULT_CLIENT_ID,
     SERVER_ID,

@@ -14,7 +14,7 @@ from broker.credentials.providers import EnvFetcher, VaultKvFetcher
 from broker.credentials.vault import VaultClient
 from broker.errors import CredentialUnavailable
 from broker.identity import WorkloadIdentity, local_identity
-from broker.metrics import Metrics
+from broker.observe.metrics import Metrics
 from tests.servers import OpenBao
 
 ME = local_identity("spiffe://example.org/ns/test/sa/app")

@@ -14,7 +14,7 @@ from broker.credentials.leases import LeaseManager
 from broker.credentials.vault import VaultClient
 from broker.errors import ConfigError
 from broker.identity import local_identity
-from broker.metrics import Metrics
+from broker.observe.metrics import Metrics
 from tests.servers import OpenBao, VaultDatabase
 
 ME = local_identity("spiffe://example.org/ns/test/sa/app")

@@ -30,9 +30,9 @@ import trustme
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from adapters.http import _redact
-from broker.adapter import ServiceContext
+from adapters.http.adapter import _redact
 from broker.runtime import Broker
+from broker.session.adapter import ServiceContext
 from tests.brokers import base_config, running_broker
 from tests.pki import DEFAULT_CLIENT_ID, Pki, client_ssl_context
 from tests.servers import OpenBao, free_port

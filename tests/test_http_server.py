@@ -1,4 +1,4 @@
-"""adapters.http_server over real loopback sockets, under the default event loop and uvloop.
+"""adapters.http.server over real loopback sockets, under the default event loop and uvloop.
 
 The adapter's own tests drive it with curl and aiohttp; these speak raw HTTP/1.1 so framing,
 pipelining, limits and timeouts can be checked byte by byte.
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 import trustme
 
-from adapters.http_server import (
+from adapters.http.server import (
     MAX_PIPELINED_REQUESTS,
     MAX_REQUEST_HEAD_BYTES,
     ClientConnection,

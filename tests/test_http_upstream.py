@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from adapters import http_upstream
-from adapters.http_upstream import (
+from adapters.http import upstream as http_upstream
+from adapters.http.upstream import (
     InvalidRequestHead,
     UpstreamConnectError,
     UpstreamPool,

@@ -1,4 +1,4 @@
-"""broker.metrics: the hot-path families render as Prometheus counters and gauges."""
+"""broker.observe.metrics: the hot-path families render as Prometheus counters and gauges."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import __version__
-from broker.metrics import Metrics
+from broker.observe.metrics import Metrics
 
 
 def scrape(metrics: Metrics) -> dict[str, tuple[str, dict[tuple[tuple[str, str], ...], float]]]:

@@ -1,4 +1,4 @@
-"""broker.net over real loopback and unix sockets, under the default event loop and uvloop."""
+"""broker.session.net over real loopback and unix sockets, under asyncio and uvloop."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from broker import net
 from broker.config import ListenAddress
 from broker.errors import ClientError, UpstreamError, UpstreamTimeout
+from broker.session import net
 from tests.loops import Run, client_context, eventually, server_context
 
 LOCAL = ListenAddress("127.0.0.1", 0)
@@ -483,7 +483,7 @@ def test_handler_errors_are_logged_and_serving_continues(
         writer.close()
         await listener.close(drain_timeout=5)
 
-    with caplog.at_level(logging.ERROR, logger="broker.net"):
+    with caplog.at_level(logging.ERROR, logger="broker.session.net"):
         run(main())
     assert any("handler failed" in r.message and r.exc_info for r in caplog.records)
 

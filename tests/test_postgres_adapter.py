@@ -22,11 +22,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from broker.ca import IssuedFiles
 from broker.codecs.postgres import (
     BackendParser,
     ErrorResponse,
 )
+from broker.identity.ca import IssuedFiles
 from broker.runtime import Broker
 from tests.brokers import base_config, running_broker
 from tests.pki import DEFAULT_CLIENT_ID, Pki, client_ssl_context

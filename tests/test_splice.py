@@ -1,4 +1,4 @@
-"""broker.splice over real loopback sockets, under the default event loop and uvloop."""
+"""broker.session.splice over real loopback sockets, under the default event loop and uvloop."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import pytest
 import trustme
 
-from broker import net, splice
 from broker.config import ListenAddress
+from broker.session import net, splice
 from tests.faults import EchoServer, FaultyRelay
 from tests.loops import Run, client_context, eventually, server_context
 

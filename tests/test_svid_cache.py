@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker.identity import IdentityError, identity_from_der
-from broker.svid_cache import SvidCache
+from broker.identity.svid_cache import SvidCache
 from tests.pki import DEFAULT_CLIENT_ID, TRUST_DOMAIN, Pki
 
 

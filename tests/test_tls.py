@@ -11,9 +11,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from broker import tls
-from broker.ca import init_ca, issue_certificate, load_ca, write_issued
-from broker.tls import server_context
+from broker.identity import tls
+from broker.identity.ca import init_ca, issue_certificate, load_ca, write_issued
+from broker.identity.tls import server_context
 from tests.pki import SERVER_DNS, SERVER_ID, Pki, client_ssl_context
 
 

@@ -14,7 +14,7 @@ One connection, in order:
 4. Upstream: connect, TLS per ``upstream.tls.mode``, StartupMessage with the credential's
    user, SCRAM-SHA-256 / MD5 / cleartext (TLS only) authentication.
 5. The client gets AuthenticationOk, the server's ParameterStatus messages, a BackendKeyData
-   minted by the broker, and ReadyForQuery; then `broker.splice.splice` relays bytes.
+   minted by the broker, and ReadyForQuery; then `broker.session.splice.splice` relays bytes.
 
 Every error before the splice reaches the client as an ErrorResponse with a SQLSTATE; the
 credential is only ever written to the upstream connection.
@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.adapter import Adapter, ServiceContext
 from broker.codecs.postgres import (
     AuthenticationOk,
     BackendKeyData,
@@ -45,9 +44,10 @@ from broker.config import Section
 from broker.credentials import Credential
 from broker.errors import ClientError, ConfigError, CredentialUnavailable, UpstreamError
 from broker.identity import IdentityError, WorkloadIdentity
-from broker.net import Conduit, Listener, serve
 from broker.policy import Decision
-from broker.splice import SpliceStats, splice
+from broker.session.adapter import Adapter, ServiceContext
+from broker.session.net import Conduit, Listener, serve
+from broker.session.splice import SpliceStats, splice
 
 from ._cancel import CancelKeys, CancelTarget
 from ._config import UpstreamConfig, parse_upstream

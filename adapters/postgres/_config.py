@@ -17,7 +17,7 @@ from pathlib import Path
 
 from broker.config import Section
 from broker.errors import ConfigError
-from broker.tls import client_context
+from broker.identity.tls import client_context
 
 TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
 # Secure unless told otherwise: libpq's own default (prefer) would let an active attacker

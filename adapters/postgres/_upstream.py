@@ -37,7 +37,7 @@ from broker.codecs.postgres import (
     md5_password,
 )
 from broker.errors import UpstreamError, UpstreamTimeout
-from broker.net import Conduit, connect
+from broker.session.net import Conduit, connect
 
 from ._config import UpstreamConfig
 from ._scram import MECHANISM, ScramClient, ScramError, ScramKeyCache

@@ -24,7 +24,7 @@ from broker.credentials import Credential, CredentialSource
 from broker.credentials.providers import Fetcher
 from broker.errors import CredentialUnavailable
 from broker.identity import WorkloadIdentity
-from broker.metrics import Metrics
+from broker.observe.metrics import Metrics
 
 log = logging.getLogger("sidekey.credentials")
 

@@ -9,7 +9,7 @@ from broker.credentials.leases import LeaseManager
 from broker.credentials.providers import make_fetcher
 from broker.credentials.vault import VaultClient
 from broker.errors import ConfigError
-from broker.metrics import Metrics
+from broker.observe.metrics import Metrics
 
 
 def make_source(

@@ -38,7 +38,7 @@ from broker.credentials import Credential, CredentialRef, CredentialSource
 from broker.credentials.vault import VaultClient
 from broker.errors import CredentialUnavailable
 from broker.identity import WorkloadIdentity
-from broker.metrics import Metrics
+from broker.observe.metrics import Metrics
 
 log = logging.getLogger("sidekey.leases")
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
-from broker.audit import AuditLog
 from broker.config import Config, ServiceConfig
 from broker.credentials import CredentialSource
 from broker.errors import ConfigError
 from broker.identity import IdentityError, WorkloadIdentity, local_identity
-from broker.metrics import Metrics
+from broker.identity.svid_cache import SvidCache
+from broker.observe.audit import AuditLog
+from broker.observe.metrics import Metrics
 from broker.policy import Decision, evaluate
-from broker.svid_cache import SvidCache
 
 ENTRY_POINT_GROUP = "sidekey.adapters"
 

@@ -4,7 +4,7 @@ A `Conduit` is one connection while an adapter drives its protocol handshake wit
 codec: `receive()` what arrived, feed the codec, `unread()` what it did not consume, `write()`
 what it produced, `start_tls()` in place when the protocol upgrades mid-stream (PostgreSQL
 ``SSLRequest``, MySQL ``CLIENT_SSL``). Afterwards the adapter hands both conduits to
-`broker.splice.splice`, which takes over the transports.
+`broker.session.splice.splice`, which takes over the transports.
 
 Blame is decided here, once: every conduit knows whether its peer is the client or the
 upstream, so a timeout or a failed TLS handshake raises `ClientError` for a client peer and
@@ -373,7 +373,7 @@ class Conduit(asyncio.Protocol):
         self._wake_receiver()
         self._wake_drainer()
 
-    # -- for broker.splice --------------------------------------------------------------------
+    # -- for broker.session.splice ---------------------------------------------------------
 
     def _detach(self) -> tuple[bytes, bool, bool, bool]:
         """Hand the connection over: (buffered bytes, eof seen, lost, writing paused)."""

@@ -35,8 +35,8 @@ from http import HTTPStatus
 from multidict import MultiMapping
 from yarl import URL
 
-from adapters.http_server import HttpServer, InvalidResponseHead, Request, clock
-from adapters.http_upstream import (
+from adapters.http.server import HttpServer, InvalidResponseHead, Request, clock
+from adapters.http.upstream import (
     InvalidRequestHead,
     RequestBodyError,
     UpstreamConnectError,
@@ -44,14 +44,14 @@ from adapters.http_upstream import (
     UpstreamResponse,
     UpstreamTLSError,
 )
-from broker.adapter import Adapter, ServiceContext
 from broker.config import Section
 from broker.credentials import Credential
 from broker.errors import ConfigError, CredentialUnavailable, UpstreamError, UpstreamTimeout
 from broker.identity import IdentityError, WorkloadIdentity
-from broker.net import describe_peer
+from broker.identity.tls import client_context
 from broker.policy import Decision
-from broker.tls import client_context
+from broker.session.adapter import Adapter, ServiceContext
+from broker.session.net import describe_peer
 
 # nginx's proxy_read_timeout default: the longest an upstream may stay silent (before its
 # response headers or between body chunks) before the client gets a 504.

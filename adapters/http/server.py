@@ -5,7 +5,7 @@ aiohttp's low-level `web.Server` spent ~35% of the broker's CPU per proxied requ
 writing a response head and body as separate TLS records. A one-upstream reverse proxy needs
 much less, so this server keeps only that:
 
-- one `asyncio.Protocol` per client connection (behind `broker.net.BufferedReads`, so TLS
+- one `asyncio.Protocol` per client connection (behind `broker.session.net.BufferedReads`, so TLS
   records are decrypted into a shared buffer), fed into aiohttp's C request parser (llhttp),
   whose payload `StreamReader` pauses the socket while the upstream is slow to take a body;
 - requests handled one at a time per connection and in order; pipelined requests wait in a
@@ -38,9 +38,9 @@ from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
-from adapters.http_head import render_head
+from adapters.http.head import render_head
 from broker.errors import ClientError
-from broker.net import BufferedReads
+from broker.session.net import BufferedReads
 
 log = logging.getLogger("sidekey.http")
 

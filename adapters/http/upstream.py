@@ -36,9 +36,9 @@ from aiohttp.http_parser import HttpResponseParser
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
-from adapters.http_head import render_head
+from adapters.http.head import render_head
 from broker.errors import ClientError, UpstreamError, UpstreamTimeout
-from broker.net import BufferedReads
+from broker.session.net import BufferedReads
 
 # An idle keep-alive connection is closed after this long: under nginx's 75 s keepalive_timeout
 # default and most load balancers' 60 s, so we usually close first. Servers with shorter ones

@@ -17,7 +17,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Literal
 
-from broker.net import CLOSE_LINGER_TIMEOUT, Conduit, read_buffer
+from broker.session.net import CLOSE_LINGER_TIMEOUT, Conduit, read_buffer
 
 EndedBy = Literal["client", "upstream", "idle", "error", "cancelled"]
 
