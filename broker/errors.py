@@ -17,6 +17,10 @@ class ClientError(SidekeyError):
     """The calling workload is at fault: no/untrusted/invalid identity, protocol violation."""
 
 
+class ProtocolViolation(ClientError):
+    """The client sent bytes that break its protocol (raised by a codec's parser)."""
+
+
 class UpstreamError(SidekeyError):
     """The upstream (database, API) is down, slow, or refused our credential."""
 

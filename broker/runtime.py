@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker.config import DEFAULT_DRAIN_SECONDS, Config
 from broker.credentials import CredentialSource
@@ -21,7 +22,8 @@ from broker.identity.tls import server_context
 from broker.observe.admin import AdminServer
 from broker.observe.audit import AuditLog
 from broker.observe.metrics import Metrics
-from broker.session.adapter import Adapter, ServiceContext, load_adapter
+from broker.session.adapter import Adapter, load_adapter
+from broker.session.context import ServiceContext
 
 log = logging.getLogger("sidekey")
 
@@ -75,6 +77,35 @@ class Broker:
     def ready(self) -> bool:
         """Every listener bound and every service's credential fetched at least once."""
         return self._started and all(s.primed for s in self.services.values())
+
+    # -- what the admin server shows (broker.observe.admin.AdminView) -------------------------
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        services = {
+            name: {"primed": svc.primed, "error": svc.prime_error}
+            for name, svc in self.services.items()
+        }
+        return self.ready, {"ready": self.ready, "services": services}
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    def inventory(self) -> dict[str, Any]:
+        services: list[dict[str, Any]] = []
+        for name, svc in self.services.items():
+            cfg = svc.context.service
+            services.append(
+                {
+                    "name": name,
+                    "adapter": cfg.adapter,
+                    "listen": svc.adapter.address,
+                    "client_auth": cfg.client_auth,
+                    "allow": list(cfg.allow),
+                    "credentials": cfg.credentials.describe(),
+                    "credential_source": svc.context.credentials.describe(),
+                }
+            )
+        return {"trust_domain": self.config.identity.trust_domain, "services": services}
 
     def address(self, service_name: str) -> str:
         return self.services[service_name].adapter.address

@@ -32,7 +32,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from adapters.http.adapter import _redact
 from broker.runtime import Broker
-from broker.session.adapter import ServiceContext
+from broker.session.context import ServiceContext
 from tests.brokers import base_config, running_broker
 from tests.pki import DEFAULT_CLIENT_ID, Pki, client_ssl_context
 from tests.servers import OpenBao, free_port

@@ -788,9 +788,9 @@ async def test_cancel_over_mtls_must_come_from_the_session_owner(
 async def test_silent_client_is_dropped_after_the_startup_timeout(
     tmp_path: Path, pki: Pki, vault_database: VaultDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapters.postgres import _adapter
+    from adapters.postgres import PostgresAdapter
 
-    monkeypatch.setattr(_adapter, "CLIENT_STARTUP_TIMEOUT", 0.5)
+    monkeypatch.setattr(PostgresAdapter, "hello_timeout", 0.5)
     pg = vault_database.postgres
     async with broker_for(tmp_path, pki, vault_database.openbao, monkeypatch, service(pg)) as b:
         host, port = host_port(b)

@@ -50,7 +50,8 @@ from broker.errors import ConfigError, CredentialUnavailable, UpstreamError, Ups
 from broker.identity import IdentityError, WorkloadIdentity
 from broker.identity.tls import client_context
 from broker.policy import Decision
-from broker.session.adapter import Adapter, ServiceContext
+from broker.session.adapter import Adapter
+from broker.session.context import ServiceContext
 from broker.session.net import describe_peer
 
 # nginx's proxy_read_timeout default: the longest an upstream may stay silent (before its
@@ -349,12 +350,9 @@ class HttpAdapter(Adapter):
         if conn.identity is not None or conn.error is not None:
             return conn
         try:
-            if self.ctx.server_ssl is None:
-                conn.identity = self.ctx.identify_local()
-            else:
-                transport = request.transport
-                ssl_object = transport.get_extra_info("ssl_object") if transport else None
-                conn.identity = self.ctx.identify_tls(ssl_object)
+            transport = request.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport else None
+            conn.identity = self.ctx.identify(ssl_object)
         except IdentityError as exc:
             conn.error = exc
         else:

@@ -1,32 +1,26 @@
 """The PostgreSQL adapter: the broker as a PostgreSQL server to the client, and as a client
-(with a just-in-time credential) to the real server.
+(with a just-in-time credential) to the real server. These are the protocol steps of the
+core's session life cycle (`broker.session.lifecycle`), which does identify, authorize, the
+credential, audit and the splice.
 
-One connection, in order:
-
-1. Startup: answer SSLRequest (TLS with a required client certificate under
+1. Hello: answer SSLRequest (TLS with a required client certificate under
    ``client_auth: mtls``, 'N' under ``local``), decline GSSENCRequest, serve a CancelRequest,
    or read the StartupMessage.
-2. Identity and policy: the SPIFFE ID of the client certificate (or the configured local
-   identity), then `ctx.authorize`. The client's ``user`` is ignored; its ``database`` must be
-   one of ``upstream.database``.
-3. Credential: held with `ctx.credentials.use(identity)` for the whole session, so the lease
-   manager knows the lease is in use.
-4. Upstream: connect, TLS per ``upstream.tls.mode``, StartupMessage with the credential's
-   user, SCRAM-SHA-256 / MD5 / cleartext (TLS only) authentication.
-5. The client gets AuthenticationOk, the server's ParameterStatus messages, a BackendKeyData
-   minted by the broker, and ReadyForQuery; then `broker.session.splice.splice` relays bytes.
+2. Request: the client's ``user`` is ignored; its ``database`` must be one of
+   ``upstream.database``.
+3. Login: connect, TLS per ``upstream.tls.mode``, StartupMessage with the credential's user,
+   SCRAM-SHA-256 / MD5 / cleartext (TLS only) authentication.
+4. Greet: the client gets AuthenticationOk, the server's ParameterStatus messages, a
+   BackendKeyData minted by the broker, and ReadyForQuery; then the core splices.
 
-Every error before the splice reaches the client as an ErrorResponse with a SQLSTATE; the
-credential is only ever written to the upstream connection.
+Every refusal reaches the client as an ErrorResponse with a SQLSTATE; the credential is only
+ever written to the upstream connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from broker.codecs.postgres import (
     AuthenticationOk,
@@ -42,12 +36,11 @@ from broker.codecs.postgres import (
 )
 from broker.config import Section
 from broker.credentials import Credential
-from broker.errors import ClientError, ConfigError, CredentialUnavailable, UpstreamError
-from broker.identity import IdentityError, WorkloadIdentity
-from broker.policy import Decision
-from broker.session.adapter import Adapter, ServiceContext
-from broker.session.net import Conduit, Listener, serve
-from broker.session.splice import SpliceStats, splice
+from broker.errors import ConfigError, UpstreamError
+from broker.identity import IdentityError
+from broker.session.context import ServiceContext
+from broker.session.lifecycle import Refusal, Session, Step, TcpAdapter, Upstream
+from broker.session.net import Conduit
 
 from ._cancel import CancelKeys, CancelTarget
 from ._config import UpstreamConfig, parse_upstream
@@ -61,16 +54,6 @@ from ._upstream import (
     startup_for_upstream,
 )
 
-# From accepting a connection to its StartupMessage, TLS handshake included. libpq sends it
-# at once; PostgreSQL's authentication_timeout is 60 s, but here there is no password to
-# type, so a client that takes longer is stuck or hostile and holds a connection slot.
-CLIENT_STARTUP_TIMEOUT = 15.0
-# Getting a credential: a lease manager cache hit is immediate, a vault round trip takes
-# milliseconds; past this the vault is down and the client gets 08006 instead of a hang.
-CREDENTIAL_TIMEOUT = 15.0
-# From TCP connect to the upstream's ReadyForQuery. SCRAM key derivation and backend start
-# take milliseconds to a few hundred on a busy server.
-UPSTREAM_STARTUP_TIMEOUT = 20.0
 # Forwarding one CancelRequest: connect, TLS, write, wait for the server to hang up.
 CANCEL_TIMEOUT = 5.0
 
@@ -79,59 +62,42 @@ INVALID_AUTHORIZATION = "28000"
 PROTOCOL_VIOLATION = "08P01"
 CONNECTION_FAILURE = "08006"  # no credential: the session cannot be established
 CANNOT_CONNECT = "08001"  # the upstream is down, refused TLS, or failed authentication
+SQLSTATE_OF_STEP: dict[Step, str] = {
+    "identity": INVALID_AUTHORIZATION,
+    "policy": INVALID_AUTHORIZATION,
+    "request": INVALID_AUTHORIZATION,
+    "credential": CONNECTION_FAILURE,
+    "upstream_connect": CANNOT_CONNECT,
+    "upstream_login": CANNOT_CONNECT,
+}
 MTLS_REQUIRED = (
     "this service requires TLS with a client certificate: use sslmode=verify-full with "
     "sslcert/sslkey"
 )
 
 
-class _Refused(Exception):
-    """End the connection with an ErrorResponse to the client and an audited outcome."""
-
-    def __init__(self, response: ErrorResponse, outcome: str, reason: str) -> None:
-        super().__init__(reason)
-        self.response = response
-        self.outcome = outcome
-
-
-def _fatal(sqlstate: str, message: str, outcome: str) -> _Refused:
-    return _Refused(ErrorResponse.make("FATAL", sqlstate, message), outcome, message)
-
-
 @dataclass(slots=True)
-class _Startup:
+class Hello:
     message: StartupMessage
     # Holds whatever the client sent after its StartupMessage: it goes upstream, in order.
     parser: FrontendParser
 
 
 @dataclass(slots=True)
-class _Session:
-    """One allowed session, from policy to the end of the splice."""
+class _Login:
+    """The upstream side of a logged-in session, for greet and release."""
 
-    client: Conduit
-    startup: _Startup
-    identity: WorkloadIdentity
-    decision: Decision
-    database: str | None = None
-    stats: SpliceStats = field(default_factory=SpliceStats)
-    started: float = field(default_factory=time.monotonic)
-    # Extra fields of the session_end audit event.
-    end: dict[str, Any] = field(default_factory=dict)
+    greeting: Authenticated
+    leftover: bytes
+    # The broker's BackendKeyData process id for this session, once greeted.
+    process_id: int | None = None
 
 
-def _local_address(conduit: Conduit) -> str | None:
-    """Our end of the upstream connection: matches client_port in pg_stat_activity."""
-    if conduit.transport is None:
-        return None
-    sockname = conduit.transport.get_extra_info("sockname")
-    if isinstance(sockname, tuple) and len(sockname) >= 2:
-        return f"{sockname[0]}:{sockname[1]}"
-    return None
+class PostgresAdapter(TcpAdapter[Hello]):
+    """One postgres service: its cancel keys and SCRAM key cache."""
 
-
-class PostgresAdapter(Adapter):
-    """One postgres service: its listener, cancel keys and SCRAM key cache."""
+    tls_required_message = MTLS_REQUIRED
+    no_tls_reason = "connection is not TLS (no SSLRequest)"
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
@@ -142,52 +108,13 @@ class PostgresAdapter(Adapter):
             raise ConfigError(f"{service.where}.inject: not used by the postgres adapter")
         self.cancel_keys = CancelKeys()
         self.scram_keys = ScramKeyCache()
-        self._listener: Listener | None = None
-        # Metric children bound once: Counter.labels() costs ~5 us per call under load, and
-        # every session made three such calls.
-        self._sessions_active = ctx.metrics.sessions_active.labels(service.name)
-        self._sessions_by_outcome: dict[str, Any] = {}
 
-    async def start(self) -> None:
-        service = self.ctx.service
-        rejected = self.ctx.metrics.connections_rejected.labels(service.name)
-        self._listener = await serve(
-            service.listen,
-            self._handle,
-            max_connections=service.max_connections,
-            on_reject=rejected.inc,
-        )
+    # -- protocol steps ----------------------------------------------------------------------
 
-    @property
-    def address(self) -> str:
-        if self._listener is None:
-            raise RuntimeError("the adapter is not started")
-        return str(self._listener.address)
-
-    async def stop(self, drain_timeout: float) -> None:
-        if self._listener is not None:
-            await self._listener.close(drain_timeout)
-
-    # -- one connection --------------------------------------------------------------------
-
-    async def _handle(self, client: Conduit) -> None:
-        try:
-            startup = await self._startup(client)
-        except ProtocolError as exc:
-            # The client broke the protocol: say so if the connection can still carry it.
-            self.ctx.log.info("protocol error from %s: %s", client.peer, exc)
-            if not client.is_closed:
-                client.write(encode(ErrorResponse.make("FATAL", PROTOCOL_VIOLATION, str(exc))))
-            return
-        if startup is not None:
-            await self._session(client, startup)
-
-    async def _startup(self, client: Conduit) -> _Startup | None:
+    async def hello(self, client: Conduit, deadline: float) -> Hello | None:
         """Read up to the StartupMessage; None if the connection ends (or was a cancel)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + CLIENT_STARTUP_TIMEOUT
         parser = FrontendParser()
-        server_ssl = self.ctx.server_ssl
         while True:
             while (message := parser.next_message()) is None:
                 if parser.finished:
@@ -197,20 +124,10 @@ class PostgresAdapter(Adapter):
                     return None
                 parser.feed(data)
             if isinstance(message, SSLRequest):
-                accept = server_ssl is not None
+                accept = self.ctx.server_ssl is not None
                 client.write(parser.answer_encryption_request(accept))
-                if server_ssl is not None:
-                    try:
-                        await client.start_tls(
-                            server_ssl,
-                            server_side=True,
-                            timeout=max(deadline - loop.time(), 0.001),
-                        )
-                    except ClientError as exc:
-                        # No certificate, or one that does not chain to the bundle: an
-                        # unproven caller, worth an audit line like any other denial.
-                        self.ctx.refuse(client.peer, str(exc))
-                        raise
+                if accept:
+                    await self.upgrade_tls(client, deadline)
             elif isinstance(message, GSSENCRequest):
                 # No GSSAPI here; the client goes on with SSLRequest or StartupMessage.
                 client.write(parser.answer_encryption_request(False))
@@ -218,214 +135,99 @@ class PostgresAdapter(Adapter):
                 await self._cancel(client, message)
                 return None
             elif isinstance(message, StartupMessage):
-                return _Startup(message, parser)
+                return Hello(message, parser)
             else:  # pragma: no cover - the parser only yields the above before startup
                 raise ProtocolError(f"unexpected {type(message).__name__} before startup")
 
-    def _identify(self, client: Conduit) -> WorkloadIdentity:
-        if self.ctx.service.client_auth == "local":
-            return self.ctx.identify_local()
-        if not client.is_tls:
-            self.ctx.refuse(client.peer, "connection is not TLS (no SSLRequest)")
-            raise _fatal(INVALID_AUTHORIZATION, MTLS_REQUIRED, "denied")
-        try:
-            return self.ctx.identify_tls(client.ssl_object)
-        except IdentityError as exc:
-            self.ctx.refuse(client.peer, str(exc))
-            raise _fatal(INVALID_AUTHORIZATION, str(exc), "denied") from None
-
-    async def _session(self, client: Conduit, startup: _Startup) -> None:
-        ctx = self.ctx
-        try:
-            identity = self._identify(client)
-        except _Refused as refused:
-            client.write(encode(refused.response))
-            return
-        decision = ctx.authorize(identity, client.peer)
-        if not decision.allow:
-            client.write(
-                encode(ErrorResponse.make("FATAL", INVALID_AUTHORIZATION, decision.reason))
-            )
-            self._count_session("denied")
-            return
-
-        # From here on the identity is allowed: every ending is one session_end event.
-        session = _Session(client, startup, identity, decision)
-        outcome = "error"
-        self._sessions_active.inc()
-        try:
-            session.database = self._database(startup.message)
-            async with contextlib.AsyncExitStack() as stack:
-                credential = await self._credential(stack, identity)
-                outcome = await self._proxy(session, credential)
-        except _Refused as refused:
-            outcome = refused.outcome
-            session.end["error"] = str(refused)
-            client.write(encode(refused.response))
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            session.end["error"] = "broker shutting down"
-            raise
-        except ClientError as exc:
-            outcome = "client_error"
-            session.end["error"] = str(exc)
-        except Exception as exc:
-            session.end["error"] = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            if session.stats.ended_by is not None:
-                session.end.setdefault("ended_by", session.stats.ended_by)
-            self._sessions_active.dec()
-            self._count_session(outcome)
-            ctx.record(
-                "session_end",
-                identity=identity,
-                peer=client.peer,
-                decision=decision,
-                outcome=outcome,
-                database=session.database,
-                bytes_client_to_upstream=session.stats.client_to_upstream,
-                bytes_upstream_to_client=session.stats.upstream_to_client,
-                duration_ms=round((time.monotonic() - session.started) * 1000, 1),
-                **session.end,
-            )
-
-    def _count_session(self, outcome: str) -> None:
-        child = self._sessions_by_outcome.get(outcome)
-        if child is None:
-            # Outcomes are a small fixed set of literals, so this dict stays small.
-            child = self.ctx.metrics.sessions.labels(self.ctx.service.name, outcome)
-            self._sessions_by_outcome[outcome] = child
-        child.inc()
-
-    def _database(self, startup: StartupMessage) -> str:
+    def check_request(self, session: Session[Hello]) -> dict[str, str]:
         allowed = self.upstream.databases
         # Without a database parameter the server would use the user name, which here is
         # the client's untrusted one: use the service's first database instead.
-        database = startup.get("database") or allowed[0]
+        database = session.hello.message.get("database") or allowed[0]
         if database not in allowed:
-            raise _fatal(
-                INVALID_AUTHORIZATION,
+            raise Refusal(
+                "request",
                 f'database "{database}" is not available through service '
                 f"{self.ctx.service.name} (allowed: {', '.join(allowed)})",
-                "denied",
             )
-        return database
+        return {"database": database}
 
-    async def _credential(
-        self, stack: contextlib.AsyncExitStack, identity: WorkloadIdentity
-    ) -> Credential:
+    async def login(
+        self, session: Session[Hello], credential: Credential, deadline: float
+    ) -> Upstream:
         name = self.ctx.service.name
-        try:
-            async with asyncio.timeout(CREDENTIAL_TIMEOUT):
-                credential = await stack.enter_async_context(self.ctx.credentials.use(identity))
-        except TimeoutError:
-            self.ctx.metrics.upstream_errors.labels(name, "credential_timeout").inc()
-            raise _fatal(
-                CONNECTION_FAILURE,
-                f"no credential for service {name}: the vault did not answer in "
-                f"{CREDENTIAL_TIMEOUT:g}s",
-                "credential_unavailable",
-            ) from None
-        except CredentialUnavailable as exc:
-            raise _fatal(
-                CONNECTION_FAILURE,
-                f"no credential for service {name}: {exc}",
-                "credential_unavailable",
-            ) from None
-        missing = [f for f in ("username", "password") if not credential.fields.get(f)]
-        if missing:
-            raise _fatal(
-                CONNECTION_FAILURE,
-                f"the credential of service {name} ({credential.ref.location}) has no "
-                f"{' or '.join(missing)} field",
-                "credential_unavailable",
-            )
-        return credential
-
-    async def _proxy(self, session: _Session, credential: Credential) -> str:
-        """Authenticate upstream, hand the client its greeting, splice; returns the outcome."""
-        ctx, name, client = self.ctx, self.ctx.service.name, session.client
         user, password = credential.fields["username"], credential.fields["password"]
-        assert session.database is not None
-        deadline = asyncio.get_running_loop().time() + UPSTREAM_STARTUP_TIMEOUT
+        database = session.request["database"]
         try:
-            upstream, stream = await open_connection(self.upstream, deadline)
+            conduit, stream = await open_connection(self.upstream, deadline)
         except UpstreamError as exc:
-            ctx.metrics.upstream_errors.labels(name, "connect").inc()
-            raise _fatal(
-                CANNOT_CONNECT,
+            raise Refusal(
+                "upstream_connect",
                 f"cannot reach the database of service {name}: {exc}",
-                "upstream_error",
+                metric="connect",
             ) from None
         try:
-            try:
-                greeting = await authenticate(
-                    stream,
-                    startup_for_upstream(session.startup.message, user, session.database),
-                    password,
-                    self.scram_keys,
-                )
-            except UpstreamRefused as exc:
-                ctx.metrics.upstream_errors.labels(name, "refused").inc()
-                session.end["upstream_sqlstate"] = exc.response.sqlstate
-                raise _Refused(exc.response, "upstream_refused", str(exc)) from None
-            except UpstreamError as exc:
-                ctx.metrics.upstream_errors.labels(name, "auth").inc()
-                raise _fatal(
-                    CANNOT_CONNECT,
-                    f"cannot log in to the database of service {name}: {exc}",
-                    "upstream_error",
-                ) from None
-
-            process_id = self._greet(client, greeting, session.identity)
-            try:
-                lease = credential.ref.to_audit()
-                ctx.record(
-                    "session_start",
-                    identity=session.identity,
-                    peer=client.peer,
-                    decision=session.decision,
-                    upstream=self.upstream.address,
-                    upstream_local=_local_address(upstream),
-                    upstream_user=user,
-                    database=session.database,
-                    credential=lease,
-                    lease_id=credential.ref.lease_id,
-                )
-                session.end.update(upstream_user=user, lease_id=credential.ref.lease_id)
-                client.unread(session.startup.parser.leftover())
-                upstream.unread(stream.parser.leftover())
-                result = await splice(client, upstream, stats=session.stats)
-            finally:
-                if process_id is not None:
-                    self.cancel_keys.forget(process_id)
+            greeting = await authenticate(
+                stream,
+                startup_for_upstream(session.hello.message, user, database),
+                password,
+                self.scram_keys,
+            )
+        except UpstreamRefused as exc:
+            conduit.abort()
+            raise Refusal(
+                "upstream_login",
+                str(exc),
+                reply=encode(exc.response),
+                metric="refused",
+                audit={"upstream_sqlstate": exc.response.sqlstate},
+            ) from None
+        except UpstreamError as exc:
+            conduit.abort()
+            raise Refusal(
+                "upstream_login",
+                f"cannot log in to the database of service {name}: {exc}",
+                metric="auth",
+            ) from None
         except BaseException:
-            upstream.abort()
+            conduit.abort()
             raise
-        session.end["ended_by"] = result.ended_by
-        if result.error:
-            session.end["error"] = result.error
-        return "ok" if result.ended_by in ("client", "upstream") else result.ended_by
+        login = _Login(greeting, stream.parser.leftover())
+        return Upstream(conduit, user, self.upstream.address, login)
 
-    def _greet(
-        self, client: Conduit, greeting: Authenticated, identity: WorkloadIdentity
-    ) -> int | None:
-        """Write the client's side of a successful startup; returns the broker's cancel pid."""
+    def greet(self, session: Session[Hello], upstream: Upstream) -> None:
+        """AuthenticationOk, the server's startup messages with a BackendKeyData of the
+        broker's own, and ReadyForQuery."""
+        login: _Login = upstream.state
+        greeting = login.greeting
         out = bytearray()
         if greeting.negotiate is not None:
             out += encode(greeting.negotiate)
         out += encode(AuthenticationOk())
-        process_id: int | None = None
         for message in greeting.messages:
             if isinstance(message, BackendKeyData):
-                target = CancelTarget(message.process_id, message.secret_key, identity.spiffe_id)
-                process_id, secret_key = self.cancel_keys.issue(target)
-                out += encode(BackendKeyData(process_id, secret_key))
+                target = CancelTarget(
+                    message.process_id, message.secret_key, session.identity.spiffe_id
+                )
+                login.process_id, secret_key = self.cancel_keys.issue(target)
+                out += encode(BackendKeyData(login.process_id, secret_key))
             else:
                 out += encode(message)
-        client.write(bytes(out))
-        return process_id
+        session.client.write(bytes(out))
+        session.client.unread(session.hello.parser.leftover())
+        upstream.conduit.unread(login.leftover)
+
+    def release(self, session: Session[Hello], upstream: Upstream) -> None:
+        login: _Login = upstream.state
+        if login.process_id is not None:
+            self.cancel_keys.forget(login.process_id)
+
+    def refusal_reply(self, refusal: Refusal) -> bytes:
+        sqlstate = SQLSTATE_OF_STEP[refusal.step]
+        return encode(ErrorResponse.make("FATAL", sqlstate, refusal.message))
+
+    def protocol_error_reply(self, message: str) -> bytes:
+        return encode(ErrorResponse.make("FATAL", PROTOCOL_VIOLATION, message))
 
     # -- cancel ------------------------------------------------------------------------------
 

@@ -1,87 +1,19 @@
-"""Workload identity: who is calling, and how it was proven.
+"""Who is calling, and how it was proven.
 
-Pure and synchronous. The TLS layer (OpenSSL, with CERT_REQUIRED and the trust bundle) has
-already verified the chain before anything here runs; this module applies the SPIFFE
-X.509-SVID rules to the verified leaf and maps it to a `WorkloadIdentity`. An unproven caller
-is never mapped to an identity: every failure raises `IdentityError`.
+`workload` is the proven identity itself; `x509` applies the X.509-SVID rules to a verified
+client certificate, `svid_cache` remembers those mappings; `tls` builds the TLS contexts the
+broker serves and connects with; `ca` is the development-only CA. Every mapping is pure: an
+unproven caller is never mapped to an identity.
 """
 
-from __future__ import annotations
+from .workload import IdentityError, Method, WorkloadIdentity, local_identity
+from .x509 import identity_from_certificate, identity_from_der
 
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Literal
-
-from cryptography import x509
-from spiffe import SpiffeId
-from spiffe.errors import PySpiffeError
-
-# The SVID rules (one URI SAN, a SPIFFE ID with a path, leaf not a CA, digitalSignature and no
-# keyCertSign/cRLSign key usage) are spiffe's own; we call them instead of writing them again.
-# They are module-private there, hence the pinned minor version in pyproject.toml.
-from spiffe.svid.x509_svid import (
-    _extract_spiffe_id,
-    _validate_leaf_certificate,
-    _validate_leaf_spiffe_id,
-)
-
-from broker.errors import ClientError
-
-Method = Literal["x509-svid", "jwt-svid", "local"]
-
-
-class IdentityError(ClientError):
-    """The peer presented no identity, or one that does not meet the SPIFFE rules."""
-
-
-@dataclass(frozen=True, slots=True)
-class WorkloadIdentity:
-    """A proven SPIFFE ID and how it was proven."""
-
-    spiffe_id: str
-    method: Method
-    # When the proof stops being valid (certificate notAfter, token exp); None for local.
-    expires: datetime | None = None
-    # Certificate serial (hex) or token id, for the audit trail.
-    proof_id: str | None = None
-
-    @property
-    def trust_domain(self) -> str:
-        return SpiffeId(self.spiffe_id).trust_domain.name
-
-    def __str__(self) -> str:
-        return self.spiffe_id
-
-
-def identity_from_der(leaf_der: bytes | None, trust_domain: str) -> WorkloadIdentity:
-    """Map a chain-verified TLS client certificate (DER) to an identity, or raise."""
-    if not leaf_der:
-        raise IdentityError("no client certificate: present an X.509-SVID")
-    try:
-        leaf = x509.load_der_x509_certificate(leaf_der)
-    except ValueError:
-        raise IdentityError("client certificate is not valid DER") from None
-    return identity_from_certificate(leaf, trust_domain)
-
-
-def identity_from_certificate(leaf: x509.Certificate, trust_domain: str) -> WorkloadIdentity:
-    """Apply the X.509-SVID rules to a leaf certificate whose chain is already verified."""
-    try:
-        spiffe_id = _extract_spiffe_id(leaf)
-        _validate_leaf_spiffe_id(spiffe_id)
-        _validate_leaf_certificate(leaf)
-    except PySpiffeError as exc:
-        raise IdentityError(f"not a valid X.509-SVID: {exc}") from None
-    if spiffe_id.trust_domain.name != trust_domain:
-        raise IdentityError(f"SPIFFE ID {spiffe_id} is outside the trust domain {trust_domain!r}")
-    return WorkloadIdentity(
-        spiffe_id=str(spiffe_id),
-        method="x509-svid",
-        expires=leaf.not_valid_after_utc,
-        proof_id=format(leaf.serial_number, "x"),
-    )
-
-
-def local_identity(spiffe_id: str) -> WorkloadIdentity:
-    """The configured identity of a `client_auth: local` service (explicit operator opt-in)."""
-    return WorkloadIdentity(spiffe_id=spiffe_id, method="local")
+__all__ = [
+    "IdentityError",
+    "Method",
+    "WorkloadIdentity",
+    "identity_from_certificate",
+    "identity_from_der",
+    "local_identity",
+]

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from datetime import UTC, datetime
 
-from broker.identity import WorkloadIdentity, identity_from_der
+from broker.identity.workload import WorkloadIdentity
+from broker.identity.x509 import identity_from_der
 
 # Distinct client certificates remembered. One per workload instance with a live SVID; at
 # about 1 KiB per entry (DER key plus identity), the cap bounds the cache near 4 MiB.

@@ -7,21 +7,31 @@ Bind it to loopback or a private interface: it reveals identities and credential
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from broker.config import ListenAddress
 
-if TYPE_CHECKING:
-    from broker.runtime import Broker
-
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+class AdminView(Protocol):
+    """What the admin server shows, handed to it by the runtime (it never imports one)."""
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the broker is ready, and a JSON-able body that says why (not)."""
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus text exposition."""
+
+    def inventory(self) -> dict[str, Any]:
+        """Services, listeners, rules and credential references (never a value)."""
+
+
 class AdminServer:
-    def __init__(self, broker: Broker, listen: ListenAddress) -> None:
-        self.broker = broker
+    def __init__(self, view: AdminView, listen: ListenAddress) -> None:
+        self.view = view
         self.listen = listen
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
@@ -54,34 +64,14 @@ class AdminServer:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        services = {
-            name: {"primed": svc.primed, "error": svc.prime_error}
-            for name, svc in self.broker.services.items()
-        }
-        ready = self.broker.ready
-        return web.json_response(
-            {"ready": ready, "services": services}, status=200 if ready else 503
-        )
+        ready, body = self.view.readiness()
+        return web.json_response(body, status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=self.broker.metrics.render(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE}
+            body=self.view.metrics_text(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE}
         )
 
     async def inventory(self, request: web.Request) -> web.Response:
-        services: list[dict[str, Any]] = []
-        for name, svc in self.broker.services.items():
-            cfg = svc.context.service
-            services.append(
-                {
-                    "name": name,
-                    "adapter": cfg.adapter,
-                    "listen": svc.adapter.address,
-                    "client_auth": cfg.client_auth,
-                    "allow": list(cfg.allow),
-                    "credentials": cfg.credentials.describe(),
-                    "credential_source": svc.context.credentials.describe(),
-                }
-            )
-        body = {"trust_domain": self.broker.config.identity.trust_domain, "services": services}
-        return web.Response(text=json.dumps(body, indent=2), content_type="application/json")
+        body = json.dumps(self.view.inventory(), indent=2)
+        return web.Response(text=body, content_type="application/json")

@@ -1,9 +1,9 @@
 """Protocol errors, split by who sent the malformed bytes."""
 
-from broker.errors import ClientError, UpstreamError
+from broker.errors import ProtocolViolation, UpstreamError
 
 
-class ProtocolError(ClientError):
+class ProtocolError(ProtocolViolation):
     """The PostgreSQL client sent bytes that break the protocol (raised by FrontendParser)."""
 
 

@@ -1,0 +1,168 @@
+"""The `services` list: one entry per listener, its adapter, policy and credential source.
+
+Adapter-specific sections (`upstream`, `inject`) are kept as read-only mappings here and
+parsed by the adapter with the same `Section` reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from spiffe import SpiffeId
+
+from broker.errors import ConfigError
+
+from .section import ListenAddress, Section, parse_listen
+
+CLIENT_AUTH_MODES = ("mtls", "jwt", "local")
+CREDENTIAL_PROVIDERS = ("vault-kv", "vault-database", "env", "file")
+
+# A credential cached for longer than this is a standing secret, not a just-in-time one.
+MAX_CREDENTIAL_TTL_SECONDS = 24 * 3600
+DEFAULT_CREDENTIAL_TTL_SECONDS = 60.0
+# Revoke a per-identity lease once no connection has used it for this long.
+DEFAULT_LEASE_IDLE_SECONDS = 300.0
+# Per-service cap on concurrent client connections: bounds memory under a connection flood.
+DEFAULT_MAX_CONNECTIONS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsConfig:
+    """Where a service's credential comes from.
+
+    `provider` picks which of the other fields apply: vault-kv (mount, path), vault-database
+    (mount, role), env (fields: name -> variable), file (file: a YAML/JSON mapping).
+    """
+
+    provider: str
+    mount: str
+    path: str | None = None
+    role: str | None = None
+    fields: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    file: Path | None = None
+    ttl: float = DEFAULT_CREDENTIAL_TTL_SECONDS
+    idle_timeout: float = DEFAULT_LEASE_IDLE_SECONDS
+
+    def describe(self) -> str:
+        """A reference safe for logs and audit: provider and location, never a value."""
+        where = self.path or self.role or (str(self.file) if self.file else ",".join(self.fields))
+        return f"{self.provider}:{self.mount + '/' if self.mount else ''}{where}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    name: str
+    index: int
+    adapter: str
+    listen: ListenAddress
+    client_auth: str
+    allow: tuple[str, ...]
+    credentials: CredentialsConfig
+    upstream: Mapping[str, Any]
+    inject: Mapping[str, Any]
+    local_identity: str | None = None
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+    @property
+    def where(self) -> str:
+        return f"services[{self.index}]"
+
+
+def parse_service(s: Section, index: int, base: Path, trust_domain: str) -> ServiceConfig:
+    name = s.text("name")
+    adapter = s.text("adapter")
+    listen = parse_listen(s.text("listen"), s.at("listen"), base)
+    client_auth = s.choice("client_auth", CLIENT_AUTH_MODES, "mtls")
+    if client_auth == "jwt":
+        raise ConfigError(f"{s.at('client_auth')}: jwt is not supported yet; use mtls or local")
+    local_identity = s.text("local_identity", None)
+    if client_auth == "local" and local_identity is None:
+        raise ConfigError(
+            f"{s.at('local_identity')}: required with client_auth: local (the SPIFFE ID "
+            "every local caller is treated as)"
+        )
+    if local_identity is not None:
+        if client_auth != "local":
+            raise ConfigError(f"{s.at('local_identity')}: only allowed with client_auth: local")
+        _check_spiffe_id(local_identity, s.at("local_identity"), trust_domain)
+    allow = s.strings("allow", ())
+    for i, pattern in enumerate(allow):
+        _check_allow_pattern(pattern, f"{s.at('allow')}[{i}]", trust_domain)
+    credentials = _parse_credentials(s.section("credentials"), base)
+    service = ServiceConfig(
+        name=name,
+        index=index,
+        adapter=adapter,
+        listen=listen,
+        client_auth=client_auth,
+        allow=allow,
+        credentials=credentials,
+        upstream=s.frozen("upstream"),
+        inject=s.frozen("inject"),
+        local_identity=local_identity,
+        max_connections=s.integer("max_connections", 1, 1_000_000, DEFAULT_MAX_CONNECTIONS),
+    )
+    s.finish()
+    return service
+
+
+def _parse_credentials(c: Section, base: Path) -> CredentialsConfig:
+    provider = c.choice("from", CREDENTIAL_PROVIDERS)
+    ttl = c.number("ttl", 1, MAX_CREDENTIAL_TTL_SECONDS, DEFAULT_CREDENTIAL_TTL_SECONDS)
+    if provider == "vault-kv":
+        creds = CredentialsConfig(provider, c.text("mount", "secret"), path=c.text("path"), ttl=ttl)
+    elif provider == "vault-database":
+        creds = CredentialsConfig(
+            provider,
+            c.text("mount", "database"),
+            role=c.text("role"),
+            ttl=ttl,
+            idle_timeout=c.number("idle_timeout", 0, 7 * 24 * 3600, DEFAULT_LEASE_IDLE_SECONDS),
+        )
+    elif provider == "env":
+        creds = CredentialsConfig(provider, "", fields=c.string_map("fields"), ttl=ttl)
+    else:
+        creds = CredentialsConfig(provider, "", file=c.path("path", base), ttl=ttl)
+    c.finish()
+    return creds
+
+
+def _check_spiffe_id(value: str, where: str, trust_domain: str) -> None:
+    try:
+        spiffe_id = SpiffeId(value)
+    except Exception:
+        raise ConfigError(f"{where}: not a valid SPIFFE ID: {value!r}") from None
+    if spiffe_id.trust_domain.name != trust_domain:
+        raise ConfigError(f"{where}: {value!r} is outside trust domain {trust_domain!r}")
+
+
+def _check_allow_pattern(pattern: str, where: str, trust_domain: str) -> None:
+    for suffix in ("/**", "/*"):
+        if pattern.endswith(suffix):
+            pattern = pattern[: -len(suffix)]
+            break
+    if "*" in pattern:
+        raise ConfigError(f"{where}: '*' is only allowed as a trailing /* or /** segment")
+    _check_spiffe_id(pattern, where, trust_domain)
+
+
+def check_unique(services: tuple[ServiceConfig, ...]) -> None:
+    names: dict[str, int] = {}
+    listens: dict[ListenAddress, int] = {}
+    for service in services:
+        if service.name in names:
+            raise ConfigError(
+                f"{service.where}.name: {service.name!r} already used by "
+                f"services[{names[service.name]}]"
+            )
+        names[service.name] = service.index
+        if service.listen.port != 0 and service.listen in listens:
+            raise ConfigError(
+                f"{service.where}.listen: {service.listen} already used by "
+                f"services[{listens[service.listen]}]"
+            )
+        listens[service.listen] = service.index

@@ -1,0 +1,41 @@
+"""A proven workload identity: a SPIFFE ID and how it was proven. Pure and synchronous."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from spiffe import SpiffeId
+
+from broker.errors import ClientError
+
+Method = Literal["x509-svid", "jwt-svid", "local"]
+
+
+class IdentityError(ClientError):
+    """The peer presented no identity, or one that does not meet the SPIFFE rules."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadIdentity:
+    """A proven SPIFFE ID and how it was proven."""
+
+    spiffe_id: str
+    method: Method
+    # When the proof stops being valid (certificate notAfter, token exp); None for local.
+    expires: datetime | None = None
+    # Certificate serial (hex) or token id, for the audit trail.
+    proof_id: str | None = None
+
+    @property
+    def trust_domain(self) -> str:
+        return SpiffeId(self.spiffe_id).trust_domain.name
+
+    def __str__(self) -> str:
+        return self.spiffe_id
+
+
+def local_identity(spiffe_id: str) -> WorkloadIdentity:
+    """The configured identity of a `client_auth: local` service (explicit operator opt-in)."""
+    return WorkloadIdentity(spiffe_id=spiffe_id, method="local")

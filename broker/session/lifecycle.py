@@ -1,0 +1,401 @@
+"""The life cycle of one TCP session, walked here once for every TCP protocol.
+
+    accept ─▶ hello ─▶ identify ─▶ authorize ─▶ check request ─▶ acquire credential
+              adapter    core        core         adapter           core
+          ─▶ log in upstream ─▶ greet client ─▶ splice ─▶ release
+              adapter             adapter         core      core (and adapter)
+
+`TcpAdapter.serve_session` is that walk. A protocol subclasses `TcpAdapter` and supplies only
+its steps: how to read the client's hello (with the TLS upgrade inside it, where the protocol
+has one), what the client asked for, how to log in upstream with a credential, how to greet
+the client, and how to say "refused" in its protocol. The order, the policy decision, the
+credential timeout, the audit events and the metrics are the core's, the same for every
+protocol:
+
+- a caller refused before its session starts gets one `deny` audit event (identity not proven,
+  or not allowed) and its protocol's error;
+- an allowed session gets exactly one `session_end` event whatever happens, with one outcome
+  word (`OUTCOMES`), and a `session_start` event once the upstream login succeeded;
+- `sidekey_sessions_active`, `sidekey_sessions_total{outcome}` and
+  `sidekey_upstream_errors_total{kind}` count the same outcomes for every protocol.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from broker.credentials import Credential
+from broker.errors import ClientError, CredentialUnavailable, ProtocolViolation
+from broker.identity import IdentityError, WorkloadIdentity
+from broker.observe.metrics import Value
+from broker.policy import Decision
+
+from .adapter import Adapter
+from .context import ServiceContext
+from .net import Conduit, Listener, serve
+from .splice import SpliceStats, splice
+
+# From accepting a connection to the client's hello, TLS handshake included. Clients send it
+# at once, and there is no password to type: a client that takes longer is stuck or hostile
+# and holds a connection slot.
+DEFAULT_HELLO_TIMEOUT = 15.0
+# Getting a credential: a cache hit is immediate, a vault round trip takes milliseconds;
+# past this the vault is down and the client gets an error instead of a hang.
+DEFAULT_CREDENTIAL_TIMEOUT = 15.0
+# From TCP connect to the upstream's "ready". Key derivation (SCRAM) and backend start take
+# milliseconds to a few hundred on a busy server.
+DEFAULT_LOGIN_TIMEOUT = 20.0
+
+# Which step refused a session. The adapter picks its protocol's error code from it
+# (PostgreSQL: a SQLSTATE).
+Step = Literal[
+    "identity",  # no proven identity: no TLS, no certificate, not a valid SVID
+    "policy",  # the identity is proven but not allowed
+    "request",  # the client asked for something the service does not offer (a database)
+    "credential",  # no credential could be had: fail closed
+    "upstream_connect",  # the upstream cannot be reached
+    "upstream_login",  # the upstream refused the login, or failed during it
+]
+
+# The outcome words of `session_end` and `sidekey_sessions_total{outcome}`.
+OUTCOMES = (
+    "ok",  # the splice ended because one side closed
+    "idle",  # the splice ended because nothing moved for its idle timeout
+    "error",  # a side was reset, or something failed unexpectedly
+    "cancelled",  # the broker shut down mid-session
+    "denied",  # refused by identity, policy or the request check
+    "client_error",  # the client broke off or broke its protocol mid-handshake
+    "credential_unavailable",
+    "upstream_error",  # the upstream could not be reached or failed the login
+    "upstream_refused",  # the upstream answered the login with its own error
+)
+_OUTCOME_OF_STEP: dict[Step, str] = {
+    "identity": "denied",
+    "policy": "denied",
+    "request": "denied",
+    "credential": "credential_unavailable",
+    "upstream_connect": "upstream_error",
+    "upstream_login": "upstream_error",
+}
+
+H = TypeVar("H")
+
+
+class Refusal(Exception):
+    """End a session before the splice; the client is told in its protocol.
+
+    `message` is safe to show the client (never a secret). `reply`, when set, is an answer
+    already in the protocol (the upstream's own error, relayed as it is), and the outcome is
+    then `upstream_refused`. `metric` names the `sidekey_upstream_errors_total{kind}` to count.
+    """
+
+    def __init__(
+        self,
+        step: Step,
+        message: str,
+        *,
+        reply: bytes | None = None,
+        metric: str | None = None,
+        audit: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.step: Step = step
+        self.message = message
+        self.reply = reply
+        self.metric = metric
+        # Extra fields for the session_end event (the upstream's SQLSTATE, say).
+        self.audit = dict(audit or {})
+
+    @property
+    def outcome(self) -> str:
+        return "upstream_refused" if self.reply is not None else _OUTCOME_OF_STEP[self.step]
+
+
+@dataclass(slots=True)
+class Session(Generic[H]):
+    """One allowed session, from the policy decision to the end of the splice."""
+
+    client: Conduit
+    hello: H
+    identity: WorkloadIdentity
+    decision: Decision
+    # What the client asked for, as audit fields (``database``), from `check_request`.
+    request: dict[str, Any] = field(default_factory=dict)
+    stats: SpliceStats = field(default_factory=SpliceStats)
+    started: float = field(default_factory=time.monotonic)
+    # Extra fields of the session_end event.
+    end: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Upstream:
+    """A logged-in upstream connection, as `TcpAdapter.login` returns it."""
+
+    conduit: Conduit
+    # The database (or server) user the credential logged in as, for the audit trail.
+    user: str
+    # host:port of the upstream, for the audit trail.
+    address: str
+    # The adapter's own state for `greet` and `release` (greeting messages, cancel keys...).
+    state: Any = None
+
+
+def local_address(conduit: Conduit) -> str | None:
+    """Our end of an upstream connection: what the server's own logs call the client."""
+    if conduit.transport is None:
+        return None
+    sockname = conduit.transport.get_extra_info("sockname")
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        return f"{sockname[0]}:{sockname[1]}"
+    return None
+
+
+class TcpAdapter(Adapter, Generic[H]):
+    """A TCP protocol on the core's session life cycle (see the module docstring).
+
+    Subclasses implement the protocol steps (`hello`, `login`, `greet`, `refusal_reply`,
+    `protocol_error_reply`) and may override `check_request`, `release` and the timeouts.
+    """
+
+    hello_timeout = DEFAULT_HELLO_TIMEOUT
+    credential_timeout = DEFAULT_CREDENTIAL_TIMEOUT
+    login_timeout = DEFAULT_LOGIN_TIMEOUT
+    # Fields the credential must have for `login`.
+    credential_fields: tuple[str, ...] = ("username", "password")
+    # What a client that did not use TLS is told, in the protocol's own terms (how to set it).
+    tls_required_message = "this service requires TLS with a client certificate (an X.509-SVID)"
+    # Why such a client was refused, for the audit trail.
+    no_tls_reason = "connection is not TLS"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self._listener: Listener | None = None
+        name = ctx.service.name
+        # Metric children bound once: a labels() call per session cost ~5 us under load.
+        self._active = ctx.metrics.sessions_active.labels(name)
+        self._outcomes: dict[str, Value] = {
+            o: ctx.metrics.sessions.labels(name, o) for o in OUTCOMES
+        }
+
+    # -- the protocol's steps ------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def hello(self, client: Conduit, deadline: float) -> H | None:
+        """Read the client's opening, up to what it asks for, by `deadline` (loop time).
+
+        Upgrade to TLS inside it where the protocol does (with `upgrade_tls`). Return None
+        when there is nothing more to do (the client left, or it only sent a cancel). Raise
+        `ProtocolViolation` for bytes that break the protocol, `ClientError` for the rest.
+        """
+
+    def check_request(self, session: Session[H]) -> dict[str, Any]:
+        """Check what the client asked for against the service; return it as audit fields.
+
+        Raise `Refusal("request", ...)` for what the service does not offer.
+        """
+        return {}
+
+    @abc.abstractmethod
+    async def login(self, session: Session[H], credential: Credential, deadline: float) -> Upstream:
+        """Connect to the upstream and log in with `credential` by `deadline`.
+
+        Raise `Refusal("upstream_connect" | "upstream_login", ...)` when that fails; the
+        core closes the connection.
+        """
+
+    @abc.abstractmethod
+    def greet(self, session: Session[H], upstream: Upstream) -> None:
+        """Tell the client its session is ready, and push back (`unread`) on both conduits
+        whatever the handshake read past its end, so the splice delivers it in order."""
+
+    def release(self, session: Session[H], upstream: Upstream) -> None:
+        """The session is over (spliced or not, once greeted): forget what `greet` kept."""
+        return None
+
+    @abc.abstractmethod
+    def refusal_reply(self, refusal: Refusal) -> bytes:
+        """The protocol's error message for a refused session (`refusal.message` in it)."""
+
+    @abc.abstractmethod
+    def protocol_error_reply(self, message: str) -> bytes:
+        """The protocol's error message for a client that broke the protocol."""
+
+    # -- the core's part -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        service = self.ctx.service
+        rejected = self.ctx.metrics.connections_rejected.labels(service.name)
+        self._listener = await serve(
+            service.listen,
+            self.serve_session,
+            max_connections=service.max_connections,
+            on_reject=rejected.inc,
+        )
+
+    @property
+    def address(self) -> str:
+        if self._listener is None:
+            raise RuntimeError("the adapter is not started")
+        return str(self._listener.address)
+
+    async def stop(self, drain_timeout: float) -> None:
+        if self._listener is not None:
+            await self._listener.close(drain_timeout)
+
+    async def upgrade_tls(self, client: Conduit, deadline: float) -> None:
+        """Upgrade the client connection to the service's TLS (client certificate required
+        under mtls). A failed handshake is an unproven caller: audited as a denial."""
+        assert self.ctx.server_ssl is not None
+        remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
+        try:
+            await client.start_tls(self.ctx.server_ssl, server_side=True, timeout=remaining)
+        except ClientError as exc:
+            self.ctx.refuse(client.peer, str(exc))
+            raise
+
+    async def serve_session(self, client: Conduit) -> None:
+        """The whole life cycle of one accepted connection (the listener's handler)."""
+        deadline = asyncio.get_running_loop().time() + self.hello_timeout
+        try:
+            hello = await self.hello(client, deadline)
+        except ProtocolViolation as exc:
+            # Say so if the connection can still carry it; the client broke the protocol.
+            self.ctx.log.info("protocol error from %s: %s", client.peer, exc)
+            if not client.is_closed:
+                client.write(self.protocol_error_reply(str(exc)))
+            return
+        if hello is None:
+            return
+        try:
+            identity = self._identify(client)
+        except Refusal as refusal:
+            client.write(self.refusal_reply(refusal))
+            return
+        decision = self.ctx.authorize(identity, client.peer)
+        if not decision.allow:
+            client.write(self.refusal_reply(Refusal("policy", decision.reason)))
+            self._outcomes["denied"].inc()
+            return
+        await self._allowed(Session(client, hello, identity, decision))
+
+    def _identify(self, client: Conduit) -> WorkloadIdentity:
+        ctx = self.ctx
+        if ctx.service.client_auth != "local" and not client.is_tls:
+            ctx.refuse(client.peer, self.no_tls_reason)
+            raise Refusal("identity", self.tls_required_message)
+        try:
+            return ctx.identify(client.ssl_object)
+        except IdentityError as exc:
+            ctx.refuse(client.peer, str(exc))
+            raise Refusal("identity", str(exc)) from None
+
+    async def _allowed(self, session: Session[H]) -> None:
+        """From an allowed identity to the end: one session_end event for every ending."""
+        client = session.client
+        outcome = "error"
+        self._active.inc()
+        try:
+            session.request = self.check_request(session)
+            async with contextlib.AsyncExitStack() as stack:
+                credential = await self._acquire(stack, session.identity)
+                outcome = await self._proxy(session, credential)
+        except Refusal as refusal:
+            outcome = refusal.outcome
+            session.end["error"] = refusal.message
+            session.end.update(refusal.audit)
+            if refusal.metric is not None:
+                self.ctx.metrics.upstream_errors.labels(self.ctx.service.name, refusal.metric).inc()
+            client.write(
+                refusal.reply if refusal.reply is not None else self.refusal_reply(refusal)
+            )
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            session.end["error"] = "broker shutting down"
+            raise
+        except ClientError as exc:
+            outcome = "client_error"
+            session.end["error"] = str(exc)
+        except Exception as exc:
+            session.end["error"] = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            if session.stats.ended_by is not None:
+                session.end.setdefault("ended_by", session.stats.ended_by)
+            self._active.dec()
+            self._outcomes[outcome].inc()
+            self.ctx.record(
+                "session_end",
+                identity=session.identity,
+                peer=client.peer,
+                decision=session.decision,
+                outcome=outcome,
+                **session.request,
+                bytes_client_to_upstream=session.stats.client_to_upstream,
+                bytes_upstream_to_client=session.stats.upstream_to_client,
+                duration_ms=round((time.monotonic() - session.started) * 1000, 1),
+                **session.end,
+            )
+
+    async def _acquire(
+        self, stack: contextlib.AsyncExitStack, identity: WorkloadIdentity
+    ) -> Credential:
+        """Hold the identity's credential for the whole session (the lease manager then knows
+        the lease is in use); fail closed within `credential_timeout`."""
+        name = self.ctx.service.name
+        try:
+            async with asyncio.timeout(self.credential_timeout):
+                credential = await stack.enter_async_context(self.ctx.credentials.use(identity))
+        except TimeoutError:
+            raise Refusal(
+                "credential",
+                f"no credential for service {name}: the vault did not answer in "
+                f"{self.credential_timeout:g}s",
+                metric="credential_timeout",
+            ) from None
+        except CredentialUnavailable as exc:
+            raise Refusal("credential", f"no credential for service {name}: {exc}") from None
+        missing = [f for f in self.credential_fields if not credential.fields.get(f)]
+        if missing:
+            raise Refusal(
+                "credential",
+                f"the credential of service {name} ({credential.ref.location}) has no "
+                f"{' or '.join(missing)} field",
+            )
+        return credential
+
+    async def _proxy(self, session: Session[H], credential: Credential) -> str:
+        """Log in upstream, greet the client, splice; returns the outcome."""
+        deadline = asyncio.get_running_loop().time() + self.login_timeout
+        upstream = await self.login(session, credential, deadline)
+        try:
+            self.greet(session, upstream)
+            try:
+                self.ctx.record(
+                    "session_start",
+                    identity=session.identity,
+                    peer=session.client.peer,
+                    decision=session.decision,
+                    upstream=upstream.address,
+                    upstream_local=local_address(upstream.conduit),
+                    upstream_user=upstream.user,
+                    **session.request,
+                    credential=credential.ref.to_audit(),
+                    lease_id=credential.ref.lease_id,
+                )
+                session.end.update(upstream_user=upstream.user, lease_id=credential.ref.lease_id)
+                result = await splice(session.client, upstream.conduit, stats=session.stats)
+            finally:
+                self.release(session, upstream)
+        except BaseException:
+            upstream.conduit.abort()
+            raise
+        session.end["ended_by"] = result.ended_by
+        if result.error:
+            session.end["error"] = result.error
+        return "ok" if result.ended_by in ("client", "upstream") else result.ended_by
