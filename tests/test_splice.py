@@ -50,6 +50,7 @@ async def broker(
     handshake: Handshake | None = None,
     idle_timeout: float | None = None,
     server_ssl: ssl.SSLContext | None = None,
+    client_filter: Callable[[], splice.StreamFilter] | None = None,
 ) -> AsyncIterator[Broker]:
     results: asyncio.Queue[splice.SpliceResult | BaseException] = asyncio.Queue()
     stats_list: list[splice.SpliceStats] = []
@@ -64,7 +65,13 @@ async def broker(
             if handshake is not None:
                 await handshake(client, up)
             results.put_nowait(
-                await splice.splice(client, up, idle_timeout=idle_timeout, stats=stats)
+                await splice.splice(
+                    client,
+                    up,
+                    idle_timeout=idle_timeout,
+                    stats=stats,
+                    client_filter=client_filter() if client_filter is not None else None,
+                )
             )
         except BaseException as exc:
             results.put_nowait(exc)
@@ -506,5 +513,65 @@ def test_conduit_is_unusable_after_splice(run: Run) -> None:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+
+    run(main())
+
+
+class LineFilter:
+    """Rewrites whole lines: "secret" goes upstream as "public", "ask" is answered here,
+    "die" ends the splice; lines split across reads are reassembled."""
+
+    def __init__(self) -> None:
+        self.partial = b""
+        self.fed: list[bytes] = []
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]:
+        self.fed.append(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        forward, answer = bytearray(), bytearray()
+        for line in lines:
+            if line == b"die":
+                raise ValueError("the client said die")
+            if line == b"ask":
+                answer += b"answered by the filter\n"
+            else:
+                forward += line.replace(b"secret", b"public") + b"\n"
+        return bytes(forward), bytes(answer)
+
+
+def test_client_filter_rewrites_answers_and_ends(run: Run) -> None:
+    async def main() -> None:
+        filters: list[LineFilter] = []
+
+        def make() -> LineFilter:
+            filters.append(LineFilter())
+            return filters[-1]
+
+        async def handshake(client: net.Conduit, up: net.Conduit) -> None:
+            # Bytes left over from the handshake go through the filter too.
+            client.unread(b"early secret\n")
+
+        async with (
+            EchoServer() as echo,
+            broker(echo.address, handshake=handshake, client_filter=make) as b,
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+            assert await reader.readline() == b"early public\n"
+            writer.write(b"sec")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"ret two\nask\n")
+            # The answer is written at once, the echo comes back later: no order between them.
+            lines = {await reader.readline(), await reader.readline()}
+            assert lines == {b"public two\n", b"answered by the filter\n"}
+            writer.write(b"die\nnever forwarded\n")
+            assert await reader.read() == b""
+            writer.close()
+            result = await b.results.get()
+            assert isinstance(result, splice.SpliceResult)
+            assert result.ended_by == "error"
+            assert result.error == "client: the client said die"
+            assert len(filters[0].fed) >= 3
 
     run(main())

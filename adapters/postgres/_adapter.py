@@ -222,7 +222,7 @@ class PostgresAdapter(TcpAdapter[Hello]):
         if login.process_id is not None:
             self.cancel_keys.forget(login.process_id)
 
-    def refusal_reply(self, refusal: Refusal) -> bytes:
+    def refusal_reply(self, refusal: Refusal, hello: Hello) -> bytes:
         sqlstate = SQLSTATE_OF_STEP[refusal.step]
         return encode(ErrorResponse.make("FATAL", sqlstate, refusal.message))
 

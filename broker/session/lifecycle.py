@@ -8,7 +8,8 @@
 `TcpAdapter.serve_session` is that walk. A protocol subclasses `TcpAdapter` and supplies only
 its steps: how to read the client's hello (with the TLS upgrade inside it, where the protocol
 has one), what the client asked for, how to log in upstream with a credential, how to greet
-the client, and how to say "refused" in its protocol. The order, the policy decision, the
+the client, how to say "refused" in its protocol, and (optionally) how to keep watching
+what the client sends once spliced. The order, the policy decision, the
 credential timeout, the audit events and the metrics are the core's, the same for every
 protocol:
 
@@ -18,6 +19,22 @@ protocol:
   word (`OUTCOMES`), and a `session_start` event once the upstream login succeeded;
 - `sidekey_sessions_active`, `sidekey_sessions_total{outcome}` and
   `sidekey_upstream_errors_total{kind}` count the same outcomes for every protocol.
+
+Protocols differ in how a session opens, and the walk has a switch or a step for each way:
+
+- TLS negotiated inside the protocol (PostgreSQL ``SSLRequest``, MySQL ``CLIENT_SSL`` after
+  the server's greeting): `hello` calls `upgrade_tls` where the protocol says so.
+- TLS from the first byte (Redis): `tls_first = True`; the listener does the TLS handshake
+  before the session starts (within the hello timeout). A failed handshake never becomes a
+  session, so it is logged by the event loop and counted nowhere else: holding reads for
+  `upgrade_tls` instead loses the ClientHello under uvloop, which starts reading on its own
+  after `connection_made`.
+- A protocol with no opening message at all (Redis): `hello` returns at once.
+- Commands the client may send after login that the broker must answer or rewrite (MySQL
+  ``COM_CHANGE_USER``, Redis ``AUTH``): `client_filter` returns a `StreamFilter` for the
+  splice's client → upstream direction.
+- How a refused client is told: `refusal_reply` (which sees the hello, for a sequence number)
+  builds the bytes, `deliver_refusal` writes them (once, unless the protocol needs more).
 """
 
 from __future__ import annotations
@@ -39,7 +56,7 @@ from broker.policy import Decision
 from .adapter import Adapter
 from .context import ServiceContext
 from .net import Conduit, Listener, serve
-from .splice import SpliceStats, splice
+from .splice import SpliceStats, StreamFilter, splice
 
 # From accepting a connection to the client's hello, TLS handshake included. Clients send it
 # at once, and there is no password to type: a client that takes longer is stuck or hostile
@@ -172,6 +189,9 @@ class TcpAdapter(Adapter, Generic[H]):
     tls_required_message = "this service requires TLS with a client certificate (an X.509-SVID)"
     # Why such a client was refused, for the audit trail.
     no_tls_reason = "connection is not TLS"
+    # True for a protocol whose TLS starts with the first byte (no in-band negotiation): the
+    # listener does the handshake before `hello` (client_auth mtls).
+    tls_first = False
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
@@ -218,25 +238,28 @@ class TcpAdapter(Adapter, Generic[H]):
         """The session is over (spliced or not, once greeted): forget what `greet` kept."""
         return None
 
+    def client_filter(self, session: Session[H], upstream: Upstream) -> StreamFilter | None:
+        """What watches the client's bytes during the splice, if anything (see the module
+        docstring); called once, after `greet`."""
+        return None
+
     @abc.abstractmethod
-    def refusal_reply(self, refusal: Refusal) -> bytes:
+    def refusal_reply(self, refusal: Refusal, hello: H) -> bytes:
         """The protocol's error message for a refused session (`refusal.message` in it)."""
+
+    async def deliver_refusal(self, client: Conduit, hello: H, reply: bytes) -> None:
+        """Tell a refused client: write `reply` (the core closes the connection after).
+
+        A protocol whose client speaks first and may not read an unsolicited error (Redis)
+        answers its commands with it instead, for a bounded time.
+        """
+        client.write(reply)
 
     @abc.abstractmethod
     def protocol_error_reply(self, message: str) -> bytes:
         """The protocol's error message for a client that broke the protocol."""
 
     # -- the core's part -----------------------------------------------------------------
-
-    async def start(self) -> None:
-        service = self.ctx.service
-        rejected = self.ctx.metrics.connections_rejected.labels(service.name)
-        self._listener = await serve(
-            service.listen,
-            self.serve_session,
-            max_connections=service.max_connections,
-            on_reject=rejected.inc,
-        )
 
     @property
     def address(self) -> str:
@@ -259,6 +282,18 @@ class TcpAdapter(Adapter, Generic[H]):
             self.ctx.refuse(client.peer, str(exc))
             raise
 
+    async def start(self) -> None:
+        service = self.ctx.service
+        rejected = self.ctx.metrics.connections_rejected.labels(service.name)
+        self._listener = await serve(
+            service.listen,
+            self.serve_session,
+            max_connections=service.max_connections,
+            on_reject=rejected.inc,
+            ssl=self.ctx.server_ssl if self.tls_first else None,
+            ssl_handshake_timeout=self.hello_timeout,
+        )
+
     async def serve_session(self, client: Conduit) -> None:
         """The whole life cycle of one accepted connection (the listener's handler)."""
         deadline = asyncio.get_running_loop().time() + self.hello_timeout
@@ -275,12 +310,13 @@ class TcpAdapter(Adapter, Generic[H]):
         try:
             identity = self._identify(client)
         except Refusal as refusal:
-            client.write(self.refusal_reply(refusal))
+            await self.deliver_refusal(client, hello, self.refusal_reply(refusal, hello))
             return
         decision = self.ctx.authorize(identity, client.peer)
         if not decision.allow:
-            client.write(self.refusal_reply(Refusal("policy", decision.reason)))
             self._outcomes["denied"].inc()
+            reply = self.refusal_reply(Refusal("policy", decision.reason), hello)
+            await self.deliver_refusal(client, hello, reply)
             return
         await self._allowed(Session(client, hello, identity, decision))
 
@@ -311,9 +347,12 @@ class TcpAdapter(Adapter, Generic[H]):
             session.end.update(refusal.audit)
             if refusal.metric is not None:
                 self.ctx.metrics.upstream_errors.labels(self.ctx.service.name, refusal.metric).inc()
-            client.write(
-                refusal.reply if refusal.reply is not None else self.refusal_reply(refusal)
+            reply = (
+                refusal.reply
+                if refusal.reply is not None
+                else self.refusal_reply(refusal, session.hello)
             )
+            await self.deliver_refusal(client, session.hello, reply)
         except asyncio.CancelledError:
             outcome = "cancelled"
             session.end["error"] = "broker shutting down"
@@ -389,7 +428,12 @@ class TcpAdapter(Adapter, Generic[H]):
                     lease_id=credential.ref.lease_id,
                 )
                 session.end.update(upstream_user=upstream.user, lease_id=credential.ref.lease_id)
-                result = await splice(session.client, upstream.conduit, stats=session.stats)
+                result = await splice(
+                    session.client,
+                    upstream.conduit,
+                    stats=session.stats,
+                    client_filter=self.client_filter(session, upstream),
+                )
             finally:
                 self.release(session, upstream)
         except BaseException:

@@ -9,13 +9,18 @@ until `resume_writing()`. So a connection pair holds at most about high-water pl
 
 Half-close is relayed where the transport can express it (plain TCP and unix sockets:
 `write_eof`); TLS cannot half-close, so an EOF towards a TLS side closes it.
+
+A protocol that must keep watching what the client sends after login (MySQL's
+``COM_CHANGE_USER``, Redis's ``AUTH``) passes a `StreamFilter` for the client → upstream
+direction: each chunk goes through its `feed`, which returns what to forward (possibly
+rewritten) and what to answer the client directly. Without one the hot path is untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from broker.session.net import CLOSE_LINGER_TIMEOUT, Conduit, read_buffer
 
@@ -38,6 +43,19 @@ RELAY_LOW_WATER = 64 * 1024
 # previous tick: a splice ends after between 1 and 1 + 1/4 idle_timeouts of silence, never
 # sooner, with no per-chunk bookkeeping on the hot path.
 IDLE_CHECKS_PER_TIMEOUT = 4
+
+
+class StreamFilter(Protocol):
+    """Watches the client → upstream bytes of a splice (see the module docstring)."""
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]:
+        """Bytes from the client -> (bytes for the upstream, bytes answered to the client).
+
+        Called for every chunk in order; keeps whatever state it needs across chunks (a
+        command split between two reads). Raising ends the splice with `ended_by` "error"
+        and the exception's message as its error.
+        """
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +178,38 @@ class _Side(asyncio.BufferedProtocol):
             peer.transport.resume_reading()
 
 
+class _FilteredSide(_Side):
+    """The client's side when a `StreamFilter` watches what it sends."""
+
+    __slots__ = ("filter",)
+
+    def __init__(
+        self,
+        relay: _Relay,
+        name: Literal["client", "upstream"],
+        t: asyncio.Transport,
+        stream_filter: StreamFilter,
+    ) -> None:
+        super().__init__(relay, name, t)
+        self.filter = stream_filter
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.buffer[:nbytes].tobytes())
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        try:
+            forward, answer = self.filter.feed(data)
+        except Exception as exc:
+            self.relay.fail(self, exc)
+            return
+        peer = self.peer
+        if forward and not peer.lost:
+            peer.transport.write(forward)
+        if answer and not self.lost:
+            self.transport.write(answer)
+
+
 class _Relay:
     """The state both sides share: how the splice ends."""
 
@@ -224,6 +274,16 @@ class _Relay:
         else:
             self.close(side.peer)
 
+    def fail(self, side: _Side, exc: Exception) -> None:
+        """A side's filter refused its bytes: end the splice as an error."""
+        if self.stats.error is None:
+            self.stats.error = f"{side.name}: {exc}"
+        if self.verdict is None:
+            self.verdict = "error"
+        side.read_done = True
+        self.close(self.client)
+        self.close(self.upstream)
+
     def close(self, side: _Side) -> None:
         """Close one side, letting its buffered bytes drain for up to CLOSE_LINGER_TIMEOUT."""
         if side.lost or side.transport.is_closing():
@@ -276,10 +336,12 @@ async def splice(
     *,
     idle_timeout: float | None = None,
     stats: SpliceStats | None = None,
+    client_filter: StreamFilter | None = None,
 ) -> SpliceResult:
     """Relay bytes both ways between `client` and `upstream` until the session ends.
 
-    Bytes still buffered in either conduit (unread by the handshake) are delivered first.
+    Bytes still buffered in either conduit (unread by the handshake) are delivered first
+    (through `client_filter` too, when there is one).
     Both transports are closed when this returns. If the calling task is cancelled, both
     sides are aborted, `stats.ended_by` becomes "cancelled", and CancelledError propagates.
     """
@@ -290,7 +352,11 @@ async def splice(
         raise RuntimeError("splice() needs two connected conduits")
     c_data, c_eof, c_lost, c_wpaused = client._detach()
     u_data, u_eof, u_lost, u_wpaused = upstream._detach()
-    c = relay.client = _Side(relay, "client", client.transport)
+    c = relay.client = (
+        _Side(relay, "client", client.transport)
+        if client_filter is None
+        else _FilteredSide(relay, "client", client.transport, client_filter)
+    )
     u = relay.upstream = _Side(relay, "upstream", upstream.transport)
     c.peer, u.peer = u, c
     stats._client, stats._upstream = c, u
