@@ -275,6 +275,11 @@ async def test_client_without_tls_is_told_how_to_connect(world: World) -> None:
             "SELECT 1",
         )
         assert code != 0
+        # Every refusal counts as a denied session, whichever step refused it.
+        denied = b.metrics.registry.get_sample_value(
+            "sidekey_sessions_total", {"service": SERVICE, "outcome": "denied"}
+        )
+        assert denied == 3
     denials = [json.loads(x) for x in audit.read_text().splitlines()]
     reasons = [e["reason"] for e in denials if e["event"] == "deny"]
     assert len(reasons) == 3 and all("spiffe_id" not in e for e in denials)

@@ -280,6 +280,7 @@ class TcpAdapter(Adapter, Generic[H]):
             await client.start_tls(self.ctx.server_ssl, server_side=True, timeout=remaining)
         except ClientError as exc:
             self.ctx.refuse(client.peer, str(exc))
+            self._outcomes["denied"].inc()
             raise
 
     async def start(self) -> None:
@@ -311,6 +312,7 @@ class TcpAdapter(Adapter, Generic[H]):
             identity = self._identify(client)
         except Refusal as refusal:
             await self.deliver_refusal(client, hello, self.refusal_reply(refusal, hello))
+            self._outcomes["denied"].inc()
             return
         decision = self.ctx.authorize(identity, client.peer)
         if not decision.allow:
