@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test lint pytest bench bench-openssl bench-callgrind system-deps bench-deps clean
+.PHONY: all demo test lint pytest bench bench-openssl bench-callgrind system-deps bench-deps spire clean
 
 all: test
 
@@ -24,6 +24,10 @@ system-deps:
 bench-deps:
 	@scripts/system-deps.sh bench
 
+# SPIRE server and agent for the identity tests, built once into ~/.cache/sidekey (~11 min).
+spire:
+	@scripts/build-spire.sh
+
 demo: $(STAMP)
 	$(BIN)/python demo/run_demo.py
 
@@ -34,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 
-pytest: $(STAMP) system-deps
+pytest: $(STAMP) system-deps spire
 	$(BIN)/pytest -q -ra
 
 test: lint pytest

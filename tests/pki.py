@@ -46,13 +46,18 @@ class Pki:
         self._out = root / "issued"
         self._cache: dict[tuple[str, str], IssuedFiles] = {}
         self._other_ca: Path | None = None
+        # SERVER_ID and DEFAULT_CLIENT_ID, in this CA's trust domain.
+        self.server_id = SERVER_ID.replace(TRUST_DOMAIN, trust_domain, 1)
+        self.default_client_id = DEFAULT_CLIENT_ID.replace(TRUST_DOMAIN, trust_domain, 1)
         self.server = issue(
-            self.dir, SERVER_ID, self._out / "server", dns=SERVER_DNS, ips=SERVER_IPS
+            self.dir, self.server_id, self._out / "server", dns=SERVER_DNS, ips=SERVER_IPS
         )
 
-    def client(self, spiffe_id: str = DEFAULT_CLIENT_ID) -> IssuedFiles:
-        """A valid client X.509-SVID for `spiffe_id` from this CA (cached per ID)."""
-        return self._cached("client", spiffe_id, lambda prefix: issue(self.dir, spiffe_id, prefix))
+    def client(self, spiffe_id: str | None = None) -> IssuedFiles:
+        """A valid client X.509-SVID for `spiffe_id` (default: ``ns/prod/sa/orders`` of this
+        CA's trust domain) from this CA (cached per ID)."""
+        sid = spiffe_id or self.default_client_id
+        return self._cached("client", sid, lambda prefix: issue(self.dir, sid, prefix))
 
     def other_ca_client(self, spiffe_id: str = DEFAULT_CLIENT_ID) -> IssuedFiles:
         """A client SVID from a second CA with the *same* trust domain name: untrusted chain.
