@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install the Debian packages Sidekey's tests, demo or benchmarks need, if any is missing.
-#   base:  PostgreSQL server and clients (psql, pgbench), curl, python3-venv
-#   bench: base + pgbouncer, nginx-light, wrk, valgrind (make bench-callgrind)
+#   base:  PostgreSQL server and clients (psql, pgbench), MariaDB server and clients (mariadb,
+#          mysqlslap), Redis server and tools (redis-cli, redis-benchmark), curl, python3-venv
+#   bench: base + pgbouncer, nginx-light, wrk, valgrind (make bench-callgrind), sysbench
 set -euo pipefail
 
-want=(postgresql postgresql-client curl python3-venv)
+want=(postgresql postgresql-client mariadb-server mariadb-client redis-server redis-tools
+      curl python3-venv)
 if [ "${1:-base}" = bench ]; then
-  want+=(pgbouncer nginx-light wrk valgrind)
+  want+=(pgbouncer nginx-light wrk valgrind sysbench)
 fi
 
 missing=()
@@ -20,6 +22,7 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -q >/dev/null
-# Debian's postgresql package starts a cluster of its own; the tests start throwaway ones
-# and never touch it.
+# Debian's postgresql, mariadb-server and redis-server packages may start servers of their
+# own (on their default ports); the tests start throwaway ones on free ports and never touch
+# those.
 $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null

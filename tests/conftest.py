@@ -1,5 +1,11 @@
-"""Shared fixtures: the dev PKI (tests/pki.py), real servers (tests/servers.py), real SPIRE
-(tests/spire.py), and the asyncio-and-uvloop runner of the connection-layer tests
-(tests/loops.py)."""
+"""Shared fixtures: the dev PKI (tests/pki.py), real servers (tests/servers.py and, for MySQL
+and Redis, tests/servers_mysql_redis.py), real SPIRE (tests/spire.py), and the
+asyncio-and-uvloop runner of the connection-layer tests (tests/loops.py)."""
 
-pytest_plugins = ["tests.pki", "tests.servers", "tests.loops", "tests.spire"]
+pytest_plugins = [
+    "tests.pki",
+    "tests.servers",
+    "tests.servers_mysql_redis",
+    "tests.loops",
+    "tests.spire",
+]

@@ -1,0 +1,236 @@
+"""Real-server fixtures for the MySQL and Redis adapters: Debian's redis-server and
+mariadb-server, started as throwaway instances on free loopback ports, and the session
+OpenBao's database engine wired to each (redis-database-plugin, mysql-database-plugin).
+
+Each server starts once per test session. MariaDB refuses to run as root, so when the tests
+run as root its files belong to the `mysql` account and it runs as that user; redis-server
+runs as whoever runs the tests. Readiness is polled with a deadline; every process is
+stopped by its PID at teardown.
+
+    async def test_x(redis_server, vault_redis):
+        creds = vault_redis.client().secrets.database.generate_credentials(
+            vault_redis.role, mount_point=vault_redis.mount)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hvac
+import pytest
+import trustme
+
+from tests.servers import POLL_SECONDS, STOP_GRACE_SECONDS, OpenBao, free_port
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+MARIADBD = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
+MARIADB_INSTALL_DB = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
+# A redis-server is ready in milliseconds; mariadb-install-db plus the first start take a
+# few seconds, more on a loaded 2-core CI box.
+REDIS_START_SECONDS = 30.0
+MARIADB_START_SECONDS = 90.0
+# Lease lengths of the dynamic users: long enough that no test sees one expire.
+ROLE_DEFAULT_TTL = "1h"
+ROLE_MAX_TTL = "24h"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _tls_files(directory: Path, owner: str | None = None) -> Path:
+    """A CA and a server certificate for localhost/127.0.0.1 in `directory`; returns the
+    CA's path."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    (directory / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    (directory / "server.pem").write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
+    key = directory / "server-key.pem"
+    key.write_bytes(cert.private_key_pem.bytes())
+    key.chmod(0o600)
+    if owner is not None and os.geteuid() == 0:
+        for name in ("ca.pem", "server.pem", "server-key.pem"):
+            shutil.chown(directory / name, owner, owner)
+    return directory / "ca.pem"
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+@dataclass
+class RedisServer:
+    """A running redis-server: plain TCP on `port`, TLS on `tls_port` (CA at `ca_path`; no
+    client certificate asked for). ``requirepass`` is set; `passwords` holds the ACL users'
+    passwords (``vaultadmin`` manages users, ``static_user`` is for KV credentials)."""
+
+    host: str
+    port: int
+    tls_port: int
+    ca_path: Path
+    workdir: Path
+    passwords: dict[str, str] = field(repr=False)
+    proc: subprocess.Popen[bytes] = field(repr=False)
+
+    def command(self, *args: str) -> str:
+        """Run one command as vaultadmin over plain TCP with redis-cli; its raw output."""
+        result = subprocess.run(
+            ["redis-cli", "-h", self.host, "-p", str(self.port), "--user", "vaultadmin",
+             "--pass", self.passwords["vaultadmin"], "--no-auth-warning", *args],
+            capture_output=True, text=True, check=False, timeout=30,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"redis-cli failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def users(self) -> set[str]:
+        """Every ACL user name (ACL USERS)."""
+        return set(self.command("ACL", "USERS").split())
+
+    def log(self) -> str:
+        return (self.workdir / "redis.log").read_text(errors="replace")
+
+
+def _ping(host: str, port: int, password: str) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1) as sock:
+            sock.sendall(f"AUTH vaultadmin {password}\r\nPING\r\n".encode())
+            data = b""
+            while data.count(b"\r\n") < 2:
+                chunk = sock.recv(256)
+                if not chunk:
+                    return False
+                data += chunk
+            return data == b"+OK\r\n+PONG\r\n"
+    except OSError:
+        return False
+
+
+def start_redis(workdir: Path) -> RedisServer:
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca_path = _tls_files(workdir)
+    port, tls_port = free_port(), free_port()
+    passwords = {
+        "default": secrets.token_urlsafe(18),
+        "vaultadmin": secrets.token_urlsafe(18),
+        "static_user": secrets.token_urlsafe(18),
+    }
+    p = passwords
+    (workdir / "redis.conf").write_text(
+        f"""bind 127.0.0.1
+port {port}
+tls-port {tls_port}
+tls-cert-file {workdir}/server.pem
+tls-key-file {workdir}/server-key.pem
+tls-ca-cert-file {ca_path}
+tls-auth-clients no
+dir {workdir}
+logfile {workdir}/redis.log
+save ""
+appendonly no
+daemonize no
+protected-mode yes
+# The default user needs a password: RESET would otherwise log any session in as it.
+requirepass {p["default"]}
+user vaultadmin on >{p["vaultadmin"]} ~* &* +@all
+user static_user on >{p["static_user"]} ~* &* +@all
+"""
+    )
+    proc = subprocess.Popen(
+        [REDIS_SERVER, str(workdir / "redis.conf")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    server = RedisServer("127.0.0.1", port, tls_port, ca_path, workdir, passwords, proc)
+    deadline = time.monotonic() + REDIS_START_SECONDS
+    while not _ping("127.0.0.1", port, p["vaultadmin"]):
+        if proc.poll() is not None:
+            log = server.log() if (workdir / "redis.log").exists() else ""
+            raise RuntimeError(f"redis-server exited with {proc.returncode}:\n{log[-3000:]}")
+        if time.monotonic() > deadline:
+            _stop(proc)
+            raise RuntimeError(f"redis-server not ready after {REDIS_START_SECONDS}s")
+        time.sleep(POLL_SECONDS)
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session."""
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed (scripts/system-deps.sh installs it)")
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        _stop(server.proc)
+
+
+@dataclass
+class VaultEngine:
+    """A database secrets engine mount of the session OpenBao, wired to one server."""
+
+    openbao: OpenBao
+    mount: str
+    connection: str
+    role: str
+
+    def client(self) -> hvac.Client:
+        return self.openbao.client()
+
+    def leases(self) -> list[str]:
+        """Lease ids under <mount>/creds/<role>/ (empty if none)."""
+        try:
+            listed = self.client().sys.list_leases(f"{self.mount}/creds/{self.role}")
+        except hvac.exceptions.InvalidPath:
+            return []
+        return list(listed["data"]["keys"])
+
+
+# ACL rules of a dynamic Redis user: every key and command (like app-rw for PostgreSQL).
+REDIS_CREATION = ['["~*", "&*", "+@all"]']
+
+
+@pytest.fixture(scope="session")
+def vault_redis(openbao: OpenBao, redis_server: RedisServer) -> VaultEngine:
+    """Mount `redis-db` on the session OpenBao, pointed at the session redis-server over
+    TLS as vaultadmin, with role cache-rw."""
+    engine = VaultEngine(openbao, "redis-db", "cache", "cache-rw")
+    client = engine.client()
+    client.sys.enable_secrets_engine("database", path=engine.mount)
+    client.secrets.database.configure(
+        name=engine.connection,
+        plugin_name="redis-database-plugin",
+        host=redis_server.host,
+        port=redis_server.tls_port,
+        tls=True,
+        ca_cert=redis_server.ca_path.read_text(),
+        username="vaultadmin",
+        password=redis_server.passwords["vaultadmin"],
+        allowed_roles=["*"],
+        verify_connection=True,
+        mount_point=engine.mount,
+    )
+    client.secrets.database.create_role(
+        name=engine.role,
+        db_name=engine.connection,
+        creation_statements=REDIS_CREATION,
+        default_ttl=ROLE_DEFAULT_TTL,
+        max_ttl=ROLE_MAX_TTL,
+        mount_point=engine.mount,
+    )
+    return engine
