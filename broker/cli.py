@@ -1,4 +1,4 @@
-"""The `sidekey` command: run, check, and the development CA."""
+"""The `sidekey` command: run, check, reload, and the development CA."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +24,9 @@ if TYPE_CHECKING:
     from broker.runtime import Broker
 
 log = logging.getLogger("sidekey")
+
+# A reload builds services and re-reads files: well under a second; this bounds a stuck one.
+RELOAD_TIMEOUT_SECONDS = 60.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -70,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config and every file it references")
     check.add_argument("--config", required=True, type=Path)
 
+    reload = sub.add_parser(
+        "reload", help="check a config, then have the running broker apply it (as SIGHUP)"
+    )
+    reload.add_argument("--config", required=True, type=Path)
+    reload.add_argument("--admin", help="the broker's admin address (default: admin.listen)")
+    reload.add_argument("--pid", type=int, help="send SIGHUP to this process instead")
+
     ca = sub.add_parser("ca", help="a development-only SPIFFE CA (never for production)")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
     init = ca_sub.add_parser("init", help="create a CA and trust bundle in DIR")
@@ -92,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(args.config, args.drain_timeout)
         if args.command == "check":
             return check(args.config)
+        if args.command == "reload":
+            return reload_command(args)
         return ca_command(args)
     except SidekeyError as exc:
         print(f"sidekey: {exc}", file=sys.stderr)
@@ -99,11 +114,50 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check(path: Path) -> int:
+    config = validate(path)
+    print(f"{path}: ok ({len(config.services)} services)")
+    return 0
+
+
+def validate(path: Path) -> Config:
+    """Parse a config and build everything from it that can fail without IO; raises
+    ConfigError. What `check` reports, and what a reload refuses."""
     from broker.runtime import Broker  # noqa: PLC0415
 
     config = load_config(path)
     Broker(config)  # builds TLS contexts, credential sources and adapters: validates all
-    print(f"{path}: ok ({len(config.services)} services)")
+    return config
+
+
+def reload_command(args: argparse.Namespace) -> int:
+    """Refuse a broken config here, as the broker would; then ask the broker to reload."""
+    config = validate(args.config)
+    if args.pid is not None:
+        os.kill(args.pid, signal.SIGHUP)
+        print(f"sent SIGHUP to {args.pid}; the broker logs the outcome")
+        return 0
+    address = args.admin
+    if address is None:
+        admin = config.admin
+        if admin is None or admin.listen.port in (None, 0):
+            raise SidekeyError(
+                "no fixed admin.listen in the config: pass --admin HOST:PORT, or --pid PID "
+                "to send SIGHUP"
+            )
+        address = str(admin.listen)
+    request = urllib.request.Request(f"http://{address}/reload", method="POST", data=b"")
+    try:
+        # An http:// URL built here from the admin address, never from input.
+        with urllib.request.urlopen(request, timeout=RELOAD_TIMEOUT_SECONDS) as response:  # noqa: S310
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read() or b"{}")
+    except (urllib.error.URLError, OSError) as exc:
+        raise SidekeyError(f"cannot reach the broker's admin server at {address}: {exc}") from None
+    if not body.get("ok"):
+        print(f"sidekey: reload refused: {body.get('error')}", file=sys.stderr)
+        return 2
+    print(json.dumps(body, indent=2))
     return 0
 
 
@@ -126,11 +180,19 @@ async def _serve(config: Config, drain_timeout: float) -> int:
     from broker.observe.metrics import platform_info  # noqa: PLC0415
     from broker.runtime import Broker  # noqa: PLC0415
 
-    broker: Broker = Broker(config)
+    broker: Broker = Broker(config, drain_timeout=drain_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(_reload(broker))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await broker.start()
     info = platform_info()
     log.info(
@@ -139,8 +201,20 @@ async def _serve(config: Config, drain_timeout: float) -> int:
     )  # fmt: skip
     await stop.wait()
     log.info("signal received: draining for up to %.1fs", drain_timeout)
+    loop.remove_signal_handler(signal.SIGHUP)
+    await asyncio.gather(*reloads, return_exceptions=True)
     await broker.stop(drain_timeout)
     return 0
+
+
+async def _reload(broker: Broker) -> None:
+    log.info("SIGHUP: reloading %s", broker.config.path)
+    try:
+        await broker.reload()
+    except SidekeyError as exc:
+        log.error("reload refused, the running config stays: %s", exc)
+    except Exception:
+        log.exception("reload failed, the running config stays")
 
 
 def ca_command(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ segment) or ``/**`` (one or more more segments).
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 
 from broker.config import ServiceConfig
@@ -31,10 +32,20 @@ def rule_matches(rule: str, spiffe_id: str) -> bool:
     return rule == spiffe_id
 
 
-def evaluate(identity: WorkloadIdentity | None, service: ServiceConfig) -> Decision:
-    """Decide whether `identity` may use `service`. Never raises; never allows by default."""
+def evaluate(
+    identity: WorkloadIdentity | None,
+    service: ServiceConfig,
+    *,
+    denied: Container[str] = frozenset(),
+) -> Decision:
+    """Decide whether `identity` may use `service`. Never raises; never allows by default.
+
+    `denied` holds offboarded SPIFFE IDs (the deny list): refused whatever the rules say.
+    """
     if identity is None:
         return Decision(False, "no proven workload identity")
+    if identity.spiffe_id in denied:
+        return Decision(False, f"{identity.spiffe_id} is offboarded")
     for rule in service.allow:
         if rule_matches(rule, identity.spiffe_id):
             return Decision(True, f"allowed by rule {rule}", rule)

@@ -1,29 +1,33 @@
 """The runtime: builds every service from a parsed config, runs them, drains on shutdown.
 
 `Broker(config)` does no IO, so `sidekey check` can build one to validate a config and the
-files it references. `start()` binds listeners and primes credentials; `stop()` drains
-in-flight work, revokes leases and closes the audit trail.
+files it references. `start()` binds listeners and primes credentials; `reload()` applies a
+new config without dropping what is open (SIGHUP); `stop()` drains in-flight work, revokes
+leases and closes the audit trail (SIGTERM).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.config import DEFAULT_DRAIN_SECONDS, Config
+from broker.config import DEFAULT_DRAIN_SECONDS, Config, ServiceConfig, load_config
 from broker.credentials import CredentialSource
 from broker.credentials.factory import make_source
 from broker.credentials.vault import VaultClient
 from broker.errors import SidekeyError
+from broker.governance.snapshot import effective_policy
 from broker.identity.tls import server_context
 from broker.observe.admin import AdminServer
 from broker.observe.audit import AuditLog
 from broker.observe.metrics import Metrics
 from broker.session.adapter import Adapter, load_adapter
 from broker.session.context import ServiceContext
+from broker.session.registry import Entry, Registry
 
 log = logging.getLogger("sidekey")
 
@@ -39,6 +43,21 @@ class Service:
     prime_error: str | None = None
 
 
+# Service fields a reload applies in place (the next decision uses them); a change to any
+# other field rebuilds the service: its old listener drains while the new one serves.
+POLICY_FIELDS: dict[str, Any] = {
+    "allow": (),
+    "rules": (),
+    "owner": None,
+    "purpose": None,
+    "labels": {},
+    "index": 0,
+}
+# Top-level sections a reload cannot apply to a running broker: a change is logged, and it
+# takes effect at the next start.
+RESTART_SECTIONS = ("identity", "vault", "admin")
+
+
 @dataclass
 class Broker:
     """All services of one config, plus the admin server and shared vault client."""
@@ -46,32 +65,41 @@ class Broker:
     config: Config
     metrics: Metrics = field(default_factory=Metrics)
     services: dict[str, Service] = field(init=False, default_factory=dict)
+    # How long a stop (and a reload's replaced services) lets open work finish.
+    drain_timeout: float = DEFAULT_DRAIN_SECONDS
 
     def __post_init__(self) -> None:
         cfg = self.config
         self.audit = AuditLog(cfg.audit.file)
         self.vault = VaultClient.from_config(cfg.vault) if cfg.vault else None
+        self.live = Registry()
         self._prime_tasks: set[asyncio.Task[None]] = set()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
         self.admin: AdminServer | None = None
         self._started = False
         for service in cfg.services:
-            adapter_cls = load_adapter(service.adapter, f"{service.where}.adapter")
-            server_ssl = (
-                server_context(cfg.tls.cert, cfg.tls.key, cfg.identity.x509_bundle)
-                if service.client_auth == "mtls"
-                else None
-            )
-            source: CredentialSource = make_source(service, self.vault, self.metrics)
-            ctx = ServiceContext(
-                config=cfg,
-                service=service,
-                server_ssl=server_ssl,
-                credentials=source,
-                audit=self.audit,
-                metrics=self.metrics,
-                log=logging.getLogger(f"sidekey.{service.adapter}"),
-            )
-            self.services[service.name] = Service(ctx, adapter_cls(ctx))
+            self.services[service.name] = self._build(cfg, service)
+
+    def _build(self, cfg: Config, service: ServiceConfig) -> Service:
+        adapter_cls = load_adapter(service.adapter, f"{service.where}.adapter")
+        server_ssl = (
+            server_context(cfg.tls.cert, cfg.tls.key, cfg.identity.x509_bundle)
+            if service.client_auth == "mtls"
+            else None
+        )
+        source: CredentialSource = make_source(service, self.vault, self.metrics)
+        ctx = ServiceContext(
+            config=cfg,
+            service=service,
+            server_ssl=server_ssl,
+            credentials=source,
+            audit=self.audit,
+            metrics=self.metrics,
+            log=logging.getLogger(f"sidekey.{service.adapter}"),
+            live=self.live,
+        )
+        return Service(ctx, adapter_cls(ctx))
 
     @property
     def ready(self) -> bool:
@@ -115,19 +143,119 @@ class Broker:
             self.admin = AdminServer(self, self.config.admin.listen)
             await self.admin.start()
         for svc in self.services.values():
-            await svc.adapter.start()
-            log.info(
-                "listening service=%s adapter=%s address=%s client_auth=%s credentials=%s",
-                svc.context.service.name,
-                svc.context.service.adapter,
-                svc.adapter.address,
-                svc.context.service.client_auth,
-                svc.context.service.credentials.describe(),
-            )
-            task = asyncio.create_task(self._prime(svc), name=f"prime-{svc.context.service.name}")
-            self._prime_tasks.add(task)
-            task.add_done_callback(self._prime_tasks.discard)
+            await self._start_service(svc)
         self._started = True
+        self.audit.emit_record("policy", {"reason": "start", **effective_policy(self.config)})
+
+    async def _start_service(self, svc: Service) -> None:
+        await svc.adapter.start()
+        log.info(
+            "listening service=%s adapter=%s address=%s client_auth=%s credentials=%s",
+            svc.context.service.name,
+            svc.context.service.adapter,
+            svc.adapter.address,
+            svc.context.service.client_auth,
+            svc.context.service.credentials.describe(),
+        )
+        task = asyncio.create_task(self._prime(svc), name=f"prime-{svc.context.service.name}")
+        self._prime_tasks.add(task)
+        task.add_done_callback(self._prime_tasks.discard)
+
+    # -- reload (SIGHUP, `sidekey reload`) ----------------------------------------------------
+
+    async def reload(self, config: Config | None = None) -> dict[str, Any]:
+        """Apply a new config (re-read from the same file unless given) without dropping
+        what is open, and return what changed.
+
+        Everything that can fail is built before anything is applied: a config that does not
+        parse, or whose services cannot be built (`sidekey check` fails on it), raises
+        ConfigError and the running config stays as it was. Then: services whose only
+        changes are policy take the new rules at once; services with other changes are
+        rebuilt (the old listener stops accepting and drains, the new one serves); removed
+        services drain; the audit file is reopened (after logrotate, or a new path); a
+        `policy` event records the new rules; and every live session or connection the new
+        policy denies is closed with a `session_closed` event. One still allowed is untouched.
+        """
+        async with self._reload_lock:
+            new = config if config is not None else load_config(self.config.path)
+            old = self.config
+            retarget: list[tuple[Service, ServiceConfig]] = []
+            rebuilt: dict[str, Service] = {}
+            for service in new.services:
+                current = self.services.get(service.name)
+                if current is not None and _same_but_policy(current.context.service, service):
+                    retarget.append((current, service))
+                else:
+                    rebuilt[service.name] = self._build(new, service)
+            removed = [n for n in self.services if n not in {s.name for s in new.services}]
+            restart = [k for k in RESTART_SECTIONS if getattr(old, k) != getattr(new, k)]
+            for section in restart:
+                log.warning("reload: the %s section changed; it takes effect at restart", section)
+            new = dataclasses.replace(new, **{k: getattr(old, k) for k in restart})
+
+            self.config = new
+            for svc, service in retarget:
+                svc.context.retarget(new, service)
+            for name in [*removed, *rebuilt]:
+                old_svc = self.services.pop(name, None)
+                if old_svc is not None:
+                    self._retire(old_svc)
+            await asyncio.sleep(0)  # the retiring listeners close their sockets first
+            for name, svc in rebuilt.items():
+                self.services[name] = svc
+                try:
+                    await self._start_service(svc)
+                except OSError as exc:
+                    svc.prime_error = f"cannot listen on {svc.context.service.listen}: {exc}"
+                    log.error("reload: service=%s %s", name, svc.prime_error)
+            if old.audit.file != new.audit.file or new.audit.file is not None:
+                self.audit.reopen(new.audit.file)
+            self.audit.emit_record("policy", {"reason": "reload", **effective_policy(new)})
+            closed = self.enforce("policy reload")
+            summary = {
+                "config_sha256": new.digest,
+                "updated": [svc.context.service.name for svc, _ in retarget],
+                "rebuilt": sorted(rebuilt),
+                "removed": removed,
+                "restart_needed": restart,
+                "sessions_closed": closed,
+            }
+            log.info("reloaded %s: %s", new.path, summary)
+            return summary
+
+    def enforce(self, why: str) -> int:
+        """Close every live session and connection that policy (and the deny list) now
+        refuses, each with a `session_closed` event; returns how many."""
+        closed = 0
+        for entry in self.live:
+            svc = self.services.get(entry.service)
+            if svc is None or entry.closed is not None:
+                continue  # its service is draining (rebuilt or removed): it ends with it
+            decision = svc.context.decide(entry.identity, entry.peer)
+            if not decision.allow:
+                closed += self.close_entry(entry, f"{why}: {decision.reason}")
+        return closed
+
+    def close_entry(self, entry: Entry, reason: str) -> int:
+        if not entry.close(reason):
+            return 0
+        self.audit.emit_record(
+            "session_closed",
+            {"service": entry.service, "spiffe_id": entry.identity.spiffe_id,
+             "peer": entry.peer, "kind": entry.kind, "reason": reason},
+        )  # fmt: skip
+        return 1
+
+    def _retire(self, svc: Service) -> None:
+        """Stop a service in the background: no new connections, open ones drain."""
+
+        async def retire() -> None:
+            await svc.adapter.stop(self.drain_timeout)
+            await svc.context.credentials.close()
+
+        task = asyncio.create_task(retire(), name=f"retire-{svc.context.service.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _prime(self, svc: Service) -> None:
         while True:
@@ -143,12 +271,17 @@ class Broker:
                 svc.primed, svc.prime_error = True, None
                 return
 
-    async def stop(self, drain_timeout: float = DEFAULT_DRAIN_SECONDS) -> None:
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Drain: stop accepting, let open sessions and requests finish for up to
+        `drain_timeout` (the broker's own by default), cut the rest, revoke every lease,
+        and close the audit trail with a `stop` event."""
+        drain_timeout = self.drain_timeout if drain_timeout is None else drain_timeout
         started = time.monotonic()
         for task in list(self._prime_tasks):
             task.cancel()
         await asyncio.gather(
             *(svc.adapter.stop(drain_timeout) for svc in self.services.values()),
+            *self._retiring,
             return_exceptions=True,
         )
         for svc in self.services.values():
@@ -162,5 +295,12 @@ class Broker:
             await self.vault.close()
         if self.admin is not None:
             await self.admin.stop()
+        took = time.monotonic() - started
+        self.audit.emit_record("stop", {"drained_seconds": round(took, 3)})
         self.audit.close()
-        log.info("stopped after draining for %.2fs", time.monotonic() - started)
+        log.info("stopped after draining for %.2fs", took)
+
+
+def _same_but_policy(a: ServiceConfig, b: ServiceConfig) -> bool:
+    """True when two configs of a service differ in policy fields only."""
+    return dataclasses.replace(a, **POLICY_FIELDS) == dataclasses.replace(b, **POLICY_FIELDS)

@@ -53,6 +53,7 @@ from broker.policy import Decision
 from broker.session.adapter import Adapter
 from broker.session.context import ServiceContext
 from broker.session.net import describe_peer
+from broker.session.registry import Entry
 
 # nginx's proxy_read_timeout default: the longest an upstream may stay silent (before its
 # response headers or between body chunks) before the client gets a 504.
@@ -214,6 +215,9 @@ class _Connection:
     # identity.expires as a POSIX time, worked out once: datetime.timestamp() per request
     # cost ~0.5 us; None when the identity has no expiry.
     expires_at: float | None = None
+    # The connection in the broker's registry of live ones (a reload or an offboarding
+    # closes it), from its first proven request.
+    live: Entry | None = None
 
 
 def _new_connection(transport: asyncio.Transport, over_limit: bool) -> _Connection:
@@ -302,6 +306,7 @@ class HttpAdapter(Adapter):
             _new_connection,
             max_connections=service.max_connections,
             idle_timeout=KEEPALIVE_TIMEOUT_SECONDS,
+            connection_lost=self._connection_lost,
         )
         loop = asyncio.get_running_loop()
         listen = service.listen
@@ -358,7 +363,17 @@ class HttpAdapter(Adapter):
         else:
             expires = conn.identity.expires
             conn.expires_at = expires.timestamp() if expires is not None else None
+            if transport is not None:
+                conn.live = self.ctx.live.add(
+                    conn.identity, self.ctx.service.name, conn.peer, "connection",
+                    lambda _reason: transport.abort(),
+                )  # fmt: skip
         return conn
+
+    def _connection_lost(self, conn: _Connection) -> None:
+        if conn.live is not None:
+            self.ctx.live.discard(conn.live)
+            conn.live = None
 
     async def _handle(self, request: Request[_Connection]) -> None:
         started = time.monotonic()

@@ -255,9 +255,12 @@ class HttpServer(Generic[T]):
         *,
         max_connections: int,
         idle_timeout: float,
+        connection_lost: Callable[[T], None] | None = None,
     ) -> None:
         self.handler = handler
         self.connection_info = connection_info
+        # Told when a connection is gone (with its info), to forget what was kept for it.
+        self.connection_lost = connection_lost
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.connections: set[ClientConnection[T]] = set()
@@ -393,6 +396,8 @@ class ClientConnection(BaseProtocol, Generic[T]):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self.server.connections.discard(self)
+        if self.server.connection_lost is not None:
+            self.server.connection_lost(self.info)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

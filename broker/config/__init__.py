@@ -8,13 +8,26 @@ The runtime never reads raw dicts. One module per top-level section (`identity`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from broker.errors import ConfigError
 
+from .governance import (
+    AllowRule,
+    DenyListConfig,
+    GovernanceConfig,
+    IdentityInfo,
+    TimeWindow,
+    parse_governance,
+    parse_identities,
+    parse_rule,
+    parse_time_window,
+)
 from .identity import IdentityConfig, TLSConfig, parse_identity, parse_tls
 from .section import ListenAddress, Section, parse_listen
 from .services import (
@@ -41,19 +54,26 @@ __all__ = [
     "MAX_CREDENTIAL_TTL_SECONDS",
     "VAULT_AUTH_METHODS",
     "AdminConfig",
+    "AllowRule",
     "AuditConfig",
     "Config",
     "CredentialsConfig",
+    "DenyListConfig",
+    "GovernanceConfig",
     "IdentityConfig",
+    "IdentityInfo",
     "ListenAddress",
     "Section",
     "ServiceConfig",
     "TLSConfig",
+    "TimeWindow",
     "VaultAuthConfig",
     "VaultConfig",
     "load_config",
     "parse_config",
     "parse_listen",
+    "parse_rule",
+    "parse_time_window",
 ]
 
 # In-flight requests and sessions get this long to finish on SIGTERM before they are cut
@@ -82,6 +102,10 @@ class Config:
     vault: VaultConfig | None = None
     admin: AdminConfig | None = None
     audit: AuditConfig = AuditConfig(file=None)
+    identities: tuple[IdentityInfo, ...] = ()
+    governance: GovernanceConfig = field(default_factory=GovernanceConfig)
+    # SHA-256 of the config file's bytes (hex), as the audit trail's `policy` events name it.
+    digest: str = ""
 
     @property
     def base_dir(self) -> Path:
@@ -103,7 +127,7 @@ def load_config(path: str | Path) -> Config:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{at}") from None
-    return parse_config(raw, path)
+    return dataclasses.replace(parse_config(raw, path), digest=hashlib.sha256(data).hexdigest())
 
 
 def parse_config(raw: object, path: Path) -> Config:
@@ -135,6 +159,11 @@ def parse_config(raw: object, path: Path) -> Config:
         audit = AuditConfig(file=(base / audit_file).resolve() if audit_file else None)
         audit_section.finish()
 
+    identities = parse_identities(top)
+    for info in identities:
+        _check_identity_pattern(info, trust_domain)
+    governance = parse_governance(top)
+
     services = tuple(
         parse_service(s, i, base, trust_domain) for i, s in enumerate(top.sections("services"))
     )
@@ -146,4 +175,10 @@ def parse_config(raw: object, path: Path) -> Config:
                 "top-level vault section"
             )
     top.finish()
-    return Config(path, identity, tls, services, vault, admin, audit)
+    return Config(path, identity, tls, services, vault, admin, audit, identities, governance)
+
+
+def _check_identity_pattern(info: IdentityInfo, trust_domain: str) -> None:
+    from .services import _check_allow_pattern  # noqa: PLC0415 - one checker for both
+
+    _check_allow_pattern(info.id, f"{info.where}.id", trust_domain)

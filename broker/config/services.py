@@ -16,6 +16,7 @@ from spiffe import SpiffeId
 
 from broker.errors import ConfigError
 
+from .governance import AllowRule, parse_labels, parse_rule
 from .section import ListenAddress, Section, parse_listen
 
 CLIENT_AUTH_MODES = ("mtls", "jwt", "local")
@@ -66,6 +67,15 @@ class ServiceConfig:
     inject: Mapping[str, Any]
     local_identity: str | None = None
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # The allow rules with their conditions and owners; `allow` is their IDs (patterns).
+    rules: tuple[AllowRule, ...] = ()
+    owner: str | None = None
+    purpose: str | None = None
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        if not self.rules and self.allow:
+            object.__setattr__(self, "rules", tuple(AllowRule(a) for a in self.allow))
 
     @property
     def where(self) -> str:
@@ -89,9 +99,16 @@ def parse_service(s: Section, index: int, base: Path, trust_domain: str) -> Serv
         if client_auth != "local":
             raise ConfigError(f"{s.at('local_identity')}: only allowed with client_auth: local")
         _check_spiffe_id(local_identity, s.at("local_identity"), trust_domain)
-    allow = s.strings("allow", ())
-    for i, pattern in enumerate(allow):
-        _check_allow_pattern(pattern, f"{s.at('allow')}[{i}]", trust_domain)
+    raw_allow = s.raw("allow", [])
+    if isinstance(raw_allow, str | Mapping):
+        raw_allow = [raw_allow]
+    if not isinstance(raw_allow, list):
+        raise ConfigError(f"{s.at('allow')}: must be a list of SPIFFE IDs or rules")
+    rules = tuple(parse_rule(r, f"{s.at('allow')}[{i}]") for i, r in enumerate(raw_allow))
+    for i, rule in enumerate(rules):
+        where = f"{s.at('allow')}[{i}]" + (".id" if isinstance(raw_allow[i], Mapping) else "")
+        _check_allow_pattern(rule.id, where, trust_domain)
+    allow = tuple(rule.id for rule in rules)
     credentials = _parse_credentials(s.section("credentials"), base)
     service = ServiceConfig(
         name=name,
@@ -105,6 +122,10 @@ def parse_service(s: Section, index: int, base: Path, trust_domain: str) -> Serv
         inject=s.frozen("inject"),
         local_identity=local_identity,
         max_connections=s.integer("max_connections", 1, 1_000_000, DEFAULT_MAX_CONNECTIONS),
+        rules=rules,
+        owner=s.text("owner", None),
+        purpose=s.text("purpose", None),
+        labels=parse_labels(s),
     )
     s.finish()
     return service

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from broker.config import ListenAddress
+from broker.errors import SidekeyError
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -28,6 +29,9 @@ class AdminView(Protocol):
     def inventory(self) -> dict[str, Any]:
         """Services, listeners, rules and credential references (never a value)."""
 
+    async def reload(self) -> dict[str, Any]:
+        """Re-read and apply the config file; raises SidekeyError (the old config stays)."""
+
 
 class AdminServer:
     def __init__(self, view: AdminView, listen: ListenAddress) -> None:
@@ -38,6 +42,9 @@ class AdminServer:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/inventory", self.inventory)
+        # The one write: re-read the config file the broker was started with (no argument
+        # names another file), as SIGHUP does; `sidekey reload` calls it to show the outcome.
+        app.router.add_post("/reload", self.reload)
         self._runner = web.AppRunner(app, access_log=None)
         self.address = ""
 
@@ -71,6 +78,13 @@ class AdminServer:
         return web.Response(
             body=self.view.metrics_text(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE}
         )
+
+    async def reload(self, request: web.Request) -> web.Response:
+        try:
+            summary = await self.view.reload()
+        except SidekeyError as exc:
+            return web.json_response({"ok": False, "error": str(exc)}, status=422)
+        return web.json_response({"ok": True, **summary})
 
     async def inventory(self, request: web.Request) -> web.Response:
         body = json.dumps(self.view.inventory(), indent=2)

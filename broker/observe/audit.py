@@ -63,6 +63,12 @@ class AuditLog:
         except (OSError, ValueError) as exc:
             log.error("audit write failed: %s", exc)
 
+    def reopen(self, path: Path | None) -> None:
+        """Write to `path` from the next line on (a reload, or after logrotate moved the
+        file: SIGHUP reopens it)."""
+        self.close()
+        self.path = path
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -91,6 +91,7 @@ OUTCOMES = (
     "credential_unavailable",
     "upstream_error",  # the upstream could not be reached or failed the login
     "upstream_refused",  # the upstream answered the login with its own error
+    "revoked",  # closed by the broker: a reload's policy or an offboarding denies it now
 )
 _OUTCOME_OF_STEP: dict[Step, str] = {
     "identity": "denied",
@@ -148,6 +149,8 @@ class Session(Generic[H]):
     started: float = field(default_factory=time.monotonic)
     # Extra fields of the session_end event.
     end: dict[str, Any] = field(default_factory=dict)
+    # Why the broker closed it (reload, offboarding), once it did.
+    revoked: str | None = None
 
 
 @dataclass(slots=True)
@@ -338,6 +341,16 @@ class TcpAdapter(Adapter, Generic[H]):
         client = session.client
         outcome = "error"
         self._active.inc()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def revoke(reason: str) -> None:
+            session.revoked = reason
+            task.cancel()
+
+        live = self.ctx.live.add(
+            session.identity, self.ctx.service.name, client.peer, "session", revoke
+        )
         try:
             session.request = self.check_request(session)
             async with contextlib.AsyncExitStack() as stack:
@@ -356,9 +369,16 @@ class TcpAdapter(Adapter, Generic[H]):
             )
             await self.deliver_refusal(client, session.hello, reply)
         except asyncio.CancelledError:
-            outcome = "cancelled"
-            session.end["error"] = "broker shutting down"
-            raise
+            if session.revoked is not None and task.cancelling() == 1:
+                # Our own cancel, and nobody else's (a shutdown): the session ends here.
+                task.uncancel()
+                outcome = "revoked"
+                session.end["error"] = session.revoked
+                client.abort()
+            else:
+                outcome = "cancelled"
+                session.end["error"] = "broker shutting down"
+                raise
         except ClientError as exc:
             outcome = "client_error"
             session.end["error"] = str(exc)
@@ -366,6 +386,7 @@ class TcpAdapter(Adapter, Generic[H]):
             session.end["error"] = f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            self.ctx.live.discard(live)
             if session.stats.ended_by is not None:
                 session.end.setdefault("ended_by", session.stats.ended_by)
             self._active.dec()
