@@ -249,6 +249,7 @@ async def test_reload_keeps_a_running_pgbench_alive(setup: Setup) -> None:
         return starts - sum(e["event"] == "session_end" for e in events) >= 2
 
     await until(sessions_open, "pgbench's sessions")
+
     # One reload that changes nothing, one that changes the policy but still allows pgbench.
     def reloads() -> list[dict[str, Any]]:
         return [e for e in setup.events() if e["event"] == "policy" and e["reason"] == "reload"]
