@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from spiffe import TrustDomain
-
 from broker.errors import ConfigError
+from broker.spiffeid import SpiffeIdError, parse_trust_domain
 
 from .section import Section
 
@@ -28,11 +27,9 @@ class TLSConfig:
 def parse_identity(ident: Section, base: Path) -> IdentityConfig:
     trust_domain = ident.text("trust_domain")
     try:
-        trust_domain = TrustDomain(trust_domain).name
-    except Exception:
-        raise ConfigError(
-            f"identity.trust_domain: not a valid trust domain: {trust_domain!r}"
-        ) from None
+        trust_domain = parse_trust_domain(trust_domain).name
+    except SpiffeIdError as exc:
+        raise ConfigError(f"identity.trust_domain: {exc}") from None
     identity = IdentityConfig(trust_domain, ident.path("x509_bundle", base))
     ident.finish()
     return identity

@@ -12,9 +12,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from spiffe import SpiffeId
-
 from broker.errors import ConfigError
+from broker.spiffeid import SpiffeIdError, parse_spiffe_id
 
 from .governance import AllowRule, parse_labels, parse_rule
 from .section import ListenAddress, Section, parse_listen
@@ -154,9 +153,9 @@ def _parse_credentials(c: Section, base: Path) -> CredentialsConfig:
 
 def _check_spiffe_id(value: str, where: str, trust_domain: str) -> None:
     try:
-        spiffe_id = SpiffeId(value)
-    except Exception:
-        raise ConfigError(f"{where}: not a valid SPIFFE ID: {value!r}") from None
+        spiffe_id = parse_spiffe_id(value)
+    except SpiffeIdError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     if spiffe_id.trust_domain.name != trust_domain:
         raise ConfigError(f"{where}: {value!r} is outside trust domain {trust_domain!r}")
 

@@ -36,10 +36,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from spiffe import SpiffeId, TrustDomain
+from spiffe import TrustDomain
 from spiffe.errors import PySpiffeError
 
 from broker.errors import ConfigError
+from broker.spiffeid import SpiffeIdError, parse_spiffe_id
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -187,8 +188,8 @@ def issue(
     ca_cert, ca_key = load_ca(directory)
     td = ca_trust_domain(ca_cert)
     try:
-        sid = SpiffeId(spiffe_id)
-    except PySpiffeError as exc:
+        sid = parse_spiffe_id(spiffe_id)
+    except SpiffeIdError as exc:
         raise ConfigError(f"bad SPIFFE ID: {exc}") from None
     if sid.trust_domain.name != td:
         raise ConfigError(

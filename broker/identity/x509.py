@@ -3,7 +3,8 @@
 The TLS layer (OpenSSL, with CERT_REQUIRED and the trust bundle) has already verified the
 chain before anything here runs; this module applies the SPIFFE X.509-SVID rules to the
 verified leaf and maps it to a `WorkloadIdentity`. An unproven caller is never mapped to an
-identity: every failure raises `IdentityError`.
+identity: every failure raises `IdentityError`, whose message is safe to put in a log line or
+a protocol error reply (the peer's text in it has its control characters escaped).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from spiffe.svid.x509_svid import (
     _validate_leaf_certificate,
     _validate_leaf_spiffe_id,
 )
+
+from broker.spiffeid import SpiffeIdError, parse_spiffe_id, printable
 
 from .workload import IdentityError, WorkloadIdentity
 
@@ -37,11 +40,18 @@ def identity_from_der(leaf_der: bytes | None, trust_domain: str) -> WorkloadIden
 def identity_from_certificate(leaf: x509.Certificate, trust_domain: str) -> WorkloadIdentity:
     """Apply the X.509-SVID rules to a leaf certificate whose chain is already verified."""
     try:
+        # py-spiffe lower-cases the trust domain it parses (TD.TEST -> td.test); the spec and
+        # SPIRE allow only the canonical form, so the URI as written is checked first.
+        uris = _uri_sans(leaf)
+        if len(uris) == 1:
+            parse_spiffe_id(uris[0])
         spiffe_id = _extract_spiffe_id(leaf)
         _validate_leaf_spiffe_id(spiffe_id)
         _validate_leaf_certificate(leaf)
-    except PySpiffeError as exc:
+    except SpiffeIdError as exc:
         raise IdentityError(f"not a valid X.509-SVID: {exc}") from None
+    except PySpiffeError as exc:
+        raise IdentityError(f"not a valid X.509-SVID: {printable(str(exc))}") from None
     if spiffe_id.trust_domain.name != trust_domain:
         raise IdentityError(f"SPIFFE ID {spiffe_id} is outside the trust domain {trust_domain!r}")
     return WorkloadIdentity(
@@ -50,3 +60,11 @@ def identity_from_certificate(leaf: x509.Certificate, trust_domain: str) -> Work
         expires=leaf.not_valid_after_utc,
         proof_id=format(leaf.serial_number, "x"),
     )
+
+
+def _uri_sans(leaf: x509.Certificate) -> list[str]:
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (x509.ExtensionNotFound, ValueError):
+        return []
+    return list(san.value.get_values_for_type(x509.UniformResourceIdentifier))

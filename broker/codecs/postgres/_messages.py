@@ -381,11 +381,19 @@ class _Fields:
             or not set(sqlstate) <= _SQLSTATE_CHARS
         ):
             raise ValueError(f"sqlstate must be five characters of [0-9A-Z], got {sqlstate!r}")
-        fields = [("S", severity), ("V", severity), ("C", sqlstate), ("M", message)]
+        # The texts are the broker's own words, but they may quote what a peer sent (a
+        # certificate's URI, a database name): a NUL would end the field early on the wire,
+        # so it is written as \x00 rather than refused while replying.
+        fields = [
+            ("S", severity),
+            ("V", severity),
+            ("C", sqlstate),
+            ("M", message.replace("\0", "\\x00")),
+        ]
         if detail is not None:
-            fields.append(("D", detail))
+            fields.append(("D", detail.replace("\0", "\\x00")))
         if hint is not None:
-            fields.append(("H", hint))
+            fields.append(("H", hint.replace("\0", "\\x00")))
         return cls(tuple(fields))  # type: ignore[call-arg]
 
 
