@@ -857,10 +857,13 @@ async def test_connections_over_max_connections_are_refused_and_counted(world: W
             return bool(adapter._listener.active == 1)
 
         await wait_for(slot_taken, "the first connection to take the slot")
-        reader, writer = await asyncio.open_connection(host, port)
-        # The second connection is closed at once, before any protocol byte.
-        assert await asyncio.wait_for(reader.read(), CLIENT_TIMEOUT) == b""
-        writer.close()
+        # Over the limit, a client is told so with the server's own SQLSTATE, after its TLS
+        # handshake and StartupMessage as PostgreSQL does (issue 19.8; it was a bare close).
+        with pytest.raises(asyncpg.TooManyConnectionsError) as raised:
+            await asyncpg_connect(b, world.pki, world.pki.client())
+        assert "max_connections limit (1)" in str(raised.value)
+        code, _, err = await psql(mtls_dsn(b, world.pki, world.pki.client()), "SELECT 1")
+        assert code != 0 and "too many clients already" in err and SERVICE in err, err
         metrics = b.metrics.render().decode()
-        assert f'sidekey_connections_rejected_total{{service="{SERVICE}"}} 1.0' in metrics
+        assert f'sidekey_connections_rejected_total{{service="{SERVICE}"}} 2.0' in metrics
         holder.close()

@@ -62,6 +62,7 @@ INVALID_AUTHORIZATION = "28000"
 PROTOCOL_VIOLATION = "08P01"
 CONNECTION_FAILURE = "08006"  # no credential: the session cannot be established
 CANNOT_CONNECT = "08001"  # the upstream is down, refused TLS, or failed authentication
+TOO_MANY_CONNECTIONS = "53300"  # over the service's max_connections, as the server says it
 SQLSTATE_OF_STEP: dict[Step, str] = {
     "identity": INVALID_AUTHORIZATION,
     "policy": INVALID_AUTHORIZATION,
@@ -228,6 +229,19 @@ class PostgresAdapter(TcpAdapter[Hello]):
 
     def protocol_error_reply(self, message: str) -> bytes:
         return encode(ErrorResponse.make("FATAL", PROTOCOL_VIOLATION, message))
+
+    def overload_reply(self, max_connections: int) -> bytes:
+        # Sent after the TLS handshake and StartupMessage, where PostgreSQL says it too:
+        # libpq ignores an error sent in answer to SSLRequest ("server sent an error response
+        # during SSL exchange"), so answering earlier would tell the client nothing.
+        return encode(
+            ErrorResponse.make(
+                "FATAL",
+                TOO_MANY_CONNECTIONS,
+                f"sorry, too many clients already: service {self.ctx.service.name} is at its "
+                f"max_connections limit ({max_connections}); try again later",
+            )
+        )
 
     # -- cancel ------------------------------------------------------------------------------
 

@@ -62,6 +62,9 @@ from .splice import SpliceStats, StreamFilter, splice
 # at once, and there is no password to type: a client that takes longer is stuck or hostile
 # and holds a connection slot.
 DEFAULT_HELLO_TIMEOUT = 15.0
+# The hello of a connection over max_connections, read only to answer "too many": shorter
+# than the listener's OVERLOAD_TIMEOUT so the answer still fits in it.
+OVERLOAD_HELLO_TIMEOUT = 4.0
 # Getting a credential: a cache hit is immediate, a vault round trip takes milliseconds;
 # past this the vault is down and the client gets an error instead of a hang.
 DEFAULT_CREDENTIAL_TIMEOUT = 15.0
@@ -262,6 +265,11 @@ class TcpAdapter(Adapter, Generic[H]):
     def protocol_error_reply(self, message: str) -> bytes:
         """The protocol's error message for a client that broke the protocol."""
 
+    def overload_reply(self, max_connections: int) -> bytes | None:
+        """The protocol's "too many connections" message for a connection over the service's
+        `max_connections`, sent once its hello is read (None: close it without a word)."""
+        return None
+
     # -- the core's part -----------------------------------------------------------------
 
     @property
@@ -294,9 +302,22 @@ class TcpAdapter(Adapter, Generic[H]):
             self.serve_session,
             max_connections=service.max_connections,
             on_reject=rejected.inc,
+            on_overload=self._overloaded if self.overload_reply(1) is not None else None,
             ssl=self.ctx.server_ssl if self.tls_first else None,
             ssl_handshake_timeout=self.hello_timeout,
         )
+
+    async def _overloaded(self, client: Conduit) -> None:
+        """A connection over max_connections: read its hello (the client may need TLS to
+        hear anything) and tell it so; nothing is identified, fetched or spliced."""
+        deadline = asyncio.get_running_loop().time() + OVERLOAD_HELLO_TIMEOUT
+        try:
+            hello = await self.hello(client, deadline)
+        except ClientError:
+            return
+        reply = self.overload_reply(self.ctx.service.max_connections)
+        if hello is not None and reply is not None:
+            await self.deliver_refusal(client, hello, reply)
 
     async def serve_session(self, client: Conduit) -> None:
         """The whole life cycle of one accepted connection (the listener's handler)."""

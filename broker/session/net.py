@@ -53,6 +53,12 @@ CLOSE_LINGER_TIMEOUT = 5.0
 LISTEN_BACKLOG = 511
 # Unix socket mode: owner and group may connect (the app's group), others may not.
 UNIX_SOCKET_MODE = 0o660
+# A connection over max_connections is told so in its protocol by the `on_overload` handler,
+# which may need the client's hello (and a TLS handshake) first: it gets this long.
+OVERLOAD_TIMEOUT = 5.0
+# Over-limit connections being told so at once; beyond this, further ones are closed without
+# a word, so under a connection flood the answer costs no more than refusing does.
+MAX_OVERLOAD_ANSWERS = 64
 # Relayed and parsed bytes are read into one buffer per thread (its event loop), shared by
 # every connection: a transport fills it and calls buffer_updated() synchronously, which
 # copies the bytes out before returning. With a plain Protocol, uvloop's TLS layer hands over
@@ -486,12 +492,19 @@ class Listener:
     """A bound listening socket running one handler task per accepted connection."""
 
     def __init__(
-        self, handler: Handler, max_connections: int, on_reject: Callable[[], None] | None = None
+        self,
+        handler: Handler,
+        max_connections: int,
+        on_reject: Callable[[], None] | None = None,
+        on_overload: Handler | None = None,
     ) -> None:
         self._handler = handler
         self._max_connections = max_connections
         self._on_reject = on_reject
+        self._on_overload = on_overload
         self._tasks: set[asyncio.Task[None]] = set()
+        # Over-limit connections being told so (on_overload), capped by MAX_OVERLOAD_ANSWERS.
+        self._refusing: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._closing = False
         self._unix_path: Path | None = None
@@ -515,12 +528,36 @@ class Listener:
             if self._on_reject is not None:
                 self._on_reject()
             log.debug("refusing %s: %d connections in flight", conduit.peer, len(self._tasks))
-            conduit.abort()
+            if (
+                self._on_overload is not None
+                and not self._closing
+                and len(self._refusing) < MAX_OVERLOAD_ANSWERS
+            ):
+                refusal = asyncio.get_running_loop().create_task(self._refuse(conduit))
+                self._refusing.add(refusal)
+                refusal.add_done_callback(self._refusing.discard)
+            else:
+                conduit.abort()
             return
         self.accepted += 1
         task = asyncio.get_running_loop().create_task(self._run(conduit))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _refuse(self, conduit: Conduit) -> None:
+        assert self._on_overload is not None
+        try:
+            async with asyncio.timeout(OVERLOAD_TIMEOUT):
+                await self._on_overload(conduit)
+        except asyncio.CancelledError:
+            conduit.abort()
+            raise
+        except (SidekeyError, TimeoutError) as exc:
+            log.debug("over-limit connection from %s: %s", conduit.peer, exc)
+        except Exception:
+            log.exception("overload handler failed for connection from %s", conduit.peer)
+        finally:
+            conduit.close()
 
     async def _run(self, conduit: Conduit) -> None:
         try:
@@ -544,7 +581,7 @@ class Listener:
             self._server.close()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=drain_timeout)
-        remaining = set(self._tasks)
+        remaining = self._tasks | self._refusing
         for task in remaining:
             task.cancel()
         if remaining:
@@ -565,18 +602,21 @@ async def serve(
     ssl: ssl.SSLContext | None = None,
     ssl_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT,
     on_reject: Callable[[], None] | None = None,
+    on_overload: Handler | None = None,
 ) -> Listener:
     """Bind `listen` (TCP host/port, or unix path) and run `handler(conduit)` per connection.
 
-    Connections over `max_connections` are closed at once, counted in `Listener.rejected`
-    and reported to `on_reject` (for a metric). Handler exceptions are logged; the conduit is
+    Connections over `max_connections` are refused, counted in `Listener.rejected` and
+    reported to `on_reject` (for a metric). With `on_overload`, a refused connection is handed
+    to it to be told so in its protocol (up to MAX_OVERLOAD_ANSWERS at once, each within
+    OVERLOAD_TIMEOUT), else closed at once. Handler exceptions are logged; the conduit is
     always closed when the handler returns. With `ssl`, the TLS handshake completes before
     the handler runs.
     """
     if max_connections < 1:
         raise ValueError("max_connections must be at least 1")
     loop = asyncio.get_running_loop()
-    listener = Listener(handler, max_connections, on_reject)
+    listener = Listener(handler, max_connections, on_reject, on_overload)
     tls_timeout = ssl_handshake_timeout if ssl is not None else None
     if listen.path is not None:
         sock = _bind_unix(listen.path)
