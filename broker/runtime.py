@@ -33,6 +33,20 @@ log = logging.getLogger("sidekey")
 
 # Retry priming a credential this often while it fails, so readiness recovers by itself.
 PRIME_RETRY_SECONDS = 2.0
+# Ask the vault whether it answers (token lookup-self) this often: /readyz and
+# sidekey_vault_up then say within about this long plus vault.timeout that it is down, and
+# /readyz itself never waits on the vault. One cheap call per broker every few seconds.
+VAULT_PROBE_SECONDS = 5.0
+
+
+@dataclass
+class VaultHealth:
+    """The vault's last health check, as /readyz shows it."""
+
+    reachable: bool | None = None  # None until the first check answered or failed
+    error: str | None = None
+    checked_at: float | None = None  # time.monotonic() of the last check
+    since: float | None = None  # when `reachable` last changed
 
 
 @dataclass
@@ -73,6 +87,7 @@ class Broker:
         self.audit = AuditLog(cfg.audit.file)
         self.vault = VaultClient.from_config(cfg.vault) if cfg.vault else None
         self.live = Registry()
+        self.vault_health = VaultHealth()
         self._prime_tasks: set[asyncio.Task[None]] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
@@ -103,17 +118,44 @@ class Broker:
 
     @property
     def ready(self) -> bool:
-        """Every listener bound and every service's credential fetched at least once."""
-        return self._started and all(s.primed for s in self.services.values())
+        """Every listener bound, every service's credential fetched at least once, and the
+        vault (if any) answering: while it is down the broker still serves what it holds,
+        but cannot serve a caller whose credential must be fetched."""
+        return (
+            self._started
+            and all(s.primed for s in self.services.values())
+            and (self.vault is None or self.vault_health.reachable is not False)
+        )
 
     # -- what the admin server shows (broker.observe.admin.AdminView) -------------------------
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the broker is ready, and why (not): no IO, so /readyz answers at once."""
+        now = time.monotonic()
         services = {
-            name: {"primed": svc.primed, "error": svc.prime_error}
+            name: {
+                "primed": svc.primed,
+                "error": svc.prime_error,
+                "credential": svc.context.credentials.status(),
+            }
             for name, svc in self.services.items()
         }
-        return self.ready, {"ready": self.ready, "services": services}
+        body: dict[str, Any] = {"ready": self.ready}
+        if self.vault is not None:
+            health = self.vault_health
+            body["vault"] = {
+                "address": self.vault.address,
+                "reachable": health.reachable,
+                "error": health.error,
+                "checked_seconds_ago": (
+                    None if health.checked_at is None else round(now - health.checked_at, 1)
+                ),
+                "state_for_seconds": (
+                    None if health.since is None else round(now - health.since, 1)
+                ),
+            }
+        body["services"] = services
+        return self.ready, body
 
     def metrics_text(self) -> bytes:
         return self.metrics.render()
@@ -144,6 +186,10 @@ class Broker:
             await self.admin.start()
         for svc in self.services.values():
             await self._start_service(svc)
+        if self.vault is not None:
+            task = asyncio.create_task(self._probe_vault(self.vault), name="probe-vault")
+            self._prime_tasks.add(task)
+            task.add_done_callback(self._prime_tasks.discard)
         self._started = True
         self.audit.emit_record("policy", {"reason": "start", **effective_policy(self.config)})
 
@@ -256,6 +302,28 @@ class Broker:
         task = asyncio.create_task(retire(), name=f"retire-{svc.context.service.name}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+    async def _probe_vault(self, vault: VaultClient) -> None:
+        """Check the vault every VAULT_PROBE_SECONDS; keep /readyz and sidekey_vault_up true."""
+        up = self.metrics.vault_up.labels(vault.address)
+        health = self.vault_health
+        while True:
+            error: str | None = None
+            try:
+                await vault.check()
+            except SidekeyError as exc:
+                error = str(exc)
+            reachable = error is None
+            now = time.monotonic()
+            if reachable != health.reachable:
+                health.since = now
+                if reachable:
+                    log.info("vault reachable again address=%s", vault.address)
+                else:
+                    log.warning("vault unreachable address=%s error=%s", vault.address, error)
+            health.reachable, health.error, health.checked_at = reachable, error, now
+            up.value = 1.0 if reachable else 0.0
+            await asyncio.sleep(VAULT_PROBE_SECONDS)
 
     async def _prime(self, svc: Service) -> None:
         while True:

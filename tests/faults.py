@@ -95,8 +95,12 @@ class _Pair:
         loop = asyncio.get_running_loop()
         leg = _Leg(self)
         try:
+            source = self.relay.source_host
             await loop.create_connection(
-                lambda: leg, self.relay.target_host, self.relay.target_port
+                lambda: leg,
+                self.relay.target_host,
+                self.relay.target_port,
+                local_addr=(source, 0) if source is not None else None,
             )
         except OSError:
             if self.downstream.transport is not None:
@@ -192,9 +196,14 @@ class EchoServer(_LoopbackServer):
 class FaultyRelay(_LoopbackServer):
     """A TCP relay on 127.0.0.1 towards `target_host:target_port` that can break on demand."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, *, source_host: str | None = None
+    ) -> None:
         self.target_host = target_host
         self.target_port = target_port
+        # Connect onward from this local address (a loopback alias such as 127.0.0.2 stands
+        # for another host, as a pg_hba.conf rule sees it).
+        self.source_host = source_host
         self.blackholed = False
         self._restored = asyncio.Event()
         self._restored.set()

@@ -195,6 +195,8 @@ def openbao_factory(tmp_path: Path) -> Iterator[Callable[[], OpenBao]]:
 
 
 ADMIN_USER = "postgres"
+# A group role the lease users of the pg_hba.conf test belong to (see start_postgres).
+LEASE_GROUP = "sidekey_leases"
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
@@ -332,6 +334,11 @@ max_connections = 200
     (data_dir / "pg_hba.conf").write_text(
         f"""# TYPE  DATABASE USER        ADDRESS        METHOD
 local     all      {ADMIN_USER}                 trust
+# The deployment docs/adapters/postgres.md recommends: members of sidekey_leases (the broker's
+# lease users) may log in only from the broker's address; here 127.0.0.1, while 127.0.0.2
+# stands for any other host.
+host      all      +{LEASE_GROUP}  127.0.0.1/32  scram-sha-256
+host      all      +{LEASE_GROUP}  0.0.0.0/0     reject
 local     all      all                       scram-sha-256
 hostssl   all      plain_user  127.0.0.1/32   password
 hostnossl all      plain_user  127.0.0.1/32   reject
@@ -369,6 +376,7 @@ host      all      all         127.0.0.1/32   scram-sha-256
         f"CREATE ROLE app_user LOGIN PASSWORD '{p['app_user']}';"
         f"CREATE ROLE plain_user LOGIN PASSWORD '{p['plain_user']}';"
         f"CREATE ROLE vaultadmin SUPERUSER LOGIN PASSWORD '{p['vaultadmin']}';"
+        f"CREATE ROLE {LEASE_GROUP} NOLOGIN;"
     )
     pg.psql("CREATE DATABASE appdb")
     pg.psql(

@@ -62,6 +62,7 @@ INVALID_AUTHORIZATION = "28000"
 PROTOCOL_VIOLATION = "08P01"
 CONNECTION_FAILURE = "08006"  # no credential: the session cannot be established
 CANNOT_CONNECT = "08001"  # the upstream is down, refused TLS, or failed authentication
+CREDENTIAL_REFUSED = "28P01"  # invalid_password: the lease was changed or dropped
 TOO_MANY_CONNECTIONS = "53300"  # over the service's max_connections, as the server says it
 SQLSTATE_OF_STEP: dict[Step, str] = {
     "identity": INVALID_AUTHORIZATION,
@@ -182,6 +183,7 @@ class PostgresAdapter(TcpAdapter[Hello]):
                 reply=encode(exc.response),
                 metric="refused",
                 audit={"upstream_sqlstate": exc.response.sqlstate},
+                credential_rejected=exc.response.sqlstate == CREDENTIAL_REFUSED,
             ) from None
         except UpstreamError as exc:
             conduit.abort()

@@ -81,3 +81,14 @@ class CredentialSource(abc.ABC):
     def describe(self) -> str:
         """A log-safe one-line description of where credentials come from."""
         return type(self).__name__
+
+    async def invalidate(self, identity: WorkloadIdentity, credential: Credential) -> None:
+        """The upstream refused `credential` (handed out for `identity`): never hand it out
+        again. A source that leases credentials revokes the lease; the default keeps what it
+        has (a static secret is the same on the next fetch)."""
+        return None
+
+    def status(self) -> dict[str, Any]:
+        """What /readyz shows of this source right now: whether a credential is held, for how
+        long it stays valid, the last error. Never a value; no IO."""
+        return {}

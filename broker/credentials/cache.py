@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
+from typing import Any
 
 from broker.credentials import Credential, CredentialSource
 from broker.credentials.providers import Fetcher
@@ -94,6 +95,8 @@ class CachedSource(CredentialSource):
         self._inflight: asyncio.Task[Credential] | None = None
         self._failure: str | None = None  # message of the last failed fetch, for the holdoff
         self._failure_until = 0.0
+        # The last fetch's error while it is the latest outcome, for status().
+        self._last_error: str | None = None
         self._closed = False
         self._use = _Use(self)
         # Bind label values once: .labels() costs a dict lookup and tuple build per call.
@@ -115,6 +118,18 @@ class CachedSource(CredentialSource):
 
     def use(self, identity: WorkloadIdentity) -> AbstractAsyncContextManager[Credential]:
         return self._use
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock()
+        if self._credential is not None and now < self._expires:
+            state = "refresh_failing" if self._last_error is not None else "valid"
+            return {
+                "state": state,
+                "valid_for_seconds": round(self._expires - now, 1),
+                "error": self._last_error,
+            }
+        return {"state": "none" if self._last_error is None else "unavailable",
+                "error": self._last_error}  # fmt: skip
 
     async def get(self) -> Credential:
         """The cached credential, or a fresh one; raises CredentialUnavailable (fail closed)."""
@@ -202,11 +217,13 @@ class CachedSource(CredentialSource):
         self._expires = now + self.ttl
         self._refresh_at = now + self.ttl * self.refresh_ahead
         self._failure = None
+        self._last_error = None
         return credential
 
     def _record_failure(self, exc: CredentialUnavailable, started: float) -> None:
         self._fetch_seconds.observe(time.perf_counter() - started)
         self._fetch_error.inc()
+        self._last_error = str(exc)
         now = self._clock()
         if self._credential is not None and now < self._expires:
             log.warning(

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from broker.config import DEFAULT_LEASE_IDLE_SECONDS
 from broker.credentials import Credential, CredentialRef, CredentialSource
@@ -112,6 +113,8 @@ class LeaseManager(CredentialSource):
         self._maintainer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
+        # The last vault error of a create or renewal while it is the latest outcome.
+        self._last_error: str | None = None
         self._hits = metrics.cache_hits.labels(service=service)
         self._misses = metrics.cache_misses.labels(service=service)
         self._fetches = metrics.credential_fetches
@@ -131,6 +134,36 @@ class LeaseManager(CredentialSource):
     def active(self) -> int:
         """Leases held right now (current and retired)."""
         return len(self._current) + len(self._retired)
+
+    async def invalidate(self, identity: WorkloadIdentity, credential: Credential) -> None:
+        lease_id = credential.ref.lease_id
+        if not lease_id:
+            return
+        found = [
+            lease
+            for lease in (*self._current.values(), *self._retired)
+            if lease.lease_id == lease_id
+        ]
+        for lease in found:
+            self._drop(lease)
+        # Revoked now even if other sessions hold it: the role's password is no longer the
+        # broker's, and revoking also ends a session someone opened with it directly.
+        await self._revoke_id(lease_id, "rejected by the upstream", identity.spiffe_id)
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock()
+        current = list(self._current.values())
+        valid = [lease for lease in current if self._servable(lease, now)]
+        status: dict[str, Any] = {
+            "state": "valid" if valid else "none",
+            "leases": self.active,
+            "identities": len(current),
+            "in_use": sum(lease.users for lease in (*current, *self._retired)),
+        }
+        if valid:
+            status["soonest_expiry_seconds"] = round(min(v.expires for v in valid) - now, 1)
+        status["error"] = self._last_error
+        return status
 
     def lease_id(self, identity: WorkloadIdentity | str) -> str | None:
         """The lease currently handed to `identity`'s new connections, if any."""
@@ -276,11 +309,13 @@ class LeaseManager(CredentialSource):
             response = await self._vault.read(self.path)
         except CredentialUnavailable as exc:
             self._fetched("error", t0)
+            self._last_error = str(exc)
             log.warning(
                 "cannot create lease service=%s identity=%s error=%s", self.service, identity, exc
             )
             raise
         self._fetched("ok", t0)
+        self._last_error = None
         username = response.data.get("username")
         password = response.data.get("password")
         duration = response.lease_duration
@@ -352,6 +387,7 @@ class LeaseManager(CredentialSource):
         try:
             response = await self._vault.renew(lease.lease_id, lease.duration)
         except CredentialUnavailable as exc:
+            self._last_error = str(exc)
             lease.renew_at = min(started + self.renew_retry, lease.expires)
             log.warning(
                 "lease renewal failed; still valid for %.0fs service=%s identity=%s "
@@ -365,6 +401,7 @@ class LeaseManager(CredentialSource):
         granted = response.lease_duration
         lease.expires = started + granted
         self._events["renewed"].inc()
+        self._last_error = None
         if granted < lease.duration - MAX_TTL_TOLERANCE_SECONDS:
             self._retire(lease, f"near max TTL ({granted:.0f}s left)")
         else:

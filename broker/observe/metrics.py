@@ -175,5 +175,13 @@ class Metrics:
             registry=r,
         )
 
+        self.vault_up = Family(
+            "sidekey_vault_up",
+            "1 while the vault answered the broker's last health check, else 0",
+            ["address"],
+            kind="gauge",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

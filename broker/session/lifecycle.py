@@ -124,12 +124,16 @@ class Refusal(Exception):
         reply: bytes | None = None,
         metric: str | None = None,
         audit: Mapping[str, Any] | None = None,
+        credential_rejected: bool = False,
     ) -> None:
         super().__init__(message)
         self.step: Step = step
         self.message = message
         self.reply = reply
         self.metric = metric
+        # The upstream said the credential itself is wrong (PostgreSQL 28P01): a leased one
+        # was changed or dropped outside the broker, so the core replaces it and retries once.
+        self.credential_rejected = credential_rejected
         # Extra fields for the session_end event (the upstream's SQLSTATE, say).
         self.audit = dict(audit or {})
 
@@ -374,9 +378,22 @@ class TcpAdapter(Adapter, Generic[H]):
         )
         try:
             session.request = self.check_request(session)
+            rejected: Refusal | None = None
             async with contextlib.AsyncExitStack() as stack:
                 credential = await self._acquire(stack, session.identity)
-                outcome = await self._proxy(session, credential)
+                try:
+                    outcome = await self._proxy(session, credential)
+                except Refusal as refusal:
+                    if not refusal.credential_rejected or credential.ref.lease_id is None:
+                        raise
+                    rejected = refusal
+            if rejected is not None:
+                # Released above, so the lease manager may revoke it now; then once more
+                # with a fresh one. A second refusal goes to the client as it is.
+                await self._replace_tampered(session, credential, rejected)
+                async with contextlib.AsyncExitStack() as stack:
+                    credential = await self._acquire(stack, session.identity)
+                    outcome = await self._proxy(session, credential)
         except Refusal as refusal:
             outcome = refusal.outcome
             session.end["error"] = refusal.message
@@ -424,6 +441,35 @@ class TcpAdapter(Adapter, Generic[H]):
                 duration_ms=round((time.monotonic() - session.started) * 1000, 1),
                 **session.end,
             )
+
+    async def _replace_tampered(
+        self, session: Session[H], credential: Credential, refusal: Refusal
+    ) -> None:
+        """The upstream refused a leased credential: audit `credential_tampered`, revoke the
+        lease (its role may have a password only the tamperer knows) so the next acquire
+        mints a fresh one."""
+        self.ctx.metrics.upstream_errors.labels(self.ctx.service.name, "credential_tampered").inc()
+        self.ctx.record(
+            "credential_tampered",
+            identity=session.identity,
+            peer=session.client.peer,
+            decision=session.decision,
+            lease_id=credential.ref.lease_id,
+            credential=credential.ref.to_audit(),
+            reason=(
+                "the upstream refused the leased credential: its password was changed (or "
+                "the role dropped) outside the broker; revoking the lease and retrying once "
+                "with a new one"
+            ),
+            upstream_error=refusal.message,
+            **refusal.audit,
+        )
+        self.ctx.log.warning(
+            "credential rejected by the upstream; lease revoked and replaced service=%s "
+            "identity=%s lease_id=%s",
+            self.ctx.service.name, session.identity, credential.ref.lease_id,
+        )  # fmt: skip
+        await self.ctx.credentials.invalidate(session.identity, credential)
 
     async def _acquire(
         self, stack: contextlib.AsyncExitStack, identity: WorkloadIdentity
