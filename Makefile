@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test lint pytest bench bench-openssl bench-callgrind system-deps bench-deps spire clean
+.PHONY: soak fuzz all demo test lint pytest bench bench-openssl bench-callgrind system-deps bench-deps spire clean
 
 all: test
 
@@ -57,3 +57,9 @@ bench-callgrind: $(STAMP) bench-deps
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+
+# The long runs, never part of `make test`: a soak of DURATION seconds (tests/soak.py) and
+# the coverage-guided fuzz targets, FUZZ_TIME seconds each (tests/fuzz/).
+DURATION ?= 1800
+soak: $(STAMP) system-deps
+	nice -n 10 $(BIN)/python -m tests.soak --duration $(DURATION)

@@ -29,6 +29,7 @@ from broker.codecs.postgres import (
     ErrorResponse,
     FrontendParser,
     GSSENCRequest,
+    PasswordChangeGuard,
     ProtocolError,
     SSLRequest,
     StartupMessage,
@@ -41,6 +42,7 @@ from broker.identity import IdentityError
 from broker.session.context import ServiceContext
 from broker.session.lifecycle import Refusal, Session, Step, TcpAdapter, Upstream
 from broker.session.net import Conduit
+from broker.session.splice import StreamFilter
 
 from ._cancel import CancelKeys, CancelTarget
 from ._config import UpstreamConfig, parse_upstream
@@ -93,6 +95,8 @@ class _Login:
     leftover: bytes
     # The broker's BackendKeyData process id for this session, once greeted.
     process_id: int | None = None
+    # The password-change guard of this session, under guard.deny_password_change.
+    guard: PasswordChangeGuard | None = None
 
 
 class PostgresAdapter(TcpAdapter[Hello]):
@@ -108,6 +112,11 @@ class PostgresAdapter(TcpAdapter[Hello]):
         self.upstream: UpstreamConfig = parse_upstream(section, ctx.config.base_dir)
         if service.inject:
             raise ConfigError(f"{service.where}.inject: not used by the postgres adapter")
+        guard = Section(service.guard, f"{service.where}.guard")
+        # Rewrite ALTER ROLE/USER ... PASSWORD (and psql's \password) into an error: see
+        # broker/codecs/postgres/_guard.py for what this can and cannot see.
+        self.deny_password_change: bool = guard.boolean("deny_password_change", False)
+        guard.finish()
         self.cancel_keys = CancelKeys()
         self.scram_keys = ScramKeyCache()
 
@@ -220,10 +229,19 @@ class PostgresAdapter(TcpAdapter[Hello]):
         session.client.unread(session.hello.parser.leftover())
         upstream.conduit.unread(login.leftover)
 
+    def client_filter(self, session: Session[Hello], upstream: Upstream) -> StreamFilter | None:
+        if not self.deny_password_change:
+            return None
+        login: _Login = upstream.state
+        login.guard = PasswordChangeGuard()
+        return login.guard
+
     def release(self, session: Session[Hello], upstream: Upstream) -> None:
         login: _Login = upstream.state
         if login.process_id is not None:
             self.cancel_keys.forget(login.process_id)
+        if login.guard is not None and login.guard.refused:
+            session.end["password_changes_refused"] = login.guard.refused
 
     def refusal_reply(self, refusal: Refusal, hello: Hello) -> bytes:
         sqlstate = SQLSTATE_OF_STEP[refusal.step]

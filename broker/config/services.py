@@ -1,6 +1,6 @@
 """The `services` list: one entry per listener, its adapter, policy and credential source.
 
-Adapter-specific sections (`upstream`, `inject`) are kept as read-only mappings here and
+Adapter-specific sections (`upstream`, `inject`, `guard`) are kept as read-only mappings here and
 parsed by the adapter with the same `Section` reader.
 """
 
@@ -71,6 +71,8 @@ class ServiceConfig:
     owner: str | None = None
     purpose: str | None = None
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # What the adapter watches in a logged-in session (postgres: deny_password_change).
+    guard: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         if not self.rules and self.allow:
@@ -119,6 +121,7 @@ def parse_service(s: Section, index: int, base: Path, trust_domain: str) -> Serv
         credentials=credentials,
         upstream=s.frozen("upstream"),
         inject=s.frozen("inject"),
+        guard=s.frozen("guard"),
         local_identity=local_identity,
         max_connections=s.integer("max_connections", 1, 1_000_000, DEFAULT_MAX_CONNECTIONS),
         rules=rules,

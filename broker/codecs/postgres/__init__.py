@@ -32,6 +32,7 @@ from ._constants import (
     make_protocol_version,
 )
 from ._errors import ProtocolError, UpstreamProtocolError
+from ._guard import MAX_INSPECTED_MESSAGE, PasswordChangeGuard, changes_password
 from ._messages import (
     AuthenticationCleartextPassword,
     AuthenticationMD5Password,
@@ -70,6 +71,7 @@ __all__ = [
     "GSSENC_REQUEST_CODE",
     "MAX_AUTH_MESSAGE_LENGTH",
     "MAX_CANCEL_KEY_LENGTH",
+    "MAX_INSPECTED_MESSAGE",
     "MAX_STARTUP_PACKET_LENGTH",
     "MIN_CANCEL_KEY_LENGTH",
     "MIN_STARTUP_PACKET_LENGTH",
@@ -96,6 +98,7 @@ __all__ = [
     "NegotiateProtocolVersion",
     "NoticeResponse",
     "ParameterStatus",
+    "PasswordChangeGuard",
     "PasswordKind",
     "PasswordMessage",
     "ProtocolError",
@@ -108,6 +111,7 @@ __all__ = [
     "Terminate",
     "Unknown",
     "UpstreamProtocolError",
+    "changes_password",
     "encode",
     "make_protocol_version",
     "md5_password",
