@@ -63,3 +63,8 @@ clean:
 DURATION ?= 1800
 soak: $(STAMP) system-deps
 	nice -n 10 $(BIN)/python -m tests.soak --duration $(DURATION)
+
+FUZZ_TIME ?= 60
+fuzz: $(STAMP)
+	$(BIN)/pip install --quiet 'atheris>=2.3'
+	nice -n 10 $(BIN)/python -m tests.fuzz.run --time $(FUZZ_TIME)
