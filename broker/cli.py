@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument("--admin", help="the broker's admin address (default: admin.listen)")
     reload.add_argument("--pid", type=int, help="send SIGHUP to this process instead")
 
+    offboard = sub.add_parser(
+        "offboard", help="deny an identity on every broker now, close its sessions, revoke leases"
+    )
+    offboard.add_argument("--config", required=True, type=Path)
+    offboard.add_argument("spiffe_id")
+    offboard.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+    onboard = sub.add_parser("onboard", help="lift an offboarding: remove the deny-list entry")
+    onboard.add_argument("--config", required=True, type=Path)
+    onboard.add_argument("spiffe_id")
+
     ca = sub.add_parser("ca", help="a development-only SPIFFE CA (never for production)")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
     init = ca_sub.add_parser("init", help="create a CA and trust bundle in DIR")
@@ -107,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check(args.config)
         if args.command == "reload":
             return reload_command(args)
+        if args.command in ("offboard", "onboard"):
+            return asyncio.run(deny_list_command(args))
         return ca_command(args)
     except SidekeyError as exc:
         print(f"sidekey: {exc}", file=sys.stderr)
@@ -158,6 +170,43 @@ def reload_command(args: argparse.Namespace) -> int:
         print(f"sidekey: reload refused: {body.get('error')}", file=sys.stderr)
         return 2
     print(json.dumps(body, indent=2))
+    return 0
+
+
+async def deny_list_command(args: argparse.Namespace) -> int:
+    """`offboard` / `onboard`: write the shared deny list with the config's vault login."""
+    from spiffe import SpiffeId  # noqa: PLC0415
+
+    from broker import control  # noqa: PLC0415
+    from broker.credentials.vault import VaultClient  # noqa: PLC0415
+
+    config = load_config(args.config)
+    deny = config.governance.deny_list
+    if config.vault is None or not deny.enabled:
+        raise SidekeyError(
+            f"{args.config}: no deny list to write: it needs a vault section and "
+            "governance.deny_list not set to false"
+        )
+    try:
+        SpiffeId(args.spiffe_id)
+    except Exception:
+        raise SidekeyError(f"not a valid SPIFFE ID: {args.spiffe_id!r}") from None
+    vault = VaultClient.from_config(config.vault)
+    where = f"{deny.mount}/{deny.path}"
+    try:
+        if args.command == "offboard":
+            entry = await control.add_entry(vault, deny, args.spiffe_id, args.reason)
+            print(
+                f"offboarded {entry.spiffe_id} in {where} (by {entry.by} at {entry.at}); every "
+                f"broker denies it within {config.governance.watch_interval:g}s, closes its "
+                "sessions and revokes its leases"
+            )
+        elif await control.remove_entry(vault, deny, args.spiffe_id):
+            print(f"onboarded {args.spiffe_id}: removed from {where}")
+        else:
+            print(f"{args.spiffe_id} is not on the deny list {where}")
+    finally:
+        await vault.close()
     return 0
 
 

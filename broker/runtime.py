@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.config import DEFAULT_DRAIN_SECONDS, Config, ServiceConfig, load_config
+from broker.control import DenyWatcher
 from broker.credentials import CredentialSource
 from broker.credentials.factory import make_source
 from broker.credentials.vault import VaultClient
 from broker.errors import SidekeyError
+from broker.governance.denylist import DenyEntry
 from broker.governance.snapshot import effective_policy
 from broker.identity.tls import server_context
 from broker.observe.admin import AdminServer
@@ -93,6 +95,12 @@ class Broker:
         self._reload_lock = asyncio.Lock()
         self.admin: AdminServer | None = None
         self._started = False
+        self.deny: DenyWatcher | None = None
+        if self.vault is not None and cfg.governance.deny_list.enabled:
+            self.deny = DenyWatcher(
+                self.vault, cfg.governance.deny_list, cfg.governance.watch_interval,
+                self._deny_list_changed, up=self.metrics.deny_list_up.labels(),
+            )  # fmt: skip
         for service in cfg.services:
             self.services[service.name] = self._build(cfg, service)
 
@@ -155,6 +163,10 @@ class Broker:
                 ),
             }
         body["services"] = services
+        if self.deny is not None:
+            # Not a readiness condition: the last list read stays in force while the vault
+            # cannot be read, and taking every broker out of service for it would be worse.
+            body["deny_list"] = self.deny.state()
         return self.ready, body
 
     def metrics_text(self) -> bytes:
@@ -181,6 +193,10 @@ class Broker:
         return self.services[service_name].adapter.address
 
     async def start(self) -> None:
+        if self.deny is not None:
+            # Before the first listener: a broker that starts knows who is offboarded.
+            await self.deny.read_once()
+            self.deny.start()
         if self.config.admin is not None:
             self.admin = AdminServer(self, self.config.admin.listen)
             await self.admin.start()
@@ -191,7 +207,7 @@ class Broker:
             self._prime_tasks.add(task)
             task.add_done_callback(self._prime_tasks.discard)
         self._started = True
-        self.audit.emit_record("policy", {"reason": "start", **effective_policy(self.config)})
+        self.audit.emit_record("policy", {"reason": "start", **self._policy()})
 
     async def _start_service(self, svc: Service) -> None:
         await svc.adapter.start()
@@ -256,7 +272,7 @@ class Broker:
                     log.error("reload: service=%s %s", name, svc.prime_error)
             if old.audit.file != new.audit.file or new.audit.file is not None:
                 self.audit.reopen(new.audit.file)
-            self.audit.emit_record("policy", {"reason": "reload", **effective_policy(new)})
+            self.audit.emit_record("policy", {"reason": "reload", **self._policy()})
             closed = self.enforce("policy reload")
             summary = {
                 "config_sha256": new.digest,
@@ -269,6 +285,51 @@ class Broker:
             log.info("reloaded %s: %s", new.path, summary)
             return summary
 
+    def _policy(self) -> dict[str, Any]:
+        return {**effective_policy(self.config), "denied": sorted(self.live.denied)}
+
+    # -- the deny list (offboarding) ------------------------------------------------------------
+
+    async def _deny_list_changed(self, entries: dict[str, DenyEntry]) -> None:
+        """A new version of the deny list: deny the added identities everywhere at once,
+        close their sessions and connections, revoke their leases; lift the removed."""
+        before = self.live.denied
+        self.live.set_denied(entries)
+        self.metrics.offboarded.labels().value = len(entries)
+        if not self._started:
+            return  # read at start: nothing is open yet, the policy event lists them
+        for spiffe_id in [i for i in entries if i not in before]:
+            await self._offboard(entries[spiffe_id])
+        for spiffe_id in [i for i in before if i not in entries]:
+            log.info("onboarded %s: no longer on the deny list", spiffe_id)
+            self.audit.emit_record("onboard", {"spiffe_id": spiffe_id})
+
+    async def _offboard(self, entry: DenyEntry) -> None:
+        closed = [
+            e for e in self.live.of(entry.spiffe_id)
+            if self.close_entry(e, f"offboarded: {entry.reason}", "offboard")
+        ]  # fmt: skip
+        revoked: dict[str, list[str]] = {}
+        for name, svc in list(self.services.items()):
+            try:
+                leases = await svc.context.credentials.revoke_identity(entry.spiffe_id)
+            except SidekeyError as exc:
+                log.warning("offboarding %s: service=%s %s", entry.spiffe_id, name, exc)
+                continue
+            if leases:
+                revoked[name] = leases
+        log.warning(
+            "offboarded %s: %d sessions closed, %d leases revoked (reason: %s)",
+            entry.spiffe_id, len(closed), sum(map(len, revoked.values())), entry.reason,
+        )  # fmt: skip
+        self.audit.emit_record(
+            "offboard",
+            {"spiffe_id": entry.spiffe_id, "reason": entry.reason, "by": entry.by or None,
+             "at": entry.at or None, "sessions_closed": len(closed),
+             "sessions": [{"service": e.service, "peer": e.peer, "kind": e.kind} for e in closed],
+             "leases_revoked": revoked},
+        )  # fmt: skip
+
     def enforce(self, why: str) -> int:
         """Close every live session and connection that policy (and the deny list) now
         refuses, each with a `session_closed` event; returns how many."""
@@ -279,12 +340,13 @@ class Broker:
                 continue  # its service is draining (rebuilt or removed): it ends with it
             decision = svc.context.decide(entry.identity, entry.peer)
             if not decision.allow:
-                closed += self.close_entry(entry, f"{why}: {decision.reason}")
+                closed += self.close_entry(entry, f"{why}: {decision.reason}", "reload")
         return closed
 
-    def close_entry(self, entry: Entry, reason: str) -> int:
+    def close_entry(self, entry: Entry, reason: str, why: str) -> int:
         if not entry.close(reason):
             return 0
+        self.metrics.sessions_closed.labels(entry.service, why).inc()
         self.audit.emit_record(
             "session_closed",
             {"service": entry.service, "spiffe_id": entry.identity.spiffe_id,
@@ -347,6 +409,8 @@ class Broker:
         started = time.monotonic()
         for task in list(self._prime_tasks):
             task.cancel()
+        if self.deny is not None:
+            await self.deny.stop()
         await asyncio.gather(
             *(svc.adapter.stop(drain_timeout) for svc in self.services.values()),
             *self._retiring,

@@ -110,6 +110,8 @@ class IdentityInfo:
 class DenyListConfig:
     mount: str = DEFAULT_DENY_MOUNT
     path: str = DEFAULT_DENY_PATH
+    # `deny_list: false` turns it off (a broker without a vault has none either).
+    enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +253,9 @@ def parse_governance(top: Section) -> GovernanceConfig:
         return GovernanceConfig()
     s = top.section("governance")
     deny = DenyListConfig()
-    if s.has("deny_list"):
+    if s.has("deny_list") and s.raw("deny_list") is False:
+        deny = DenyListConfig(enabled=False)
+    elif s.has("deny_list"):
         d = s.section("deny_list")
         deny = DenyListConfig(
             d.text("mount", DEFAULT_DENY_MOUNT), d.text("path", DEFAULT_DENY_PATH)

@@ -82,6 +82,15 @@ class CredentialSource(abc.ABC):
         """A log-safe one-line description of where credentials come from."""
         return type(self).__name__
 
+    async def revoke_identity(self, spiffe_id: str) -> list[str]:
+        """Revoke every lease this source holds for one identity (offboarding); returns
+        their lease ids. Sources without per-identity leases hold none."""
+        return []
+
+    def leases_of(self) -> dict[str, list[str]]:
+        """Lease ids held per identity right now (for the inventory)."""
+        return {}
+
     async def invalidate(self, identity: WorkloadIdentity, credential: Credential) -> None:
         """The upstream refused `credential` (handed out for `identity`): never hand it out
         again. A source that leases credentials revokes the lease; the default keeps what it

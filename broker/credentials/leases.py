@@ -202,6 +202,26 @@ class LeaseManager(CredentialSource):
         self._retired.clear()
         await asyncio.gather(*(self._revoke(lease, "close") for lease in leases))
 
+    async def revoke_identity(self, spiffe_id: str) -> list[str]:
+        pending = self._pending.get(spiffe_id)
+        if pending is not None:  # a read in flight would create a lease after this
+            await asyncio.gather(pending, return_exceptions=True)
+        leases = [
+            lease
+            for lease in [*self._current.values(), *self._retired]
+            if lease.identity == spiffe_id
+        ]
+        for lease in leases:
+            self._drop(lease)
+        done = await asyncio.gather(*(self._revoke(lease, "offboarded") for lease in leases))
+        return [lease.lease_id for lease, ok in zip(leases, done, strict=True) if ok]
+
+    def leases_of(self) -> dict[str, list[str]]:
+        held: dict[str, list[str]] = {}
+        for lease in [*self._current.values(), *self._retired]:
+            held.setdefault(lease.identity, []).append(lease.lease_id)
+        return held
+
     async def tick(self) -> float:
         """One maintenance pass; returns the clock time of the next thing due.
 
@@ -411,11 +431,12 @@ class LeaseManager(CredentialSource):
                 self.service, lease.lease_id, granted,
             )  # fmt: skip
 
-    async def _revoke(self, lease: _Lease, why: str) -> None:
+    async def _revoke(self, lease: _Lease, why: str) -> bool:
         if lease.lease_id:
-            await self._revoke_id(lease.lease_id, why, lease.identity)
+            return await self._revoke_id(lease.lease_id, why, lease.identity)
+        return False
 
-    async def _revoke_id(self, lease_id: str, why: str, identity: str = "") -> None:
+    async def _revoke_id(self, lease_id: str, why: str, identity: str = "") -> bool:
         try:
             await self._vault.revoke(lease_id)
         except CredentialUnavailable as exc:
@@ -424,12 +445,13 @@ class LeaseManager(CredentialSource):
                 "lease revocation failed service=%s lease_id=%s reason=%s error=%s",
                 self.service, lease_id, why, exc,
             )  # fmt: skip
-            return
+            return False
         self._events["revoked"].inc()
         log.info(
             "lease revoked service=%s identity=%s lease_id=%s reason=%s",
             self.service, identity, lease_id, why,
         )  # fmt: skip
+        return True
 
     def _next_due(self) -> float:
         due = math.inf

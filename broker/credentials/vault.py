@@ -121,6 +121,51 @@ class VaultClient:
             ) from None
         return _string_fields(raw, where), version
 
+    async def read_kv_optional(
+        self, mount: str, path: str
+    ) -> tuple[dict[str, str], int, str | None] | None:
+        """KV v2 `mount/path` as (fields, version, created_time), or None when it does not
+        exist (never written, or its latest version deleted)."""
+        where = f"{mount}/{path}"
+
+        def call(client: hvac.Client) -> Any:
+            try:
+                return client.secrets.kv.v2.read_secret_version(
+                    path=path, mount_point=mount, raise_on_deleted_version=True
+                )
+            except hvac.exceptions.InvalidPath:
+                return None
+
+        response = await self._call(call, where, what="KV v2 secret")
+        if response is None:
+            return None
+        try:
+            raw = response["data"]["data"]
+            metadata = response["data"]["metadata"]
+            version = int(metadata["version"])
+        except (KeyError, TypeError, ValueError):
+            raise CredentialUnavailable(
+                f"vault: {where} is not a KV v2 secret (is mount {mount!r} KV version 2?)"
+            ) from None
+        return _string_fields(raw or {}, where), version, metadata.get("created_time")
+
+    async def write_kv(self, mount: str, path: str, fields: Mapping[str, str], cas: int) -> int:
+        """Write a new version of KV v2 `mount/path` if its version is still `cas` (0: it
+        must not exist yet); returns the new version. A concurrent writer's version makes
+        the vault refuse it: CredentialUnavailable, and the caller reads and tries again."""
+        where = f"{mount}/{path}"
+
+        def call(client: hvac.Client) -> Any:
+            return client.secrets.kv.v2.create_or_update_secret(
+                path=path, secret=dict(fields), cas=cas, mount_point=mount
+            )
+
+        response = await self._call(call, where, what="KV v2 secret")
+        try:
+            return int(response["data"]["version"])
+        except (KeyError, TypeError, ValueError):
+            raise CredentialUnavailable(f"vault: writing {where} returned no version") from None
+
     async def read(self, path: str) -> LeaseResponse:
         """A logical read, e.g. `<mount>/creds/<role>` of a dynamic secrets engine."""
 

@@ -182,6 +182,27 @@ class Metrics:
             kind="gauge",
             registry=r,
         )
+        self.deny_list_up = Family(
+            "sidekey_deny_list_up",
+            "1 when the last read of the shared deny list succeeded, 0 when it failed",
+            [],
+            kind="gauge",
+            registry=r,
+        )
+        self.offboarded = Family(
+            "sidekey_offboarded_identities",
+            "Identities on the deny list this broker enforces",
+            [],
+            kind="gauge",
+            registry=r,
+        )
+        self.sessions_closed = Family(
+            "sidekey_sessions_closed",
+            "Live sessions and connections the broker closed (reload, offboard)",
+            ["service", "why"],
+            kind="counter",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

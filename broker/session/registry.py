@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from broker.governance.denylist import DenyEntry
 from broker.identity import WorkloadIdentity
 
 # Calls are counted in hourly buckets: "calls in the last 24 h" is the sum of the last 24.
@@ -71,16 +72,6 @@ class Usage:
     def calls_24h(self, now: float) -> int:
         current = int(now // USAGE_BUCKET_SECONDS)
         return sum(n for hour, n in self.hours.items() if current - hour < USAGE_BUCKETS)
-
-
-@dataclass(frozen=True, slots=True)
-class DenyEntry:
-    """An offboarded identity, as the deny list holds it."""
-
-    spiffe_id: str
-    reason: str
-    at: str = ""
-    by: str = ""
 
 
 class Registry:
