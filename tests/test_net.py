@@ -277,6 +277,37 @@ def test_plaintext_before_tls_is_refused(run: Run, ca: trustme.CA) -> None:
     run(main())
 
 
+def test_early_tls_hands_buffered_records_to_tls(run: Run, ca: trustme.CA) -> None:
+    """A MySQL client sends its ClientHello right behind its SSLRequest: with early_tls the
+    bytes already read start the TLS stream, under both loops."""
+
+    async def main() -> None:
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def handler(conduit: net.Conduit) -> None:
+            received = await conduit.receive(5)
+            while len(received) < len(b"SSLREQ") + 5:  # the request and a TLS record header
+                received += await conduit.receive(5)
+            assert received.startswith(b"SSLREQ") and received[6] == 0x16
+            conduit.unread(received[len(b"SSLREQ") :])
+            await conduit.start_tls(server_context(ca), server_side=True, timeout=5, early_tls=True)
+            data = await conduit.receive(5)
+            conduit.write(b"echo:" + data)
+            got.put_nowait(data)
+
+        listener = await net.serve(LOCAL, handler, max_connections=4)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(listener))
+        writer.write(b"SSLREQ")
+        await writer.start_tls(client_context(ca), server_hostname="127.0.0.1")
+        writer.write(b"protected")
+        assert await asyncio.wait_for(got.get(), 10) == b"protected"
+        assert await reader.readexactly(len(b"echo:protected")) == b"echo:protected"
+        writer.close()
+        await listener.close(drain_timeout=5)
+
+    run(main())
+
+
 def test_tls_handshake_timeout_and_failure(run: Run, ca: trustme.CA) -> None:
     async def main() -> None:
         errors: list[BaseException] = []

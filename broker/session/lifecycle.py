@@ -286,13 +286,20 @@ class TcpAdapter(Adapter, Generic[H]):
         if self._listener is not None:
             await self._listener.close(drain_timeout)
 
-    async def upgrade_tls(self, client: Conduit, deadline: float) -> None:
+    async def upgrade_tls(
+        self, client: Conduit, deadline: float, *, early_tls: bool = False
+    ) -> None:
         """Upgrade the client connection to the service's TLS (client certificate required
-        under mtls). A failed handshake is an unproven caller: audited as a denial."""
+        under mtls). A failed handshake is an unproven caller: audited as a denial.
+
+        `early_tls`: the client starts TLS without waiting for an answer (MySQL), so bytes
+        already buffered are its first TLS records (see `Conduit.start_tls`)."""
         assert self.ctx.server_ssl is not None
         remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
         try:
-            await client.start_tls(self.ctx.server_ssl, server_side=True, timeout=remaining)
+            await client.start_tls(
+                self.ctx.server_ssl, server_side=True, timeout=remaining, early_tls=early_tls
+            )
         except ClientError as exc:
             self.ctx.refuse(client.peer, str(exc))
             self._outcomes["denied"].inc()

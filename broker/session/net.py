@@ -26,10 +26,10 @@ import ssl
 import stat
 import struct
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from broker.config import ListenAddress
 from broker.errors import ClientError, SidekeyError, UpstreamError, UpstreamTimeout
@@ -309,29 +309,37 @@ class Conduit(asyncio.Protocol):
         server_side: bool,
         server_hostname: str | None = None,
         timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+        early_tls: bool = False,
     ) -> None:
         """Upgrade this connection to TLS in place; afterwards `ssl_object` is set.
 
         Refuses to start if plaintext bytes are still buffered: they arrived before the
         handshake and must not be treated as if they were protected (the PostgreSQL
-        buffer-stuffing bugs CVE-2021-23214 and CVE-2021-23222). On failure or timeout the
-        connection is aborted and the side's error is raised.
+        buffer-stuffing bugs CVE-2021-23214 and CVE-2021-23222). With `early_tls`, the
+        protocol's peer starts TLS without waiting for an answer (a MySQL client sends its
+        ClientHello right behind its SSLRequest): buffered bytes are then the first TLS
+        records and go to the TLS layer, never to the application. On failure or timeout
+        the connection is aborted and the side's error is raised.
         """
         self._check_usable()
         assert self.transport is not None
         if self.is_closed:
             raise self._error(f"closed before the TLS handshake ({self._where})")
+        early = b""
         if self._buffer:
-            self.abort()
-            raise self._error(
-                f"{self._where} sent {len(self._buffer)} bytes before the TLS handshake"
-            )
+            if not early_tls:
+                self.abort()
+                raise self._error(
+                    f"{self._where} sent {len(self._buffer)} bytes before the TLS handshake"
+                )
+            early = bytes(self._buffer)
+            self._buffer.clear()
         loop = asyncio.get_running_loop()
         try:
             # The outer timeout is a backstop: ssl_handshake_timeout covers the handshake, this
             # also covers a peer that never lets the TCP layer make progress.
             async with asyncio.timeout(timeout + 1.0):
-                tls_transport = await loop.start_tls(
+                upgrade = loop.start_tls(
                     self.transport,
                     self,
                     ssl_context,
@@ -339,6 +347,10 @@ class Conduit(asyncio.Protocol):
                     server_hostname=server_hostname,
                     ssl_handshake_timeout=timeout,
                 )
+                if early:
+                    tls_transport = await _start_tls_with(upgrade, self.transport, early)
+                else:
+                    tls_transport = await upgrade
         except TimeoutError:
             self.abort()
             raise self._timeout_error(f"did not finish the TLS handshake in {timeout:g}s") from None
@@ -417,6 +429,42 @@ class Conduit(asyncio.Protocol):
             self._drain_waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+
+async def _start_tls_with(
+    upgrade: Coroutine[Any, Any, asyncio.Transport | None],
+    transport: asyncio.Transport,
+    early: bytes,
+) -> asyncio.Transport | None:
+    """Run `loop.start_tls` and hand `early` to its TLS protocol before any later read.
+
+    Both asyncio's and uvloop's start_tls, in their first step, set the TLS protocol on the
+    transport and schedule its connection_made and resume_reading with call_soon. Running
+    that step as a task and scheduling the hand-over right behind it puts the early bytes
+    into the TLS engine after connection_made and before the event loop next polls the
+    socket, so they come first, as they did on the wire.
+    """
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(upgrade)
+    try:
+        await asyncio.sleep(0)  # the task's first step runs before we go on
+        loop.call_soon(_feed_protocol, transport, early)
+        return await task
+    except BaseException:
+        task.cancel()
+        raise
+
+
+def _feed_protocol(transport: asyncio.Transport, data: bytes) -> None:
+    # Both TLS protocols are buffered ones (uvloop's does not register with the ABC).
+    protocol = cast(asyncio.BufferedProtocol, transport.get_protocol())
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view)))
+        n = min(len(buffer), len(view))
+        buffer[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
 
 
 def describe_peer(transport: asyncio.BaseTransport) -> tuple[str, PeerCredentials | None]:

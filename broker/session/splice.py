@@ -214,6 +214,7 @@ class _Relay:
     """The state both sides share: how the splice ends."""
 
     __slots__ = (
+        "clean_end",
         "client",
         "done",
         "first_end",
@@ -239,6 +240,10 @@ class _Relay:
         self.last_activity = loop.time()
         self.seen = 0
         self.first_end: EndedBy | None = None
+        # Whether the first side to end did so cleanly (EOF, or a close without error): a
+        # reset that follows it (a server answering a client's goodbye after the client
+        # left) does not make the session an error.
+        self.clean_end = False
         self.verdict: EndedBy | None = None
         self.idle_handle: asyncio.TimerHandle | None = None
         self.linger_handle: asyncio.TimerHandle | None = None
@@ -247,6 +252,7 @@ class _Relay:
         side.read_done = True
         if self.first_end is None:
             self.first_end = side.name
+            self.clean_end = True
         peer = side.peer
         if peer.read_done:
             # Both directions finished: nothing more can flow.
@@ -266,6 +272,7 @@ class _Relay:
         side.read_done = True
         if self.first_end is None:
             self.first_end = side.name
+            self.clean_end = exc is None
         if exc is not None and self.stats.error is None:
             self.stats.error = f"{side.name}: {exc.__class__.__name__}: {exc}"
         if side.peer.lost:
@@ -323,7 +330,11 @@ class _Relay:
         stats = self.stats
         if stats.ended_by is None:
             stats.ended_by = self.verdict or (
-                "error" if stats.error is not None else self.first_end or "error"
+                self.first_end
+                if self.first_end is not None and self.clean_end
+                else "error"
+                if stats.error is not None
+                else self.first_end or "error"
             )
 
     client: _Side
