@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -229,6 +230,164 @@ def vault_redis(openbao: OpenBao, redis_server: RedisServer) -> VaultEngine:
         name=engine.role,
         db_name=engine.connection,
         creation_statements=REDIS_CREATION,
+        default_ttl=ROLE_DEFAULT_TTL,
+        max_ttl=ROLE_MAX_TTL,
+        mount_point=engine.mount,
+    )
+    return engine
+
+
+# --------------------------------------------------------------------------- MariaDB
+
+
+def _as_mysql(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "mysql", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@dataclass
+class MariaDB:
+    """A running throwaway MariaDB: TCP on 127.0.0.1:`port` (TLS offered, certificate for
+    localhost/127.0.0.1 from the CA at `ca_path`), and a unix socket where root (no
+    password) administers it. Databases appdb and otherdb; `passwords` holds the users'
+    (vaultadmin: all privileges; native_user and ed25519_user: appdb only)."""
+
+    host: str
+    port: int
+    socket: Path
+    base: Path
+    ca_path: Path
+    passwords: dict[str, str] = field(repr=False)
+    proc: subprocess.Popen[bytes] = field(repr=False)
+
+    def sql(self, statement: str, database: str = "") -> str:
+        """Run SQL as root over the unix socket; tab-separated rows without headers."""
+        result = subprocess.run(
+            ["mariadb", "--no-defaults", "-uroot", f"--socket={self.socket}", "-N", "-B",
+             "-e", statement, *([database] if database else [])],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"mariadb failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def users(self) -> set[str]:
+        """Every user name in mysql.user."""
+        return set(self.sql("SELECT User FROM mysql.user").split())
+
+    def log(self) -> str:
+        path = self.base / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def start_mariadb(base: Path) -> MariaDB:
+    datadir, sock = base / "data", base / "mysqld.sock"
+    owner = "mysql" if os.geteuid() == 0 else None
+    if owner:
+        shutil.chown(base, owner, owner)
+    ca_path = _tls_files(base, owner)
+    install = subprocess.run(
+        _as_mysql([MARIADB_INSTALL_DB, "--no-defaults", f"--datadir={datadir}",
+                   "--auth-root-authentication-method=normal", "--skip-test-db",
+                   "--skip-name-resolve"]),
+        capture_output=True, text=True, check=False, timeout=MARIADB_START_SECONDS,
+    )  # fmt: skip
+    if install.returncode != 0:
+        raise RuntimeError(f"mariadb-install-db failed: {install.stderr.strip()[-3000:]}")
+    port = free_port()
+    proc = subprocess.Popen(
+        _as_mysql([MARIADBD, "--no-defaults", f"--datadir={datadir}", f"--socket={sock}",
+                   f"--port={port}", "--bind-address=127.0.0.1", f"--pid-file={base}/mysqld.pid",
+                   f"--log-error={base}/error.log", "--skip-name-resolve",
+                   f"--ssl-ca={ca_path}", f"--ssl-cert={base}/server.pem",
+                   f"--ssl-key={base}/server-key.pem", "--plugin-load-add=auth_ed25519",
+                   # A throwaway server: durability and big buffers buy nothing here.
+                   "--innodb-buffer-pool-size=32M", "--innodb-flush-log-at-trx-commit=0",
+                   "--skip-log-bin", "--max-connections=300"]),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    passwords = {
+        "vaultadmin": secrets.token_urlsafe(18),
+        "native_user": secrets.token_urlsafe(18),
+        "ed25519_user": secrets.token_urlsafe(18),
+    }
+    db = MariaDB("127.0.0.1", port, sock, base, ca_path, passwords, proc)
+    deadline = time.monotonic() + MARIADB_START_SECONDS
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mariadbd exited with {proc.returncode}:\n{db.log()[-3000:]}")
+        try:
+            db.sql("SELECT 1")
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                _stop(proc)
+                raise RuntimeError(f"MariaDB not ready after {MARIADB_START_SECONDS}s") from None
+            time.sleep(POLL_SECONDS)
+    p = passwords
+    db.sql(
+        "CREATE DATABASE appdb; CREATE DATABASE otherdb;"
+        "CREATE TABLE appdb.items (id INT PRIMARY KEY, name VARCHAR(40));"
+        "INSERT INTO appdb.items VALUES (1, 'one'), (2, 'two');"
+        f"CREATE USER vaultadmin@'%' IDENTIFIED BY '{p['vaultadmin']}';"
+        "GRANT ALL PRIVILEGES ON *.* TO vaultadmin@'%' WITH GRANT OPTION;"
+        f"CREATE USER native_user@'%' IDENTIFIED BY '{p['native_user']}';"
+        "GRANT ALL PRIVILEGES ON appdb.* TO native_user@'%';"
+        "CREATE USER ed25519_user@'%' IDENTIFIED VIA ed25519 "
+        f"USING PASSWORD('{p['ed25519_user']}');"
+        "GRANT ALL PRIVILEGES ON appdb.* TO ed25519_user@'%';"
+    )
+    return db
+
+
+def stop_mariadb(db: MariaDB) -> None:
+    _stop(db.proc)
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[MariaDB]:
+    """One MariaDB for the session (databases appdb and otherdb)."""
+    if not Path(MARIADBD).exists():
+        pytest.skip("mariadb-server is not installed (scripts/system-deps.sh installs it)")
+    # Not tmp_path_factory: its base is 0700 root, which the mysql account cannot traverse.
+    base = Path(tempfile.mkdtemp(prefix="sidekey-mariadb-"))
+    try:
+        db = start_mariadb(base)
+        try:
+            yield db
+        finally:
+            stop_mariadb(db)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# Statements of the dynamic MySQL users: appdb only, like app-rw for PostgreSQL.
+MYSQL_CREATION = [
+    "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}';",
+    "GRANT ALL PRIVILEGES ON appdb.* TO '{{name}}'@'%';",
+]
+
+
+@pytest.fixture(scope="session")
+def vault_mysql(openbao: OpenBao, mariadb: MariaDB) -> VaultEngine:
+    """Mount `mysql-db` on the session OpenBao, pointed at the session MariaDB as
+    vaultadmin, with role orders-rw."""
+    engine = VaultEngine(openbao, "mysql-db", "orders", "orders-rw")
+    client = engine.client()
+    client.sys.enable_secrets_engine("database", path=engine.mount)
+    client.secrets.database.configure(
+        name=engine.connection,
+        plugin_name="mysql-database-plugin",
+        connection_url=f"{{{{username}}}}:{{{{password}}}}@tcp({mariadb.host}:{mariadb.port})/",
+        username="vaultadmin",
+        password=mariadb.passwords["vaultadmin"],
+        allowed_roles=["*"],
+        verify_connection=True,
+        mount_point=engine.mount,
+    )
+    client.secrets.database.create_role(
+        name=engine.role,
+        db_name=engine.connection,
+        creation_statements=MYSQL_CREATION,
         default_ttl=ROLE_DEFAULT_TTL,
         max_ttl=ROLE_MAX_TTL,
         mount_point=engine.mount,

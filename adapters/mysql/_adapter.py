@@ -1,0 +1,207 @@
+"""The MySQL adapter: the broker as a MySQL server to the client, and as a client (with a
+just-in-time credential) to the real MySQL or MariaDB. These are the protocol steps of the
+core's session life cycle (`broker.session.lifecycle`).
+
+1. Hello: the broker speaks first, with a greeting of its own offering ``CLIENT_SSL``
+   (under ``client_auth: mtls``); the client's SSLRequest upgrades the connection to TLS with
+   a required client certificate, then its HandshakeResponse41 arrives. Its user and
+   password are ignored.
+2. Request: the database the client names must be one of ``upstream.database``.
+3. Login: connect, TLS per ``upstream.tls.mode``, log in with the credential
+   (mysql_native_password, caching_sha2_password, client_ed25519, cleartext over TLS).
+4. Greet: the client gets the upstream's OK packet with its own sequence number; then the
+   core splices, through `CommandFilter` (COM_CHANGE_USER and other databases refused).
+
+Every refusal reaches the client as an ERR packet; the credential is only ever written to
+the upstream connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import string
+from dataclasses import dataclass
+
+from broker.codecs.mysql import (
+    ClientParser,
+    ErrPacket,
+    HandshakeResponse41,
+    HandshakeV10,
+    ProtocolError,
+    SSLRequest,
+    encode,
+    frame,
+)
+from broker.codecs.mysql import constants as c
+from broker.config import Section
+from broker.credentials import Credential
+from broker.errors import ConfigError, UpstreamError
+from broker.session.context import ServiceContext
+from broker.session.lifecycle import Refusal, Session, Step, TcpAdapter, Upstream
+from broker.session.net import Conduit
+from broker.session.splice import StreamFilter
+
+from ._auth import NATIVE
+from ._config import UpstreamConfig, parse_upstream
+from ._filter import CommandFilter
+from ._upstream import (
+    BROKER_CAPABILITIES,
+    Authenticated,
+    ConnectFailed,
+    UpstreamRefused,
+    login,
+    ok_payload,
+)
+
+# The greeting's server version until the broker has seen the upstream's own.
+DEFAULT_SERVER_VERSION = "8.0.0-Sidekey"
+# Connection ids in the broker's greetings start here: above any thread id a server hands
+# out, so a client's KILL with one never names another session's thread.
+CONNECTION_ID_BASE = 0x80000000
+# A scramble of printable characters, as MySQL's own (some clients stop at a NUL).
+_SCRAMBLE_ALPHABET = string.ascii_letters + string.digits
+SCRAMBLE_LENGTH = 20
+
+# MySQL error codes (include/mysqld_error.h) and SQLSTATEs of the broker's refusals.
+ER_ACCESS_DENIED_ERROR = (1045, "28000")
+ER_DBACCESS_DENIED_ERROR = (1044, "42000")
+ER_HANDSHAKE_ERROR = (1043, "08S01")
+ER_CONNECTION_FAILURE = (2013, "HY000")  # a client code: "lost connection during query"
+ER_UNKNOWN_ERROR = (1105, "HY000")
+ERROR_OF_STEP: dict[Step, tuple[int, str]] = {
+    "identity": ER_ACCESS_DENIED_ERROR,
+    "policy": ER_ACCESS_DENIED_ERROR,
+    "request": ER_DBACCESS_DENIED_ERROR,
+    "credential": ER_UNKNOWN_ERROR,
+    "upstream_connect": ER_UNKNOWN_ERROR,
+    "upstream_login": ER_UNKNOWN_ERROR,
+}
+# Where a protocol error is noticed the client has sent at most its response (seq 1, or 2
+# after TLS): the broker's ERR then carries 2, what most clients expect there.
+PROTOCOL_ERROR_SEQ = 2
+MTLS_REQUIRED = (
+    "this service requires TLS with a client certificate: use --ssl-mode=VERIFY_IDENTITY "
+    "(mariadb: --ssl-verify-server-cert) with --ssl-ca, --ssl-cert and --ssl-key"
+)
+_COMPRESSION = c.CLIENT_COMPRESS | c.CLIENT_ZSTD_COMPRESSION_ALGORITHM
+
+
+@dataclass(slots=True)
+class Hello:
+    response: HandshakeResponse41
+    # Holds the sequence numbers and whatever the client sent after its response.
+    parser: ClientParser
+
+
+class MysqlAdapter(TcpAdapter[Hello]):
+    """One mysql service."""
+
+    tls_required_message = MTLS_REQUIRED
+    no_tls_reason = "connection is not TLS (no SSLRequest)"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        service = ctx.service
+        section = Section(service.upstream, f"{service.where}.upstream")
+        self.upstream: UpstreamConfig = parse_upstream(section, ctx.config.base_dir)
+        if service.inject:
+            raise ConfigError(f"{service.where}.inject: not used by the mysql adapter")
+        self.server_version = self.upstream.server_version or DEFAULT_SERVER_VERSION
+        self._connection_ids = itertools.count(CONNECTION_ID_BASE)
+        self._capabilities = BROKER_CAPABILITIES | (c.CLIENT_SSL if ctx.server_ssl else 0)
+
+    # -- protocol steps ----------------------------------------------------------------------
+
+    async def hello(self, client: Conduit, deadline: float) -> Hello | None:
+        loop = asyncio.get_running_loop()
+        parser = ClientParser()
+        scramble = "".join(secrets.choice(_SCRAMBLE_ALPHABET) for _ in range(SCRAMBLE_LENGTH))
+        greeting = HandshakeV10(
+            server_version=self.server_version,
+            connection_id=next(self._connection_ids) & 0xFFFFFFFF,
+            scramble=scramble.encode(),
+            capabilities=self._capabilities,
+            charset=c.UTF8MB4_GENERAL_CI,
+            status=c.SERVER_STATUS_AUTOCOMMIT,
+            auth_plugin=NATIVE,
+        )
+        client.write(encode(greeting, parser.next_seq()))
+        while True:
+            while (message := parser.next_message()) is None:
+                data = await client.receive(max(deadline - loop.time(), 0.001))
+                if not data:
+                    return None
+                parser.feed(data)
+            if isinstance(message, SSLRequest):
+                if self.ctx.server_ssl is None:
+                    raise ProtocolError("TLS was not offered (client_auth: local)")
+                client.unread(parser.take_tls_bytes())
+                await self.upgrade_tls(client, deadline, early_tls=True)
+                continue
+            assert isinstance(message, HandshakeResponse41)
+            if message.capabilities & _COMPRESSION:
+                raise ProtocolError("the broker does not offer the compressed protocol")
+            return Hello(message, parser)
+
+    def check_request(self, session: Session[Hello]) -> dict[str, str]:
+        allowed = self.upstream.databases
+        database = session.hello.response.database or allowed[0]
+        if database not in allowed:
+            raise Refusal(
+                "request",
+                f"database '{database}' is not available through service "
+                f"{self.ctx.service.name} (allowed: {', '.join(allowed)})",
+            )
+        return {"database": database}
+
+    async def login(
+        self, session: Session[Hello], credential: Credential, deadline: float
+    ) -> Upstream:
+        name, target = self.ctx.service.name, self.upstream.target
+        user, password = credential.fields["username"], credential.fields["password"]
+        try:
+            auth = await login(
+                target, session.hello.response, user, password, session.request["database"],
+                deadline,
+            )  # fmt: skip
+        except ConnectFailed as exc:
+            raise Refusal(
+                "upstream_connect", f"cannot reach the database of service {name}: {exc}",
+                metric="connect",
+            ) from None  # fmt: skip
+        except UpstreamRefused as exc:
+            raise Refusal(
+                "upstream_login",
+                str(exc),
+                reply=encode(exc.err, session.hello.parser.next_seq()),
+                metric="refused",
+                audit={"upstream_error": exc.err.code},
+            ) from None
+        except UpstreamError as exc:
+            raise Refusal(
+                "upstream_login", f"cannot log in to the database of service {name}: {exc}",
+                metric="auth",
+            ) from None  # fmt: skip
+        return Upstream(auth.conduit, user, target.address, auth)
+
+    def greet(self, session: Session[Hello], upstream: Upstream) -> None:
+        auth: Authenticated = upstream.state
+        if self.upstream.server_version is None:
+            self.server_version = auth.greeting.server_version
+        hello = session.hello
+        session.client.write(frame(ok_payload(auth.ok), hello.parser.next_seq()))
+        session.client.unread(hello.parser.leftover())
+        upstream.conduit.unread(auth.leftover)
+
+    def client_filter(self, session: Session[Hello], upstream: Upstream) -> StreamFilter:
+        return CommandFilter(self.upstream.databases, self.ctx.service.name)
+
+    def refusal_reply(self, refusal: Refusal, hello: Hello) -> bytes:
+        code, sqlstate = ERROR_OF_STEP[refusal.step]
+        return encode(ErrPacket(code, refusal.message, sqlstate), hello.parser.next_seq())
+
+    def protocol_error_reply(self, message: str) -> bytes:
+        code, sqlstate = ER_HANDSHAKE_ERROR
+        return encode(ErrPacket(code, f"Bad handshake: {message}", sqlstate), PROTOCOL_ERROR_SEQ)
