@@ -425,3 +425,21 @@ async def test_hostile_bytes_end_the_session_and_service_goes_on(world: World) -
             assert await c.ping()
         finally:
             await c.aclose()
+
+
+async def test_connections_over_max_connections_are_told_so(world: World) -> None:
+    pki = world.pki
+    async with world.broker(world.service(max_connections=1)) as b:
+        holder = client(b, pki, pki.client())
+        try:
+            assert await holder.ping()  # holds the only slot
+            over = client(b, pki, pki.client())
+            try:
+                with pytest.raises(redis.exceptions.RedisError) as raised:
+                    await over.get("k")
+                assert "max number of clients reached" in str(raised.value)
+                assert "allows 1" in str(raised.value)
+            finally:
+                await over.aclose()
+        finally:
+            await holder.aclose()

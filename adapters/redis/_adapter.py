@@ -166,6 +166,15 @@ class RedisAdapter(TcpAdapter[Hello]):
     def protocol_error_reply(self, message: str) -> bytes:
         return encode(ErrorReply(f"ERR Protocol error: {message}"))
 
+    def overload_reply(self, max_connections: int) -> bytes:
+        # Redis's own words for its maxclients, with the broker's limit.
+        return encode(
+            ErrorReply(
+                f"ERR max number of clients reached (service {self.ctx.service.name} allows "
+                f"{max_connections})"
+            )
+        )
+
     async def deliver_refusal(self, client: Conduit, hello: Hello, reply: bytes) -> None:
         """Answer each command the client sends with `reply`, for a bounded time."""
         loop = asyncio.get_running_loop()
