@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,8 @@ from broker.credentials.vault import VaultClient
 from broker.errors import SidekeyError
 from broker.governance.denylist import DenyEntry
 from broker.governance.snapshot import effective_policy
-from broker.identity.tls import server_context
+from broker.identity.material import IdentityMaterial
+from broker.identity.tls import ServerTLS
 from broker.observe.admin import AdminServer
 from broker.observe.audit import AuditLog
 from broker.observe.metrics import Metrics
@@ -57,6 +59,8 @@ class Service:
     adapter: Adapter
     primed: bool = False
     prime_error: str | None = None
+    # Ends the service's serving context's subscription to the identity material.
+    stop_following: Callable[[], None] | None = None
 
 
 # Service fields a reload applies in place (the next decision uses them); a change to any
@@ -71,7 +75,7 @@ POLICY_FIELDS: dict[str, Any] = {
 }
 # Top-level sections a reload cannot apply to a running broker: a change is logged, and it
 # takes effect at the next start.
-RESTART_SECTIONS = ("identity", "vault", "admin")
+RESTART_SECTIONS = ("identity", "tls", "vault", "admin")
 
 
 @dataclass
@@ -101,16 +105,22 @@ class Broker:
                 self.vault, cfg.governance.deny_list, cfg.governance.watch_interval,
                 self._deny_list_changed, up=self.metrics.deny_list_up.labels(),
             )  # fmt: skip
+        # The broker's certificate and trust bundles, from files or the Workload API; every
+        # serving context follows its changes.
+        self.identity = IdentityMaterial(cfg.identity, cfg.tls, self.metrics)
+        self.metrics.svid_expiry.set_function(self.identity.seconds_to_expiry)
         for service in cfg.services:
             self.services[service.name] = self._build(cfg, service)
 
     def _build(self, cfg: Config, service: ServiceConfig) -> Service:
         adapter_cls = load_adapter(service.adapter, f"{service.where}.adapter")
-        server_ssl = (
-            server_context(cfg.tls.cert, cfg.tls.key, cfg.identity.x509_bundle)
-            if service.client_auth == "mtls"
-            else None
-        )
+        server_ssl = None
+        stop_following = None
+        if service.client_auth == "mtls":
+            # One stable context for the listener, following the identity material.
+            server_tls = ServerTLS(self.identity.snapshot, where="tls")
+            stop_following = self.identity.subscribe(server_tls.update)
+            server_ssl = server_tls.context
         source: CredentialSource = make_source(service, self.vault, self.metrics)
         ctx = ServiceContext(
             config=cfg,
@@ -121,16 +131,19 @@ class Broker:
             metrics=self.metrics,
             log=logging.getLogger(f"sidekey.{service.adapter}"),
             live=self.live,
+            material=self.identity,
         )
-        return Service(ctx, adapter_cls(ctx))
+        return Service(ctx, adapter_cls(ctx), stop_following=stop_following)
 
     @property
     def ready(self) -> bool:
-        """Every listener bound, every service's credential fetched at least once, and the
-        vault (if any) answering: while it is down the broker still serves what it holds,
-        but cannot serve a caller whose credential must be fetched."""
+        """Every listener bound, the broker's SVID and bundle in hand and not expired, every
+        service's credential fetched at least once, and the vault (if any) answering: while
+        it is down the broker still serves what it holds, but cannot serve a caller whose
+        credential must be fetched."""
         return (
             self._started
+            and self.identity.ready
             and all(s.primed for s in self.services.values())
             and (self.vault is None or self.vault_health.reachable is not False)
         )
@@ -148,7 +161,12 @@ class Broker:
             }
             for name, svc in self.services.items()
         }
-        body: dict[str, Any] = {"ready": self.ready}
+        ready = self.ready
+        identity_ready, reason = self.identity.readiness()
+        body: dict[str, Any] = {
+            "ready": ready,
+            "identity": {"ready": identity_ready, "error": reason},
+        }
         if self.vault is not None:
             health = self.vault_health
             body["vault"] = {
@@ -167,7 +185,7 @@ class Broker:
             # Not a readiness condition: the last list read stays in force while the vault
             # cannot be read, and taking every broker out of service for it would be worse.
             body["deny_list"] = self.deny.state()
-        return self.ready, body
+        return ready, body
 
     def metrics_text(self) -> bytes:
         return self.metrics.render()
@@ -187,12 +205,22 @@ class Broker:
                     "credential_source": svc.context.credentials.describe(),
                 }
             )
-        return {"trust_domain": self.config.identity.trust_domain, "services": services}
+        return {
+            "trust_domain": self.config.identity.trust_domain,
+            "identity": self.identity.describe(),
+            "services": services,
+        }
 
     def address(self, service_name: str) -> str:
         return self.services[service_name].adapter.address
 
+    def reload_identity(self) -> None:
+        """Re-read the broker's certificate, key and bundle files now; `reload` (SIGHUP)
+        starts with it."""
+        self.identity.reload()
+
     async def start(self) -> None:
+        await self.identity.start()
         if self.deny is not None:
             # Before the first listener: a broker that starts knows who is offboarded.
             await self.deny.read_once()
@@ -239,6 +267,8 @@ class Broker:
         policy denies is closed with a `session_closed` event. One still allowed is untouched.
         """
         async with self._reload_lock:
+            # The files of the broker's certificate and bundles, re-read whatever else changed.
+            self.reload_identity()
             new = config if config is not None else load_config(self.config.path)
             old = self.config
             retarget: list[tuple[Service, ServiceConfig]] = []
@@ -356,6 +386,8 @@ class Broker:
 
     def _retire(self, svc: Service) -> None:
         """Stop a service in the background: no new connections, open ones drain."""
+        if svc.stop_following is not None:
+            svc.stop_following()
 
         async def retire() -> None:
             await svc.adapter.stop(self.drain_timeout)
@@ -427,6 +459,7 @@ class Broker:
             await self.vault.close()
         if self.admin is not None:
             await self.admin.stop()
+        await self.identity.stop()
         took = time.monotonic() - started
         self.audit.emit_record("stop", {"drained_seconds": round(took, 3)})
         self.audit.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,14 @@ from .governance import (
     parse_rule,
     parse_time_window,
 )
-from .identity import IdentityConfig, TLSConfig, parse_identity, parse_tls
+from .identity import (
+    SPIFFE_ENDPOINT_SOCKET,
+    WORKLOAD_API,
+    IdentityConfig,
+    TLSConfig,
+    parse_identity,
+    parse_tls,
+)
 from .section import ListenAddress, Section, parse_listen
 from .services import (
     CLIENT_AUTH_MODES,
@@ -52,7 +60,9 @@ __all__ = [
     "DEFAULT_LEASE_IDLE_SECONDS",
     "DEFAULT_MAX_CONNECTIONS",
     "MAX_CREDENTIAL_TTL_SECONDS",
+    "SPIFFE_ENDPOINT_SOCKET",
     "VAULT_AUTH_METHODS",
+    "WORKLOAD_API",
     "AdminConfig",
     "AllowRule",
     "AuditConfig",
@@ -97,7 +107,8 @@ class AuditConfig:
 class Config:
     path: Path
     identity: IdentityConfig
-    tls: TLSConfig
+    # None: the broker's certificate is its X.509-SVID from the Workload API.
+    tls: TLSConfig | None
     services: tuple[ServiceConfig, ...]
     vault: VaultConfig | None = None
     admin: AdminConfig | None = None
@@ -130,16 +141,17 @@ def load_config(path: str | Path) -> Config:
     return dataclasses.replace(parse_config(raw, path), digest=hashlib.sha256(data).hexdigest())
 
 
-def parse_config(raw: object, path: Path) -> Config:
+def parse_config(raw: object, path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Parse a loaded YAML document; `environ` (default: os.environ) is where
+    SPIFFE_ENDPOINT_SOCKET is looked up."""
     base = path.parent
     top = Section(raw, "")
     version = top.raw("version")
     if version != 1:
         raise ConfigError(f"version: must be 1 (the only config version so far), got {version!r}")
 
-    identity = parse_identity(top.section("identity"), base)
-    trust_domain = identity.trust_domain
-    tls = parse_tls(top.section("tls"), base)
+    tls = parse_tls(top.section("tls"), base) if top.raw("tls", None) is not None else None
+    identity = parse_identity(top.section("identity"), base, tls=tls, environ=environ)
 
     vault = parse_vault(top.section("vault"), base) if top.has("vault") else None
     top.raw("vault", None)
@@ -161,11 +173,12 @@ def parse_config(raw: object, path: Path) -> Config:
 
     identities = parse_identities(top)
     for info in identities:
-        _check_identity_pattern(info, trust_domain)
+        _check_identity_pattern(info, identity.trust_domains)
     governance = parse_governance(top)
 
     services = tuple(
-        parse_service(s, i, base, trust_domain) for i, s in enumerate(top.sections("services"))
+        parse_service(s, i, base, identity.trust_domains)
+        for i, s in enumerate(top.sections("services"))
     )
     check_unique(services)
     for service in services:
@@ -178,7 +191,7 @@ def parse_config(raw: object, path: Path) -> Config:
     return Config(path, identity, tls, services, vault, admin, audit, identities, governance)
 
 
-def _check_identity_pattern(info: IdentityInfo, trust_domain: str) -> None:
+def _check_identity_pattern(info: IdentityInfo, trust_domains: tuple[str, ...]) -> None:
     from .services import _check_allow_pattern  # noqa: PLC0415 - one checker for both
 
-    _check_allow_pattern(info.id, f"{info.where}.id", trust_domain)
+    _check_allow_pattern(info.id, f"{info.where}.id", trust_domains)

@@ -83,7 +83,12 @@ class ServiceConfig:
         return f"services[{self.index}]"
 
 
-def parse_service(s: Section, index: int, base: Path, trust_domain: str) -> ServiceConfig:
+def parse_service(
+    s: Section, index: int, base: Path, trust_domains: str | tuple[str, ...]
+) -> ServiceConfig:
+    """One `services[]` entry. `trust_domains` are the configured ones, the broker's own
+    first: allow rules may name IDs of any of them, a local identity only of its own."""
+    domains = (trust_domains,) if isinstance(trust_domains, str) else trust_domains
     name = s.text("name")
     adapter = s.text("adapter")
     listen = parse_listen(s.text("listen"), s.at("listen"), base)
@@ -99,7 +104,7 @@ def parse_service(s: Section, index: int, base: Path, trust_domain: str) -> Serv
     if local_identity is not None:
         if client_auth != "local":
             raise ConfigError(f"{s.at('local_identity')}: only allowed with client_auth: local")
-        _check_spiffe_id(local_identity, s.at("local_identity"), trust_domain)
+        _check_spiffe_id(local_identity, s.at("local_identity"), domains[:1])
     raw_allow = s.raw("allow", [])
     if isinstance(raw_allow, str | Mapping):
         raw_allow = [raw_allow]
@@ -108,7 +113,7 @@ def parse_service(s: Section, index: int, base: Path, trust_domain: str) -> Serv
     rules = tuple(parse_rule(r, f"{s.at('allow')}[{i}]") for i, r in enumerate(raw_allow))
     for i, rule in enumerate(rules):
         where = f"{s.at('allow')}[{i}]" + (".id" if isinstance(raw_allow[i], Mapping) else "")
-        _check_allow_pattern(rule.id, where, trust_domain)
+        _check_allow_pattern(rule.id, where, domains)
     allow = tuple(rule.id for rule in rules)
     credentials = _parse_credentials(s.section("credentials"), base)
     service = ServiceConfig(
@@ -154,23 +159,29 @@ def _parse_credentials(c: Section, base: Path) -> CredentialsConfig:
     return creds
 
 
-def _check_spiffe_id(value: str, where: str, trust_domain: str) -> None:
+def _check_spiffe_id(value: str, where: str, trust_domains: tuple[str, ...]) -> None:
     try:
         spiffe_id = parse_spiffe_id(value)
     except SpiffeIdError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    if spiffe_id.trust_domain.name != trust_domain:
-        raise ConfigError(f"{where}: {value!r} is outside trust domain {trust_domain!r}")
+    if spiffe_id.trust_domain.name not in trust_domains:
+        if len(trust_domains) == 1:
+            raise ConfigError(f"{where}: {value!r} is outside trust domain {trust_domains[0]!r}")
+        known = ", ".join(repr(td) for td in trust_domains)
+        raise ConfigError(
+            f"{where}: {value!r} is outside the configured trust domains ({known}); a "
+            "partner's trust domain goes under identity.federation"
+        )
 
 
-def _check_allow_pattern(pattern: str, where: str, trust_domain: str) -> None:
+def _check_allow_pattern(pattern: str, where: str, trust_domains: tuple[str, ...]) -> None:
     for suffix in ("/**", "/*"):
         if pattern.endswith(suffix):
             pattern = pattern[: -len(suffix)]
             break
     if "*" in pattern:
         raise ConfigError(f"{where}: '*' is only allowed as a trailing /* or /** segment")
-    _check_spiffe_id(pattern, where, trust_domain)
+    _check_spiffe_id(pattern, where, trust_domains)
 
 
 def check_unique(services: tuple[ServiceConfig, ...]) -> None:

@@ -1,7 +1,7 @@
 """A bounded cache of X.509-SVID → identity mappings, so a workload that reconnects does not
 pay certificate parsing and the SPIFFE checks on every connection.
 
-`broker.identity.identity_from_der` is a pure function of (certificate DER, trust domain), so
+`broker.identity.identity_from_der` is a pure function of (certificate DER, trust domains), so
 caching its successes changes no outcome: the key is the DER itself (dict lookup hashes it and
 compares it byte for byte, so there is no collision to reason about), and an entry is dropped
 once the certificate's notAfter has passed. Chain and validity checks are not cached: OpenSSL
@@ -15,7 +15,7 @@ from collections import OrderedDict
 from datetime import UTC, datetime
 
 from broker.identity.workload import WorkloadIdentity
-from broker.identity.x509 import identity_from_der
+from broker.identity.x509 import TrustDomains, identity_from_der
 
 # Distinct client certificates remembered. One per workload instance with a live SVID; at
 # about 1 KiB per entry (DER key plus identity), the cap bounds the cache near 4 MiB.
@@ -30,7 +30,7 @@ class SvidCache:
 
     def __init__(self, max_entries: int = MAX_CACHED_SVIDS) -> None:
         self._max = max_entries
-        self._entries: OrderedDict[tuple[bytes, str], WorkloadIdentity] = OrderedDict()
+        self._entries: OrderedDict[tuple[bytes, TrustDomains], WorkloadIdentity] = OrderedDict()
         # For tests and benchmarks.
         self.hits = 0
         self.misses = 0
@@ -38,7 +38,7 @@ class SvidCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def identity(self, der: bytes | None, trust_domain: str) -> WorkloadIdentity:
+    def identity(self, der: bytes | None, trust_domain: TrustDomains) -> WorkloadIdentity:
         """The identity proven by a chain-verified client certificate; raises IdentityError."""
         if der:
             key = (der, trust_domain)

@@ -25,8 +25,11 @@ from broker.spiffeid import SpiffeIdError, parse_spiffe_id, printable
 
 from .workload import IdentityError, WorkloadIdentity
 
+# The trust domains an identity may come from: one name, or a set of them (federation).
+TrustDomains = str | frozenset[str]
 
-def identity_from_der(leaf_der: bytes | None, trust_domain: str) -> WorkloadIdentity:
+
+def identity_from_der(leaf_der: bytes | None, trust_domain: TrustDomains) -> WorkloadIdentity:
     """Map a chain-verified TLS client certificate (DER) to an identity, or raise."""
     if not leaf_der:
         raise IdentityError("no client certificate: present an X.509-SVID")
@@ -37,8 +40,14 @@ def identity_from_der(leaf_der: bytes | None, trust_domain: str) -> WorkloadIden
     return identity_from_certificate(leaf, trust_domain)
 
 
-def identity_from_certificate(leaf: x509.Certificate, trust_domain: str) -> WorkloadIdentity:
-    """Apply the X.509-SVID rules to a leaf certificate whose chain is already verified."""
+def identity_from_certificate(
+    leaf: x509.Certificate, trust_domain: TrustDomains
+) -> WorkloadIdentity:
+    """Apply the X.509-SVID rules to a leaf certificate whose chain is already verified.
+
+    With several trust domains, which of them vouches for the chain is checked apart
+    (`broker.identity.trust.check_anchor`): this checks only that the ID is of one of them.
+    """
     try:
         # py-spiffe lower-cases the trust domain it parses (TD.TEST -> td.test); the spec and
         # SPIRE allow only the canonical form, so the URI as written is checked first.
@@ -52,8 +61,18 @@ def identity_from_certificate(leaf: x509.Certificate, trust_domain: str) -> Work
         raise IdentityError(f"not a valid X.509-SVID: {exc}") from None
     except PySpiffeError as exc:
         raise IdentityError(f"not a valid X.509-SVID: {printable(str(exc))}") from None
-    if spiffe_id.trust_domain.name != trust_domain:
-        raise IdentityError(f"SPIFFE ID {spiffe_id} is outside the trust domain {trust_domain!r}")
+    domain = spiffe_id.trust_domain.name
+    if isinstance(trust_domain, str):
+        if domain != trust_domain:
+            raise IdentityError(
+                f"SPIFFE ID {spiffe_id} is outside the trust domain {trust_domain!r}"
+            )
+    elif domain not in trust_domain:
+        known = ", ".join(repr(td) for td in sorted(trust_domain))
+        raise IdentityError(
+            f"SPIFFE ID {spiffe_id} is outside the trust domains {known}: no bundle is "
+            f"configured for {domain!r}"
+        )
     return WorkloadIdentity(
         spiffe_id=str(spiffe_id),
         method="x509-svid",

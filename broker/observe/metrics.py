@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Histogram, Info, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -201,6 +201,34 @@ class Metrics:
             "Live sessions and connections the broker closed (reload, offboard)",
             ["service", "why"],
             kind="counter",
+            registry=r,
+        )
+        # The broker's own identity material (broker.identity.material).
+        self.svid_rotations = Family(
+            "sidekey_svid_rotations",
+            "The broker's X.509-SVID replaced by a new one, by source (file, workload_api)",
+            ["source"],
+            kind="counter",
+            registry=r,
+        )
+        self.bundle_updates = Family(
+            "sidekey_trust_bundle_updates",
+            "Trust bundles replaced by a changed set of authorities",
+            ["trust_domain", "kind", "source"],
+            kind="counter",
+            registry=r,
+        )
+        self.identity_errors = Family(
+            "sidekey_identity_source_errors",
+            "Identity material not had: a lost or refusing Workload API, rejected files",
+            ["source", "kind"],
+            kind="counter",
+            registry=r,
+        )
+        # Read at scrape time from the material (the runtime sets the function).
+        self.svid_expiry = Gauge(
+            "sidekey_svid_expiry_seconds",
+            "Seconds until the broker's X.509-SVID expires (negative once expired)",
             registry=r,
         )
 
