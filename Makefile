@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: soak fuzz all demo test lint pytest bench bench-openssl bench-callgrind system-deps bench-deps spire clean
+.PHONY: soak fuzz all demo test lint pytest bench bench-openssl bench-callgrind system-deps bench-deps spire chart-tools clean
 
 all: test
 
@@ -28,6 +28,12 @@ bench-deps:
 spire:
 	@scripts/build-spire.sh
 
+# The Helm chart's checks: helm built once into ~/.cache/sidekey (~4 min of 2 idle cores),
+# checkov in a venv of its own there (it pins packaging<24, which pytest cannot take).
+chart-tools:
+	@scripts/build-helm.sh
+	@PYTHON=$(PYTHON) scripts/install-checkov.sh
+
 demo: $(STAMP)
 	$(BIN)/python demo/run_demo.py
 
@@ -38,7 +44,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 
-pytest: $(STAMP) system-deps spire
+pytest: $(STAMP) system-deps spire chart-tools
 	$(BIN)/pytest -q -ra
 
 test: lint pytest

@@ -8,4 +8,6 @@ pytest_plugins = [
     "tests.servers_mysql_redis",
     "tests.loops",
     "tests.spire",
+    "tests.helm",
+    "tests.image",
 ]
