@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +25,10 @@ from broker.credentials.vault import VaultClient
 from broker.errors import SidekeyError
 from broker.governance.denylist import DenyEntry
 from broker.governance.snapshot import effective_policy
+from broker.identity.jwks import JwtAuthority
 from broker.identity.material import IdentityMaterial
 from broker.identity.tls import ServerTLS
+from broker.identity.trust import Snapshot
 from broker.observe.admin import AdminServer
 from broker.observe.audit import AuditLog
 from broker.observe.metrics import Metrics
@@ -37,6 +40,13 @@ log = logging.getLogger("sidekey")
 
 # Retry priming a credential this often while it fails, so readiness recovers by itself.
 PRIME_RETRY_SECONDS = 2.0
+# What each client_auth asks of a TLS client: a certificate always (mtls), a certificate if
+# it has one (mtls+jwt: certificate first, else a token), none (jwt: the token proves it).
+CLIENT_CERT_MODE = {
+    "mtls": ssl.CERT_REQUIRED,
+    "mtls+jwt": ssl.CERT_OPTIONAL,
+    "jwt": ssl.CERT_NONE,
+}
 # Ask the vault whether it answers (token lookup-self) this often: /readyz and
 # sidekey_vault_up then say within about this long plus vault.timeout that it is down, and
 # /readyz itself never waits on the vault. One cheap call per broker every few seconds.
@@ -109,6 +119,12 @@ class Broker:
         # serving context follows its changes.
         self.identity = IdentityMaterial(cfg.identity, cfg.tls, self.metrics)
         self.metrics.svid_expiry.set_function(self.identity.seconds_to_expiry)
+        jwt = cfg.identity.jwt
+        self.tokens = JwtAuthority(jwt, self.metrics) if jwt is not None else None
+        if self.tokens is not None and self.tokens.uses_workload_api:
+            # JWT-SVIDs verified by the Workload API's JWT bundles, as they rotate.
+            self.identity.subscribe(self._jwt_bundles_changed)
+            self._jwt_bundles_changed(self.identity.snapshot)
         for service in cfg.services:
             self.services[service.name] = self._build(cfg, service)
 
@@ -116,9 +132,10 @@ class Broker:
         adapter_cls = load_adapter(service.adapter, f"{service.where}.adapter")
         server_ssl = None
         stop_following = None
-        if service.client_auth == "mtls":
+        cert_mode = CLIENT_CERT_MODE.get(service.client_auth)
+        if cert_mode is not None:
             # One stable context for the listener, following the identity material.
-            server_tls = ServerTLS(self.identity.snapshot, where="tls")
+            server_tls = ServerTLS(self.identity.snapshot, verify=cert_mode, where="tls")
             stop_following = self.identity.subscribe(server_tls.update)
             server_ssl = server_tls.context
         source: CredentialSource = make_source(service, self.vault, self.metrics)
@@ -132,20 +149,22 @@ class Broker:
             log=logging.getLogger(f"sidekey.{service.adapter}"),
             live=self.live,
             material=self.identity,
+            tokens=self.tokens if service.jwt is not None else None,
         )
         return Service(ctx, adapter_cls(ctx), stop_following=stop_following)
 
     @property
     def ready(self) -> bool:
         """Every listener bound, the broker's SVID and bundle in hand and not expired, every
-        service's credential fetched at least once, and the vault (if any) answering: while
-        it is down the broker still serves what it holds, but cannot serve a caller whose
-        credential must be fetched."""
+        service's credential fetched at least once, every token issuer's keys loaded, and the
+        vault (if any) answering: while it is down the broker still serves what it holds, but
+        cannot serve a caller whose credential must be fetched."""
         return (
             self._started
             and self.identity.ready
             and all(s.primed for s in self.services.values())
             and (self.vault is None or self.vault_health.reachable is not False)
+            and (self.tokens is None or self.tokens.ready)
         )
 
     # -- what the admin server shows (broker.observe.admin.AdminView) -------------------------
@@ -185,6 +204,8 @@ class Broker:
             # Not a readiness condition: the last list read stays in force while the vault
             # cannot be read, and taking every broker out of service for it would be worse.
             body["deny_list"] = self.deny.state()
+        if self.tokens is not None:
+            body["jwt_issuers_not_ready"] = self.tokens.not_ready()
         return ready, body
 
     def metrics_text(self) -> bytes:
@@ -200,16 +221,29 @@ class Broker:
                     "adapter": cfg.adapter,
                     "listen": svc.adapter.address,
                     "client_auth": cfg.client_auth,
+                    "jwt": (
+                        {"audience": cfg.jwt.audience, "header": cfg.jwt.header}
+                        if cfg.jwt is not None
+                        else None
+                    ),
                     "allow": list(cfg.allow),
                     "credentials": cfg.credentials.describe(),
                     "credential_source": svc.context.credentials.describe(),
                 }
             )
-        return {
+        inventory: dict[str, Any] = {
             "trust_domain": self.config.identity.trust_domain,
             "identity": self.identity.describe(),
             "services": services,
         }
+        if self.tokens is not None:
+            inventory["jwt_issuers"] = self.tokens.describe()
+        return inventory
+
+    def _jwt_bundles_changed(self, snapshot: Snapshot) -> None:
+        assert self.tokens is not None
+        if snapshot.jwt_bundles:  # nothing yet is not "no keys": wait for the first
+            self.tokens.set_workload_bundles(snapshot.jwt_bundles)
 
     def address(self, service_name: str) -> str:
         return self.services[service_name].adapter.address
@@ -228,6 +262,8 @@ class Broker:
         if self.config.admin is not None:
             self.admin = AdminServer(self, self.config.admin.listen)
             await self.admin.start()
+        if self.tokens is not None:
+            await self.tokens.start()
         for svc in self.services.values():
             await self._start_service(svc)
         if self.vault is not None:
@@ -457,6 +493,8 @@ class Broker:
                 )
         if self.vault is not None:
             await self.vault.close()
+        if self.tokens is not None:
+            await self.tokens.stop()
         if self.admin is not None:
             await self.admin.stop()
         await self.identity.stop()

@@ -1,5 +1,6 @@
 """Shared fixtures: the dev PKI (tests/pki.py), real servers (tests/servers.py and, for MySQL
-and Redis, tests/servers_mysql_redis.py), real SPIRE (tests/spire.py), and the
+and Redis, tests/servers_mysql_redis.py), real SPIRE (tests/spire.py), token issuers
+(tests/tokens.py: the tests' own; tests/oidc.py: OpenBao's OIDC provider), and the
 asyncio-and-uvloop runner of the connection-layer tests (tests/loops.py)."""
 
 pytest_plugins = [
@@ -10,4 +11,6 @@ pytest_plugins = [
     "tests.spire",
     "tests.helm",
     "tests.image",
+    "tests.tokens",
+    "tests.oidc",
 ]

@@ -2,10 +2,13 @@
 
 One request, end to end::
 
-    client ──mTLS──▶ identity (per connection) ──▶ policy ──▶ credential ──▶ upstream
-                                                   403        503           502 / 504
+    client ──TLS──▶ identity ──▶ policy ──▶ credential ──▶ upstream
+                    401 / 403     403        503           502 / 504
 
-The caller proves who it is with its X.509-SVID; the broker decides, fetches the credential for
+The caller proves who it is with its X.509-SVID (once per connection) or, under
+``client_auth: jwt`` / ``mtls+jwt``, with a token in ``Authorization: Bearer`` or the header
+named by ``jwt.header`` (on every request; a token seen before is not verified again). The
+token header never goes upstream. The broker decides, fetches the credential for
 that identity, renders the configured header templates from the credential's fields and
 forwards the request. Method, path, query, status, headers and bodies pass through; bodies are
 streamed both ways in chunks, so memory does not grow with their size. Hop-by-hop headers
@@ -48,6 +51,7 @@ from broker.config import Section
 from broker.credentials import Credential
 from broker.errors import ConfigError, CredentialUnavailable, UpstreamError, UpstreamTimeout
 from broker.identity import IdentityError, WorkloadIdentity
+from broker.identity.jwt import TokenError
 from broker.identity.tls import client_context
 from broker.policy import Decision
 from broker.session.adapter import Adapter
@@ -208,6 +212,8 @@ class _Connection:
     """What the broker knows about one client connection, worked out on its first request."""
 
     peer: str
+    # Proven by the connection itself (certificate, local): reused by every request on it.
+    # A token proves only the request it came with, so it is never kept here.
     identity: WorkloadIdentity | None = None
     error: IdentityError | None = None
     # Over the service's max_connections when it arrived: answered 503, then closed.
@@ -264,6 +270,12 @@ class HttpAdapter(Adapter):
         # ~1 us, each Counter.labels() ~1 us).
         injected = frozenset(h.name.lower() for h in self.settings.headers)
         self._drop_request = HOP_BY_HOP_HEADERS | injected | _HOP_FRAMING
+        # The header a token comes in: never forwarded, so the injected credential is the
+        # only one the upstream sees.
+        jwt = ctx.service.jwt
+        self._token_header = jwt.header if jwt is not None else None
+        if jwt is not None:
+            self._drop_request |= {jwt.header.lower()}
         metrics, name = ctx.metrics, ctx.service.name
         self._active = metrics.sessions_active.labels(name)
         self._outcomes = {
@@ -349,26 +361,33 @@ class HttpAdapter(Adapter):
 
     # ----------------------------------------------------------------------- per request
 
-    def _connection(self, request: Request[_Connection]) -> _Connection:
-        """The connection's identity, proven once and reused by every request on it."""
+    async def _identify(self, request: Request[_Connection]) -> WorkloadIdentity:
+        """The request's identity; raises IdentityError. `ServiceContext.identify` decides;
+        what the connection itself proved (a certificate) is kept for its later requests."""
         conn = request.info
-        if conn.identity is not None or conn.error is not None:
-            return conn
+        if conn.error is not None:
+            raise conn.error
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        token = _bearer(request, self._token_header) if self._token_header else None
         try:
-            transport = request.transport
-            ssl_object = transport.get_extra_info("ssl_object") if transport else None
-            conn.identity = self.ctx.identify(ssl_object)
+            identity = await self.ctx.identify(ssl_object, token)
         except IdentityError as exc:
-            conn.error = exc
-        else:
-            expires = conn.identity.expires
+            if self._token_header is None:
+                conn.error = exc  # no token could change it: the connection is refused
+            raise
+        if identity.method in ("x509-svid", "local"):
+            conn.identity = identity
+            expires = identity.expires
             conn.expires_at = expires.timestamp() if expires is not None else None
             if transport is not None:
+                # A token proves one request (and is checked on each): only what the
+                # connection itself proved is a live entry a reload or offboarding closes.
                 conn.live = self.ctx.live.add(
-                    conn.identity, self.ctx.service.name, conn.peer, "connection",
+                    identity, self.ctx.service.name, conn.peer, "connection",
                     lambda _reason: transport.abort(),
                 )  # fmt: skip
-        return conn
+        return identity
 
     def _connection_lost(self, conn: _Connection) -> None:
         if conn.live is not None:
@@ -377,7 +396,7 @@ class HttpAdapter(Adapter):
 
     async def _handle(self, request: Request[_Connection]) -> None:
         started = time.monotonic()
-        conn = self._connection(request)
+        conn = request.info
         identity, peer = conn.identity, conn.peer
         if conn.refused:
             self._rejected.inc()
@@ -393,9 +412,15 @@ class HttpAdapter(Adapter):
             conn.identity, conn.error = None, IdentityError("client certificate has expired")
             identity = None
         if identity is None:
-            error = conn.error or IdentityError("no proven workload identity")
-            self.ctx.refuse(peer, str(error))
-            return await _error(request, 403, f"identity refused: {error}", close=True)
+            try:
+                identity = await self._identify(request)
+            except TokenError as exc:
+                return await self._unauthorized(request, peer, exc, exc.issuer)
+            except IdentityError as exc:
+                if self._token_header is not None:
+                    return await self._unauthorized(request, peer, exc, None)
+                self.ctx.refuse(peer, str(exc))
+                return await _error(request, 403, f"identity refused: {exc}", close=True)
         if request.method == "CONNECT":
             return await self._refuse(
                 request, identity, peer, started,
@@ -414,6 +439,19 @@ class HttpAdapter(Adapter):
         if not decision.allow:
             return await _error(request, 403, decision.reason)
         await self._forward(request, identity, peer, decision, started)
+
+    async def _unauthorized(
+        self, request: Request[_Connection], peer: str, exc: IdentityError, issuer: str | None
+    ) -> None:
+        """401 with a Bearer challenge (RFC 6750 section 3): the client may try again with
+        another token on the same connection."""
+        self.ctx.refuse(peer, str(exc), issuer=issuer)
+        challenge = 'Bearer realm="sidekey"'
+        if isinstance(exc, TokenError):
+            challenge += ', error="invalid_token"'
+        await _error(
+            request, 401, f"identity refused: {exc}", headers=[("WWW-Authenticate", challenge)]
+        )
 
     async def _refuse(
         self,
@@ -692,11 +730,38 @@ def _response_headers(
     return out
 
 
+def _bearer(request: Request[_Connection], header: str) -> str | None:
+    """The token in `header`: ``Bearer <token>`` (the scheme in any case), or a bare token
+    in a header other than Authorization. None if there is none; IdentityError if the
+    header is sent twice (which token would prove the caller?)."""
+    values = request.headers.getall(header, ())
+    if not values:
+        return None
+    if len(values) > 1:
+        raise IdentityError(f"{header} sent {len(values)} times: send one token")
+    value = values[0].strip()
+    scheme, _, rest = value.partition(" ")
+    if scheme.lower() == "bearer":
+        return rest.strip() or None
+    if header.lower() == "authorization":
+        return None  # another scheme (Basic, ...): no token
+    return value or None
+
+
 async def _error(
-    request: Request[_Connection], status: int, message: str, *, close: bool = False
+    request: Request[_Connection],
+    status: int,
+    message: str,
+    *,
+    close: bool = False,
+    headers: list[tuple[str, str]] | None = None,
 ) -> None:
     """The broker's own answer: a short text body saying what happened and what to fix."""
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Date", clock.date())]
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Date", clock.date()),
+        *(headers or ()),
+    ]
     try:
         await request.respond(
             status, HTTPStatus(status).phrase, headers, f"sidekey: {message}\n".encode(),

@@ -37,6 +37,7 @@ from .identity import (
     parse_identity,
     parse_tls,
 )
+from .jwt import JwtConfig, JwtIssuerConfig, ServiceJwtConfig, SpiffeIdTemplate
 from .section import ListenAddress, Section, parse_listen
 from .services import (
     CLIENT_AUTH_MODES,
@@ -45,6 +46,7 @@ from .services import (
     DEFAULT_LEASE_IDLE_SECONDS,
     DEFAULT_MAX_CONNECTIONS,
     MAX_CREDENTIAL_TTL_SECONDS,
+    TOKEN_AUTH_MODES,
     CredentialsConfig,
     ServiceConfig,
     check_unique,
@@ -61,6 +63,7 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "MAX_CREDENTIAL_TTL_SECONDS",
     "SPIFFE_ENDPOINT_SOCKET",
+    "TOKEN_AUTH_MODES",
     "VAULT_AUTH_METHODS",
     "WORKLOAD_API",
     "AdminConfig",
@@ -72,9 +75,13 @@ __all__ = [
     "GovernanceConfig",
     "IdentityConfig",
     "IdentityInfo",
+    "JwtConfig",
+    "JwtIssuerConfig",
     "ListenAddress",
     "Section",
     "ServiceConfig",
+    "ServiceJwtConfig",
+    "SpiffeIdTemplate",
     "TLSConfig",
     "TimeWindow",
     "VaultAuthConfig",
@@ -171,17 +178,24 @@ def parse_config(raw: object, path: Path, environ: Mapping[str, str] | None = No
         audit = AuditConfig(file=(base / audit_file).resolve() if audit_file else None)
         audit_section.finish()
 
+    # Trust domains tokens can prove IDs of, besides the broker's own (spiffe_id templates).
+    token_domains = identity.jwt.trust_domains if identity.jwt else frozenset()
     identities = parse_identities(top)
     for info in identities:
-        _check_identity_pattern(info, identity.trust_domains)
+        _check_identity_pattern(info, (*identity.trust_domains, *sorted(token_domains)))
     governance = parse_governance(top)
 
     services = tuple(
-        parse_service(s, i, base, identity.trust_domains)
+        parse_service(s, i, base, identity.trust_domains, token_domains)
         for i, s in enumerate(top.sections("services"))
     )
     check_unique(services)
     for service in services:
+        if service.jwt is not None and identity.jwt is None:
+            raise ConfigError(
+                f"{service.where}.client_auth: {service.client_auth} needs identity.jwt.issuers "
+                "(who signs the tokens this service accepts)"
+            )
         if service.credentials.provider.startswith("vault-") and vault is None:
             raise ConfigError(
                 f"{service.where}.credentials.from: {service.credentials.provider} needs a "

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 from broker.errors import ConfigError
 from broker.spiffeid import SpiffeIdError, parse_trust_domain
 
+from .jwt import JwtConfig, parse_jwt
 from .section import Section
 
 # The word that takes a piece from the Workload API in `identity.federation`.
@@ -46,6 +47,8 @@ class IdentityConfig:
     workload_api: str | None = None
     # Federated trust domain -> its bundle file; None: from the Workload API.
     federation: Mapping[str, Path | None] = field(default_factory=lambda: MappingProxyType({}))
+    # Accepted token issuers (`identity.jwt`); None: no service may take tokens.
+    jwt: JwtConfig | None = None
 
     @property
     def trust_domains(self) -> tuple[str, ...]:
@@ -91,7 +94,12 @@ def parse_identity(
                 )
             federation[td] = path
 
-    needs_agent = tls is None or bundle is None or None in federation.values()
+    jwt = parse_jwt(ident.section("jwt"), base, trust_domain) if ident.has("jwt") else None
+    jwt_from_agent = [i for i in (jwt.issuers if jwt else ()) if i.source == "workload_api"]
+
+    needs_agent = (
+        tls is None or bundle is None or None in federation.values() or bool(jwt_from_agent)
+    )
     endpoint: str | None = None
     if ident.has("workload_api"):
         endpoint = _endpoint(ident.text("workload_api"), ident.at("workload_api"))
@@ -116,7 +124,14 @@ def parse_identity(
                     f"{where}.{td}: {WORKLOAD_API} needs identity.workload_api (or the "
                     f"{SPIFFE_ENDPOINT_SOCKET} environment variable)"
                 )
-    identity = IdentityConfig(trust_domain, bundle, endpoint, MappingProxyType(federation))
+        for issuer in jwt_from_agent:
+            raise ConfigError(
+                f"{issuer.where}.jwks: {WORKLOAD_API} needs identity.workload_api (or the "
+                f"{SPIFFE_ENDPOINT_SOCKET} environment variable)"
+            )
+    identity = IdentityConfig(
+        trust_domain, bundle, endpoint, MappingProxyType(federation), jwt=jwt
+    )
     ident.finish()
     return identity
 

@@ -16,9 +16,12 @@ from broker.errors import ConfigError
 from broker.spiffeid import SpiffeIdError, parse_spiffe_id
 
 from .governance import AllowRule, parse_labels, parse_rule
+from .jwt import ServiceJwtConfig, parse_service_jwt
 from .section import ListenAddress, Section, parse_listen
 
-CLIENT_AUTH_MODES = ("mtls", "jwt", "local")
+CLIENT_AUTH_MODES = ("mtls", "jwt", "mtls+jwt", "local")
+# The modes in which a caller may prove itself with a token (JWT-SVID or OIDC).
+TOKEN_AUTH_MODES = ("jwt", "mtls+jwt")
 CREDENTIAL_PROVIDERS = ("vault-kv", "vault-database", "env", "file")
 
 # A credential cached for longer than this is a standing secret, not a just-in-time one.
@@ -73,6 +76,8 @@ class ServiceConfig:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # What the adapter watches in a logged-in session (postgres: deny_password_change).
     guard: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # The token rules under client_auth jwt / mtls+jwt; None otherwise.
+    jwt: ServiceJwtConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.rules and self.allow:
@@ -84,17 +89,26 @@ class ServiceConfig:
 
 
 def parse_service(
-    s: Section, index: int, base: Path, trust_domains: str | tuple[str, ...]
+    s: Section,
+    index: int,
+    base: Path,
+    trust_domains: str | tuple[str, ...],
+    token_domains: frozenset[str] = frozenset(),
 ) -> ServiceConfig:
     """One `services[]` entry. `trust_domains` are the configured ones, the broker's own
-    first: allow rules may name IDs of any of them, a local identity only of its own."""
+    first: allow rules may name IDs of any of them, a local identity only of its own.
+    `token_domains`: trust domains tokens can prove IDs of (an issuer's spiffe_id template
+    names its own); the allow rules of a service that takes tokens may name them too."""
     domains = (trust_domains,) if isinstance(trust_domains, str) else trust_domains
     name = s.text("name")
     adapter = s.text("adapter")
     listen = parse_listen(s.text("listen"), s.at("listen"), base)
     client_auth = s.choice("client_auth", CLIENT_AUTH_MODES, "mtls")
-    if client_auth == "jwt":
-        raise ConfigError(f"{s.at('client_auth')}: jwt is not supported yet; use mtls or local")
+    jwt: ServiceJwtConfig | None = None
+    if client_auth in TOKEN_AUTH_MODES:
+        jwt = parse_service_jwt(s.section("jwt", {}), name)
+    elif s.has("jwt"):
+        raise ConfigError(f"{s.at('jwt')}: only used with client_auth: jwt or mtls+jwt")
     local_identity = s.text("local_identity", None)
     if client_auth == "local" and local_identity is None:
         raise ConfigError(
@@ -111,9 +125,12 @@ def parse_service(
     if not isinstance(raw_allow, list):
         raise ConfigError(f"{s.at('allow')}: must be a list of SPIFFE IDs or rules")
     rules = tuple(parse_rule(r, f"{s.at('allow')}[{i}]") for i, r in enumerate(raw_allow))
+    allowed_domains = domains
+    if jwt is not None:
+        allowed_domains += tuple(sorted(token_domains - set(domains)))
     for i, rule in enumerate(rules):
         where = f"{s.at('allow')}[{i}]" + (".id" if isinstance(raw_allow[i], Mapping) else "")
-        _check_allow_pattern(rule.id, where, domains)
+        _check_allow_pattern(rule.id, where, allowed_domains)
     allow = tuple(rule.id for rule in rules)
     credentials = _parse_credentials(s.section("credentials"), base)
     service = ServiceConfig(
@@ -133,6 +150,7 @@ def parse_service(
         owner=s.text("owner", None),
         purpose=s.text("purpose", None),
         labels=parse_labels(s),
+        jwt=jwt,
     )
     s.finish()
     return service

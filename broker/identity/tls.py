@@ -54,15 +54,22 @@ MAX_CHAIN_DEPTH = 8
 
 
 def server_context(
-    cert: Path, key: Path, bundle: Path | None, *, where: str = "tls", alpn: list[str] | None = None
+    cert: Path,
+    key: Path,
+    bundle: Path | None,
+    *,
+    where: str = "tls",
+    alpn: list[str] | None = None,
+    client_cert: ssl.VerifyMode = ssl.CERT_REQUIRED,
 ) -> ssl.SSLContext:
     """A serving context from files. With `bundle`, a client certificate chaining to it is
-    *required*."""
+    asked for as `client_cert` says: CERT_REQUIRED (mtls), CERT_OPTIONAL (mtls+jwt: one, if
+    sent, must chain to the bundle), CERT_NONE (jwt: server-authenticated TLS only)."""
     from .files import read_bundle, read_svid  # noqa: PLC0415 - files imports nothing of ours
 
     svid = read_svid(cert, key, where)
     bundles = [read_bundle("", bundle, "identity.x509_bundle")] if bundle is not None else []
-    verify = ssl.CERT_REQUIRED if bundle is not None else ssl.CERT_NONE
+    verify = client_cert if bundle is not None else ssl.CERT_NONE
     return context_for(svid, bundles, verify=verify, alpn=alpn, where=where)
 
 

@@ -10,7 +10,7 @@ from spiffe import SpiffeId
 
 from broker.errors import ClientError
 
-Method = Literal["x509-svid", "jwt-svid", "local"]
+Method = Literal["x509-svid", "jwt-svid", "oidc", "local"]
 
 
 class IdentityError(ClientError):
@@ -25,8 +25,12 @@ class WorkloadIdentity:
     method: Method
     # When the proof stops being valid (certificate notAfter, token exp); None for local.
     expires: datetime | None = None
-    # Certificate serial (hex) or token id, for the audit trail.
+    # Certificate serial (hex) or token id (jti, else a SHA-256 prefix), for the audit trail.
     proof_id: str | None = None
+    # Tokens: the configured issuer's name, and the claims the SPIFFE ID was made of (sub of
+    # a JWT-SVID, the template's claims of an OIDC token); never the token itself.
+    issuer: str | None = None
+    claims: tuple[tuple[str, str], ...] = ()
 
     @property
     def trust_domain(self) -> str:

@@ -231,6 +231,28 @@ class Metrics:
             "Seconds until the broker's X.509-SVID expires (negative once expired)",
             registry=r,
         )
+        self.jwt_verifications = Family(
+            "sidekey_jwt_verifications",
+            "Inbound token verifications by configured issuer (unknown: none matched) and "
+            "outcome (ok, cached, expired, bad_audience, bad_signature, unknown_key, ...)",
+            ["issuer", "outcome"],
+            kind="counter",
+            registry=r,
+        )
+        self.jwks_refreshes = Family(
+            "sidekey_jwks_refreshes",
+            "Fetches of a token issuer's keys (JWKS, discovery, file, Workload API) by outcome",
+            ["issuer", "outcome"],
+            kind="counter",
+            registry=r,
+        )
+        self.jwks_keys = Family(
+            "sidekey_jwks_keys",
+            "Signing keys a token issuer has right now",
+            ["issuer"],
+            kind="gauge",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

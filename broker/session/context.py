@@ -1,22 +1,26 @@
 """What the core gives the adapter of one service, and the steps every adapter shares.
 
-`ServiceContext` carries the service's config, its mTLS serving context, its credential
-source, the audit trail and metrics, and implements the steps a TCP session and an HTTP
-request have in common: identify (`identify_tls`, `identify_local`), authorize (`authorize`,
-`refuse`) and audit (`record`). The TCP life cycle (`broker.session.lifecycle`) and the HTTP
-adapter both call these, so a change to a step is made once.
+`ServiceContext` carries the service's config, its TLS serving context, its credential
+source, the token verifier, the audit trail and metrics, and implements the steps a TCP
+session and an HTTP request have in common: identify (`identify`, with `identify_tls`,
+`identify_token` and `identify_local` under it), authorize (`authorize`, `refuse`) and audit
+(`record`). The TCP life cycle (`broker.session.lifecycle`) and the HTTP adapter both call
+these, so a change to a step is made once.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker.config import Config, ServiceConfig
 from broker.credentials import CredentialSource
 from broker.identity import IdentityError, WorkloadIdentity, local_identity
+from broker.identity.jwks import JwtAuthority
 from broker.identity.material import IdentityMaterial
 from broker.identity.svid_cache import SvidCache
 from broker.identity.tls import verified_anchor
@@ -27,6 +31,10 @@ from broker.policy import Decision, evaluate
 
 from .registry import Registry
 
+# How a caller's token reaches `identify`: already read (an HTTP header), or asked for only
+# if no certificate proved the caller (a TCP protocol's password exchange).
+TokenSource = str | Callable[[], Awaitable[str | None]] | None
+
 
 @dataclass(frozen=True, slots=True)
 class ServiceContext:
@@ -34,7 +42,8 @@ class ServiceContext:
 
     config: Config
     service: ServiceConfig
-    # The mTLS serving context (client certificate required); None for client_auth: local.
+    # The TLS serving context (client certificate required under mtls, optional under
+    # mtls+jwt, not asked for under jwt); None for client_auth: local.
     server_ssl: ssl.SSLContext | None
     credentials: CredentialSource
     audit: AuditLog
@@ -47,6 +56,8 @@ class ServiceContext:
     svids: SvidCache = field(default_factory=SvidCache, repr=False, compare=False)
     # Live sessions, offboarded identities and usage, shared by every service of a broker.
     live: Registry = field(default_factory=Registry, repr=False, compare=False)
+    # Verifies tokens under client_auth jwt / mtls+jwt (shared by all services); else None.
+    tokens: JwtAuthority | None = field(default=None, repr=False, compare=False)
     # Counters bound to this service once: Counter.labels() costs ~1 us per call, and the
     # HTTP adapter would call it on every request.
     _allowed: Any = field(init=False, repr=False, compare=False)
@@ -69,12 +80,58 @@ class ServiceContext:
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "service", service)
 
-    def identify(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> WorkloadIdentity:
-        """The identity of a connection under the service's `client_auth`; raises
-        IdentityError. The one place that decides how a caller is proven."""
-        if self.service.client_auth == "local":
+    @property
+    def takes_tokens(self) -> bool:
+        """Whether a caller may prove itself with a token (client_auth jwt or mtls+jwt)."""
+        return self.service.jwt is not None
+
+    async def identify(
+        self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None, token: TokenSource = None
+    ) -> WorkloadIdentity:
+        """The identity of a caller under the service's `client_auth`; raises IdentityError.
+        The one place that decides how a caller is proven:
+
+        - local: the configured identity; mtls: the client certificate;
+        - mtls+jwt: the client certificate if one was presented (certificate first), else
+          the token; jwt: the token. A token is only ever taken over TLS.
+
+        `token` is the token already read, or a coroutine function that asks the client for
+        one (called only when no certificate proved the caller)."""
+        mode = self.service.client_auth
+        if mode == "local":
             return self.identify_local()
-        return self.identify_tls(ssl_object)
+        if mode == "mtls":
+            return self.identify_tls(ssl_object)
+        if ssl_object is None:
+            raise IdentityError("connection is not TLS: a token is only accepted over TLS")
+        if mode == "mtls+jwt" and ssl_object.getpeercert(binary_form=True):
+            return self.identify_tls(ssl_object)
+        if callable(token):
+            asked = token()
+            token = await asked if inspect.isawaitable(asked) else asked
+        if not token:
+            raise IdentityError(self.no_token_message())
+        return await self.identify_token(token)
+
+    def no_token_message(self) -> str:
+        what = (
+            "a client certificate or a token"
+            if self.service.client_auth == "mtls+jwt"
+            else "a token"
+        )
+        return (
+            f"no proven identity: present {what} (JWT-SVID or OIDC) for audience {self.audience!r}"
+        )
+
+    @property
+    def audience(self) -> str:
+        return self.service.jwt.audience if self.service.jwt is not None else self.service.name
+
+    async def identify_token(self, token: str) -> WorkloadIdentity:
+        """The identity a JWT-SVID or OIDC token proves to this service; raises IdentityError."""
+        if self.tokens is None:
+            raise IdentityError(f"service {self.service.name} takes no tokens")
+        return await self.tokens.verify(token, self.audience)
 
     def identify_tls(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> WorkloadIdentity:
         """The identity proven by a completed mTLS handshake; raises IdentityError."""
@@ -112,10 +169,14 @@ class ServiceContext:
         sessions with it)."""
         return evaluate(identity, self.service, denied=self.live.denied)
 
-    def refuse(self, peer: str, reason: str, identity: WorkloadIdentity | None = None) -> None:
+    def refuse(
+        self, peer: str, reason: str, identity: WorkloadIdentity | None = None, **fields: Any
+    ) -> None:
         """Count and audit a caller refused before policy could run (no proven identity)."""
         self._denied.inc()
-        self.record("deny", identity=identity, peer=peer, decision=Decision(False, reason))
+        self.record(
+            "deny", identity=identity, peer=peer, decision=Decision(False, reason), **fields
+        )
 
     def record(
         self,
@@ -132,6 +193,10 @@ class ServiceContext:
         if identity is not None:
             record["spiffe_id"] = identity.spiffe_id
             record["auth_method"] = identity.method
+            if identity.issuer is not None:
+                # The issuer and the claims the ID was made of; never the token.
+                record["issuer"] = identity.issuer
+                record["claims"] = dict(identity.claims)
         record["peer"] = peer
         if decision is not None:
             record["decision"] = "allow" if decision.allow else "deny"

@@ -1,15 +1,17 @@
 """The life cycle of one TCP session, walked here once for every TCP protocol.
 
-    accept ─▶ hello ─▶ identify ─▶ authorize ─▶ check request ─▶ acquire credential
-              adapter    core        core         adapter           core
+    accept ─▶ hello ─▶ identify (─▶ ask token) ─▶ authorize ─▶ check request ─▶ acquire credential
+              adapter    core          adapter          core         adapter           core
           ─▶ log in upstream ─▶ greet client ─▶ splice ─▶ release
               adapter             adapter         core      core (and adapter)
 
 `TcpAdapter.serve_session` is that walk. A protocol subclasses `TcpAdapter` and supplies only
 its steps: how to read the client's hello (with the TLS upgrade inside it, where the protocol
-has one), what the client asked for, how to log in upstream with a credential, how to greet
-the client, how to say "refused" in its protocol, and (optionally) how to keep watching
-what the client sends once spliced. The order, the policy decision, the
+has one), how to ask the client for a token (when the service takes tokens and no certificate
+proved the caller: PostgreSQL asks for a cleartext password over TLS), what the client asked
+for, how to log in upstream with a credential, how to greet the client, how to say "refused"
+in its protocol, and (optionally) how to keep watching what the client sends once spliced.
+The order, the policy decision, the
 credential timeout, the audit events and the metrics are the core's, the same for every
 protocol:
 
@@ -187,7 +189,8 @@ class TcpAdapter(Adapter, Generic[H]):
     """A TCP protocol on the core's session life cycle (see the module docstring).
 
     Subclasses implement the protocol steps (`hello`, `login`, `greet`, `refusal_reply`,
-    `protocol_error_reply`) and may override `check_request`, `release` and the timeouts.
+    `protocol_error_reply`) and may override `ask_token`, `check_request`, `release` and the
+    timeouts.
     """
 
     hello_timeout = DEFAULT_HELLO_TIMEOUT
@@ -197,6 +200,8 @@ class TcpAdapter(Adapter, Generic[H]):
     credential_fields: tuple[str, ...] = ("username", "password")
     # What a client that did not use TLS is told, in the protocol's own terms (how to set it).
     tls_required_message = "this service requires TLS with a client certificate (an X.509-SVID)"
+    # The same under client_auth jwt / mtls+jwt: a token is only taken over TLS.
+    tls_required_jwt_message = "this service requires TLS (and a token or certificate)"
     # Why such a client was refused, for the audit trail.
     no_tls_reason = "connection is not TLS"
     # True for a protocol whose TLS starts with the first byte (no in-band negotiation): the
@@ -223,6 +228,19 @@ class TcpAdapter(Adapter, Generic[H]):
         when there is nothing more to do (the client left, or it only sent a cancel). Raise
         `ProtocolViolation` for bytes that break the protocol, `ClientError` for the rest.
         """
+
+    async def ask_token(self, client: Conduit, hello: H, deadline: float) -> str | None:
+        """Ask the client for its token (JWT-SVID or OIDC) in the protocol's own terms and
+        return it, by `deadline`; called over TLS only, when the service takes tokens and no
+        certificate proved the caller. Whatever carried the token must never reach the
+        upstream. Raise `ProtocolViolation` for bytes that break the protocol, `ClientError`
+        if the client leaves.
+
+        The default refuses: a protocol with no way to carry a token cannot use client_auth
+        jwt."""
+        raise IdentityError(
+            f"the {self.ctx.service.adapter} adapter cannot take a token; use client_auth: mtls"
+        )
 
     def check_request(self, session: Session[H]) -> dict[str, Any]:
         """Check what the client asked for against the service; return it as audit fields.
@@ -344,10 +362,19 @@ class TcpAdapter(Adapter, Generic[H]):
         if hello is None:
             return
         try:
-            identity = self._identify(client)
+            identity = await self._identify(client, hello, deadline)
         except Refusal as refusal:
             await self.deliver_refusal(client, hello, self.refusal_reply(refusal, hello))
             self._outcomes["denied"].inc()
+            return
+        except ProtocolViolation as exc:
+            self.ctx.log.info("protocol error from %s: %s", client.peer, exc)
+            if not client.is_closed:
+                client.write(self.protocol_error_reply(str(exc)))
+            return
+        except ClientError as exc:
+            # The client left while asked for its token (psql does, to prompt for one).
+            self.ctx.log.debug("client %s left during identification: %s", client.peer, exc)
             return
         decision = self.ctx.authorize(identity, client.peer)
         if not decision.allow:
@@ -357,15 +384,20 @@ class TcpAdapter(Adapter, Generic[H]):
             return
         await self._allowed(Session(client, hello, identity, decision))
 
-    def _identify(self, client: Conduit) -> WorkloadIdentity:
+    async def _identify(self, client: Conduit, hello: H, deadline: float) -> WorkloadIdentity:
         ctx = self.ctx
         if ctx.service.client_auth != "local" and not client.is_tls:
             ctx.refuse(client.peer, self.no_tls_reason)
-            raise Refusal("identity", self.tls_required_message)
+            message = self.tls_required_jwt_message if ctx.takes_tokens else None
+            raise Refusal("identity", message or self.tls_required_message)
+
+        async def ask() -> str | None:
+            return await self.ask_token(client, hello, deadline)
+
         try:
-            return ctx.identify(client.ssl_object)
+            return await ctx.identify(client.ssl_object, ask)
         except IdentityError as exc:
-            ctx.refuse(client.peer, str(exc))
+            ctx.refuse(client.peer, str(exc), issuer=getattr(exc, "issuer", None))
             raise Refusal("identity", str(exc)) from None
 
     async def _allowed(self, session: Session[H]) -> None:
