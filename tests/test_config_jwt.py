@@ -16,6 +16,7 @@ from broker.config.jwt import DEFAULT_CLOCK_SKEW
 from broker.errors import ConfigError
 from tests.test_config import files, load, minimal  # noqa: F401  (files is a fixture)
 
+AGENT = "unix:///run/spire/agent.sock"
 K8S = "spiffe://example.org/ns/{kubernetes.io.namespace}/sa/{kubernetes.io.serviceaccount.name}"
 
 
@@ -23,6 +24,7 @@ def with_jwt(
     issuers: list[dict[str, Any]] | None = None, jwt: dict[str, Any] | None = None, **service: Any
 ) -> dict[str, Any]:
     config = minimal()
+    config["identity"]["workload_api"] = AGENT
     config["identity"]["jwt"] = {
         "issuers": issuers if issuers is not None else [{"name": "spire", "jwks": "workload_api"}]
     }
@@ -217,6 +219,13 @@ def test_located_errors(files: Path, config: dict[str, Any], message: str) -> No
     with pytest.raises(ConfigError) as info:
         load(files, config)
     assert message in str(info.value)
+
+
+def test_workload_api_keys_need_the_workload_api(files: Path) -> None:  # noqa: F811
+    config = with_jwt()
+    del config["identity"]["workload_api"]
+    with pytest.raises(ConfigError, match=r"issuers\[0\].jwks: workload_api needs identity"):
+        load(files, config)
 
 
 def test_a_token_service_needs_issuers(files: Path) -> None:  # noqa: F811

@@ -4,8 +4,11 @@ core's session life cycle (`broker.session.lifecycle`), which does identify, aut
 credential, audit and the splice.
 
 1. Hello: answer SSLRequest (TLS with a required client certificate under
-   ``client_auth: mtls``, 'N' under ``local``), decline GSSENCRequest, serve a CancelRequest,
-   or read the StartupMessage.
+   ``client_auth: mtls``, an optional one under ``mtls+jwt``, none under ``jwt``; 'N' under
+   ``local``), decline GSSENCRequest, serve a CancelRequest, or read the StartupMessage.
+   Token: when the service takes tokens and no certificate proved the caller, ask for a
+   cleartext password (AuthenticationCleartextPassword, over TLS only) and take the token
+   from the PasswordMessage, which never goes upstream.
 2. Request: the client's ``user`` is ignored; its ``database`` must be one of
    ``upstream.database``.
 3. Login: connect, TLS per ``upstream.tls.mode``, StartupMessage with the credential's user,
@@ -23,6 +26,7 @@ import asyncio
 from dataclasses import dataclass
 
 from broker.codecs.postgres import (
+    AuthenticationCleartextPassword,
     AuthenticationOk,
     BackendKeyData,
     CancelRequest,
@@ -30,14 +34,16 @@ from broker.codecs.postgres import (
     FrontendParser,
     GSSENCRequest,
     PasswordChangeGuard,
+    PasswordMessage,
     ProtocolError,
     SSLRequest,
     StartupMessage,
     encode,
 )
 from broker.config import Section
+from broker.config.jwt import DEFAULT_TOKEN_HEADER
 from broker.credentials import Credential
-from broker.errors import ConfigError, UpstreamError
+from broker.errors import ClientError, ConfigError, UpstreamError
 from broker.identity import IdentityError
 from broker.session.context import ServiceContext
 from broker.session.lifecycle import Refusal, Session, Step, TcpAdapter, Upstream
@@ -78,6 +84,10 @@ MTLS_REQUIRED = (
     "this service requires TLS with a client certificate: use sslmode=verify-full with "
     "sslcert/sslkey"
 )
+TLS_REQUIRED_JWT = (
+    "this service requires TLS: use sslmode=verify-full (or require) and your token as the "
+    "password (PGPASSWORD)"
+)
 
 
 @dataclass(slots=True)
@@ -103,6 +113,7 @@ class PostgresAdapter(TcpAdapter[Hello]):
     """One postgres service: its cancel keys and SCRAM key cache."""
 
     tls_required_message = MTLS_REQUIRED
+    tls_required_jwt_message = TLS_REQUIRED_JWT
     no_tls_reason = "connection is not TLS (no SSLRequest)"
 
     def __init__(self, ctx: ServiceContext) -> None:
@@ -117,6 +128,11 @@ class PostgresAdapter(TcpAdapter[Hello]):
         # broker/codecs/postgres/_guard.py for what this can and cannot see.
         self.deny_password_change: bool = guard.boolean("deny_password_change", False)
         guard.finish()
+        if service.jwt is not None and service.jwt.header != DEFAULT_TOKEN_HEADER:
+            raise ConfigError(
+                f"{service.where}.jwt.header: not used by the postgres adapter (the token is "
+                "the password)"
+            )
         self.cancel_keys = CancelKeys()
         self.scram_keys = ScramKeyCache()
 
@@ -149,6 +165,27 @@ class PostgresAdapter(TcpAdapter[Hello]):
                 return Hello(message, parser)
             else:  # pragma: no cover - the parser only yields the above before startup
                 raise ProtocolError(f"unexpected {type(message).__name__} before startup")
+
+    async def ask_token(self, client: Conduit, hello: Hello, deadline: float) -> str | None:
+        """AuthenticationCleartextPassword, and the token from the PasswordMessage; the
+        message is consumed here, so only what follows it is left for the upstream."""
+        loop = asyncio.get_running_loop()
+        parser = hello.parser
+        parser.expect_password(PasswordMessage)
+        client.write(encode(AuthenticationCleartextPassword()))
+        while (message := parser.next_message()) is None:
+            if parser.finished:
+                raise ClientError("client ended the session instead of sending a token")
+            data = await client.receive(max(deadline - loop.time(), 0.001))
+            if not data:
+                raise ClientError("client closed the connection when asked for a token")
+            parser.feed(data)
+        if not isinstance(message, PasswordMessage):
+            raise ProtocolError(f"expected a password message, got {type(message).__name__}")
+        try:
+            return message.password.decode("ascii")
+        except UnicodeDecodeError:
+            raise IdentityError("the password is not a token (JWTs are ASCII)") from None
 
     def check_request(self, session: Session[Hello]) -> dict[str, str]:
         allowed = self.upstream.databases
@@ -272,8 +309,11 @@ class PostgresAdapter(TcpAdapter[Hello]):
         if target is None:
             self.ctx.log.debug("ignoring cancel with an unknown key from %s", client.peer)
             return
-        if client.is_tls:
-            # Over mTLS the key alone is not enough: it must be the session owner asking.
+        ssl_object = client.ssl_object
+        if ssl_object is not None and ssl_object.getpeercert(binary_form=True):
+            # With a certificate the key alone is not enough: it must be the session owner
+            # asking. Without one (a token session's cancel, or plaintext) the key is all a
+            # PostgreSQL client has, as with the server itself.
             try:
                 who = self.ctx.identify_tls(client.ssl_object).spiffe_id
             except IdentityError:

@@ -129,9 +129,7 @@ def parse_identity(
                 f"{issuer.where}.jwks: {WORKLOAD_API} needs identity.workload_api (or the "
                 f"{SPIFFE_ENDPOINT_SOCKET} environment variable)"
             )
-    identity = IdentityConfig(
-        trust_domain, bundle, endpoint, MappingProxyType(federation), jwt=jwt
-    )
+    identity = IdentityConfig(trust_domain, bundle, endpoint, MappingProxyType(federation), jwt=jwt)
     ident.finish()
     return identity
 
