@@ -363,7 +363,12 @@ def test_resources_have_requests_and_limits(rendered):
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"mode": "daemonset"}, "mode: must be gateway or sidecar"),
+        # values.schema.json: the values' shape, with the path of what is wrong.
+        ({"mode": "daemonset"}, "at '/mode': value must be one of 'gateway', 'sidecar'"),
+        ({"gatway": {"replicas": 3}}, "additional properties 'gatway' not allowed"),
+        ({"image": {"digest": "abc"}}, "at '/image/digest': 'abc' does not match pattern"),
+        ({"vault": {"tokenExpirationSeconds": 60}}, "at '/vault/tokenExpirationSeconds'"),
+        # The templates: what only makes sense together.
         ({"spiffe": {"source": "file"}}, "spiffe.source: must be csi or hostPath"),
         ({"config": {"version": 1, "audit": {"file": "/x"}, "services": []}}, "config.audit"),
         (
