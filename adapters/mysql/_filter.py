@@ -37,6 +37,11 @@ ER_NOT_SUPPORTED_YET = 1235  # SQLSTATE 42000
 ER_UNKNOWN_COM_ERROR = 1047  # SQLSTATE 08S01
 
 _SPACE = b" \t\n\r\x0b\x0c"
+_QUERIES = frozenset({c.COM_QUERY, c.COM_STMT_PREPARE})
+_WATCHED = _QUERIES | {c.COM_INIT_DB, c.COM_CHANGE_USER}
+# First bytes of a statement that may be (or lead to) a USE: the letter, whitespace, and
+# the starts of comments.
+_MAYBE_USE = frozenset(b"uU \t\r\n\x0b\x0c/#-")
 _IDENT_END = _SPACE + b";/#-"
 
 
@@ -116,6 +121,16 @@ class CommandFilter:
         self.refused = 0
 
     def feed(self, data: bytes) -> tuple[bytes, bytes]:
+        if not (self._held or self._skip or self._continuing) and len(data) > c.HEADER_LENGTH:
+            # The fast path: one whole command packet the filter has no interest in (a
+            # COM_STMT_EXECUTE, a SELECT). ~1 us against ~4 us through the loop below.
+            length = data[0] | data[1] << 8 | data[2] << 16
+            if length + c.HEADER_LENGTH == len(data) and data[3] == 0 and length < c.MAX_PAYLOAD:
+                command = data[4]
+                if command not in _WATCHED or (
+                    command in _QUERIES and length > 1 and data[5] not in _MAYBE_USE
+                ):
+                    return data, b""
         buf = self._held + data if self._held else data
         self._held = b""
         n = len(buf)
@@ -176,7 +191,7 @@ class CommandFilter:
             return None
         command = head[0]
         if command in (c.COM_QUERY, c.COM_STMT_PREPARE):
-            if head[1:2] and head[1] not in b"uU \t\r\n/#-":
+            if head[1:2] and head[1] not in _MAYBE_USE:
                 return None  # the fast path: SELECT, INSERT, ...
             verdict, name = use_target(head[1:], complete)
             if verdict == "other":
