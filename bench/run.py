@@ -234,9 +234,19 @@ def setup(settings: Settings, tools: dict[str, str], tmp: Path, procs: servers.P
         upstreams=http_upstreams,
         cpus=settings.proxy_cpus,
     )
+    from bench import dbrows
+
+    want = dbrows.needed(settings.only)
+    redis = dbrows.start_redis(procs, tmp / "redis", pki, other) if want["redis"] else None
+    mariadb = dbrows.start_mariadb(procs, tmp / "mariadb", pki, other) if want["mariadb"] else None
+    if redis is not None or mariadb is not None:
+        dbrows.setup_vault(bao, redis, mariadb, pki)
+        say(f"setup: redis-server {redis is not None}, MariaDB {mariadb is not None}")
+    extra_services, extra_ports = dbrows.broker_services(redis, mariadb, pki)
     config, ports, admin_port = servers.write_broker_config(
-        tmp / "broker", pki, bao, pg, http_upstreams
+        tmp / "broker", pki, bao, pg, http_upstreams, extra_services=extra_services
     )
+    ports.update(extra_ports)
     broker = servers.start_broker(
         procs,
         tools=tools,
@@ -262,6 +272,8 @@ def setup(settings: Settings, tools: dict[str, str], tmp: Path, procs: servers.P
         upstream=upstream,
         broker=broker,
         http_token=http_token,
+        redis=redis,
+        mariadb=mariadb,
     )
     smoke(env)
     say(f"setup: done in {time.monotonic() - t0:.1f}s; every path answered a smoke request")

@@ -57,6 +57,9 @@ class Env:
     broker: servers.Broker
     http_token: str
     run_counter: int = 0
+    # The servers of the MySQL and Redis rows (bench/dbrows.py), when one is selected.
+    redis: Any = None
+    mariadb: Any = None
 
     def run_dir(self, name: str) -> Path:
         self.run_counter += 1
@@ -892,6 +895,60 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
         verdict=per_core(900, "handshakes per broker core-second", "nginx"),
         unit="hs/s",
+    ),
+)
+
+
+def _sysbench_variant(name: str, label: str) -> Variant:
+    from bench import dbrows
+
+    def run(env: Env, probe: Probe, duration: float) -> Measurement:
+        return dbrows.run_sysbench(env, probe, duration, target=name, threads=16)
+
+    return Variant(name, label, "broker" if name == "broker" else None, run)
+
+
+def _redis_variant(name: str, label: str) -> Variant:
+    from bench import dbrows
+
+    def run(env: Env, probe: Probe, duration: float) -> Measurement:
+        return dbrows.run_redis_benchmark(env, probe, duration, target=name, clients=16)
+
+    return Variant(name, label, "broker" if name == "broker" else None, run)
+
+
+def _prepare_mysql(env: Env) -> None:
+    from bench import dbrows
+
+    dbrows.prepare_mysql(env)
+
+
+SCENARIOS = (
+    *SCENARIOS,
+    Scenario(
+        key="redis-getset",
+        title="Redis: redis-benchmark -t get,set -P 1 -c 16, TLS both legs",
+        tool="redis-benchmark --tls",
+        goal="broker / direct req/s >= 0.85",
+        variants=(
+            _redis_variant("broker", "redis-benchmark -> sidekey (mTLS) -> redis-server (TLS)"),
+            _redis_variant("direct", "redis-benchmark -> redis-server (TLS)"),
+        ),
+        verdict=ratio("broker", "direct", 0.85, "broker / direct req/s"),
+        unit="req/s",
+    ),
+    Scenario(
+        key="mysql-point-select",
+        title="MySQL: sysbench oltp_point_select --threads=16, TLS both legs (MariaDB 10.11)",
+        tool="sysbench --mysql-ssl=on",
+        goal="broker / direct queries/s >= 0.85",
+        variants=(
+            _sysbench_variant("broker", "sysbench -> sidekey (mTLS) -> MariaDB (TLS)"),
+            _sysbench_variant("direct", "sysbench -> MariaDB (TLS)"),
+        ),
+        verdict=ratio("broker", "direct", 0.85, "broker / direct queries/s"),
+        prepare=_prepare_mysql,
+        unit="q/s",
     ),
 )
 

@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -930,8 +930,11 @@ def write_broker_config(
     bao: OpenBao,
     pg: Postgres,
     http_upstreams: Mapping[str, int],
+    *,
+    extra_services: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[Path, dict[str, int], int]:
-    """The broker's YAML: one postgres service and one http service per upstream."""
+    """The broker's YAML: one postgres service and one http service per upstream, plus
+    `extra_services` as they are (the MySQL and Redis rows', bench/dbrows.py)."""
     import yaml
 
     ports = {
@@ -972,6 +975,7 @@ def write_broker_config(
                 "allow": [LOADGEN_ID],
             }
         )
+    services.extend(dict(svc) for svc in extra_services)
     config = {
         "version": 1,
         "identity": {"trust_domain": TRUST_DOMAIN, "x509_bundle": str(pki.bundle)},
