@@ -6,7 +6,9 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from broker.codecs import mysql
 from broker.codecs import postgres as pg
+from broker.codecs.mysql import constants as my
 
 CORPUS = Path(__file__).parent / "corpus"
 
@@ -19,6 +21,14 @@ def seeds() -> dict[str, list[bytes]]:
     startup = pg.encode(
         pg.StartupMessage(pg.PROTOCOL_VERSION_3_0, (("user", "app"), ("database", "appdb")))
     )
+    caps = (
+        my.CLIENT_PROTOCOL_41 | my.CLIENT_SECURE_CONNECTION | my.CLIENT_PLUGIN_AUTH
+        | my.CLIENT_CONNECT_WITH_DB | my.CLIENT_CONNECT_ATTRS
+    )  # fmt: skip
+    native = "mysql_native_password"
+    greeting = mysql.HandshakeV10("10.11", 7, b"s" * 20, caps | my.CLIENT_SSL, 45, 2, native)
+    attrs = (("_client_name", "t"),)
+    response = mysql.HandshakeResponse41(caps, 1 << 24, 45, "a", b"x" * 20, "appdb", native, attrs)
     return {
         "postgres_frontend": [
             pg.encode(pg.SSLRequest()),
@@ -52,6 +62,24 @@ def seeds() -> dict[str, list[bytes]]:
             b"-ERR wrong password\r\n",
             b"%2\r\n+server\r\n+redis\r\n+proto\r\n:3\r\n",
             b"*2\r\n$3\r\nabc\r\n_\r\n",
+        ],
+        "mysql_client": [
+            mysql.encode(mysql.SSLRequest(my.CLIENT_PROTOCOL_41 | my.CLIENT_SSL, 1 << 24, 45), 1)
+            + b"\x16\x03\x01",
+            mysql.encode(response, 1),
+            mysql.encode(response, 1) + mysql.frame(b"auth data", 3),
+        ],
+        "mysql_server": [
+            mysql.encode(greeting, 0) + mysql.encode(mysql.OkPacket(0, 0, 2, 0), 2),
+            mysql.encode(greeting, 0)
+            + mysql.encode(mysql.AuthSwitchRequest("client_ed25519", b"k" * 32), 2),
+            mysql.encode(greeting, 0) + mysql.frame(b"\x01\x04", 2),
+            mysql.frame(b"\xff\x10\x04Too many connections", 0),
+        ],
+        "mysql_commands": [
+            mysql.frame(b"\x03SELECT 1", 0) + mysql.frame(b"\x03USE mysql", 0),
+            mysql.frame(b"\x02otherdb", 0) + mysql.frame(b"\x11root\0\0", 0),
+            mysql.frame(b"\x03/*!40101 use `x` */", 0) + mysql.frame(b"file", 2),
         ],
         "spiffe_id": [
             b"spiffe://example.org/ns/prod/sa/orders",

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import yaml
 
+from adapters.mysql._filter import CommandFilter
+from broker.codecs import mysql, resp
 from broker.codecs import postgres as pg
-from broker.codecs import resp
 from broker.errors import ConfigError
 from broker.spiffeid import SpiffeIdError, parse_spiffe_id, parse_trust_domain
 
@@ -82,6 +83,45 @@ def resp_replies(chunks: list[bytes]) -> None:
     parser = resp.ReplyParser()
     with contextlib.suppress(resp.UpstreamProtocolError):
         _feed_all(parser.feed, chunks, parser.next_reply)
+
+
+def mysql_client(chunks: list[bytes]) -> None:
+    parser = mysql.ClientParser()
+    parser.next_seq()  # the broker's greeting
+
+    def next_message() -> object:
+        message = parser.next_message()
+        if isinstance(message, mysql.SSLRequest):
+            parser.take_tls_bytes()  # the adapter hands these to TLS
+        return message
+
+    with contextlib.suppress(mysql.ProtocolError):
+        _feed_all(parser.feed, chunks, next_message)
+
+
+def mysql_server(chunks: list[bytes]) -> None:
+    parser = mysql.ServerParser()
+
+    def next_message() -> object:
+        message = parser.next_message()
+        if message is not None:
+            parser.next_seq()  # the broker answers each packet
+        return message
+
+    with contextlib.suppress(mysql.UpstreamProtocolError):
+        _feed_all(parser.feed, chunks, next_message)
+
+
+def mysql_commands(chunks: list[bytes]) -> None:
+    """The filter over a spliced session's command packets: never raises, and forwards
+    nothing it did not receive."""
+    watcher = CommandFilter(("appdb",), "svc")
+    received = forwarded = 0
+    for chunk in chunks:
+        out, _answer = watcher.feed(chunk)
+        received += len(chunk)
+        forwarded += len(out)
+        assert forwarded <= received
 
 
 def spiffe_id(chunks: list[bytes]) -> None:
@@ -154,6 +194,9 @@ TARGETS: dict[str, Callable[[list[bytes]], None]] = {
     "postgres_guard": postgres_guard,
     "resp_commands": resp_commands,
     "resp_replies": resp_replies,
+    "mysql_client": mysql_client,
+    "mysql_server": mysql_server,
+    "mysql_commands": mysql_commands,
     "spiffe_id": spiffe_id,
     "config": config,
     "http_request_head": http_request_head,
