@@ -485,3 +485,16 @@ async def test_hostile_handshake_bytes_and_service_goes_on(world: World) -> None
             assert await in_thread(lambda: query(conn, "SELECT 1")) == ((1,),)
         finally:
             conn.close()
+
+
+async def test_connections_over_max_connections_are_told_so(world: World) -> None:
+    pki = world.pki
+    async with world.broker(world.service(max_connections=1)) as b:
+        holder = await in_thread(lambda: connect(b, pki, pki.client()))
+        try:
+            with pytest.raises(pymysql.err.OperationalError) as raised:
+                await in_thread(lambda: connect(b, pki, pki.client()))
+            assert raised.value.args[0] == 1040
+            assert "service orders-mysql allows 1" in raised.value.args[1]
+        finally:
+            holder.close()

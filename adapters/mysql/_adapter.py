@@ -68,8 +68,8 @@ SCRAMBLE_LENGTH = 20
 ER_ACCESS_DENIED_ERROR = (1045, "28000")
 ER_DBACCESS_DENIED_ERROR = (1044, "42000")
 ER_HANDSHAKE_ERROR = (1043, "08S01")
-ER_CONNECTION_FAILURE = (2013, "HY000")  # a client code: "lost connection during query"
 ER_UNKNOWN_ERROR = (1105, "HY000")
+ER_CON_COUNT_ERROR = (1040, "08004")
 ERROR_OF_STEP: dict[Step, tuple[int, str]] = {
     "identity": ER_ACCESS_DENIED_ERROR,
     "policy": ER_ACCESS_DENIED_ERROR,
@@ -175,7 +175,7 @@ class MysqlAdapter(TcpAdapter[Hello]):
             raise Refusal(
                 "upstream_login",
                 str(exc),
-                reply=encode(exc.err, session.hello.parser.next_seq()),
+                reply=encode(exc.err, 0),  # deliver_refusal numbers it
                 metric="refused",
                 audit={"upstream_error": exc.err.code},
             ) from None
@@ -200,7 +200,17 @@ class MysqlAdapter(TcpAdapter[Hello]):
 
     def refusal_reply(self, refusal: Refusal, hello: Hello) -> bytes:
         code, sqlstate = ERROR_OF_STEP[refusal.step]
-        return encode(ErrPacket(code, refusal.message, sqlstate), hello.parser.next_seq())
+        return encode(ErrPacket(code, refusal.message, sqlstate), 0)
+
+    def overload_reply(self, max_connections: int) -> bytes:
+        code, sqlstate = ER_CON_COUNT_ERROR
+        message = f"Too many connections: service {self.ctx.service.name} allows {max_connections}"
+        return encode(ErrPacket(code, message, sqlstate), 0)
+
+    async def deliver_refusal(self, client: Conduit, hello: Hello, reply: bytes) -> None:
+        """Write the ERR packet `reply` with the sequence number the client expects next
+        (every refusal is built with 0: only here is the hello's count known to be final)."""
+        client.write(reply[:3] + bytes([hello.parser.next_seq()]) + reply[4:])
 
     def protocol_error_reply(self, message: str) -> bytes:
         code, sqlstate = ER_HANDSHAKE_ERROR
