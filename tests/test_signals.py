@@ -210,7 +210,9 @@ async def test_sigterm_drains_sessions_then_revokes_leases(setup: Setup) -> None
     assert user not in await lease_roles(pg), "the lease was revoked (its role is gone)"
     events = setup.events()
     end = [e for e in events if e["event"] == "session_end"]
-    assert len(end) == 1 and end[0]["outcome"] == "ok"
+    # The probe above may have got one session in before the signal was handled: every
+    # session, the probe's too, ended cleanly.
+    assert end and all(e["outcome"] == "ok" for e in end)
     assert events[-1]["event"] == "stop"
 
 
