@@ -97,6 +97,8 @@ class Spire:
     workdir: Path
     server_port: int
     trust_domain: str = TRUST_DOMAIN
+    # The broker's registration entry (BROKER_ID for uid 0), for `update`.
+    broker_entry: str = ""
     _server: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _agent: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -149,6 +151,38 @@ class Spire:
         assert found, out
         return found.group(1)
 
+    def update(
+        self,
+        entry_id: str,
+        spiffe_id: str,
+        *,
+        uid: int,
+        x509_ttl: int = CLIENT_SVID_TTL,
+        jwt_ttl: int = JWT_SVID_TTL,
+        dns: Sequence[str] = (),
+        federates_with: Sequence[str] = (),
+    ) -> None:
+        """Replace an entry's fields (give them all: what is left out is cleared)."""
+        args = ["entry", "update", "-entryID", entry_id, "-parentID", NODE_ID]
+        args += ["-spiffeID", spiffe_id, "-selector", f"unix:uid:{uid}"]
+        args += ["-x509SVIDTTL", str(x509_ttl), "-jwtSVIDTTL", str(jwt_ttl)]
+        for name in dns:
+            args += ["-dns", name]
+        for domain in federates_with:
+            args += ["-federatesWith", f"spiffe://{domain}"]
+        self.server(*args)
+
+    def update_broker(self, federates_with: Sequence[str] = ()) -> None:
+        """The broker's entry as the fixture made it, federating with `federates_with`."""
+        self.update(
+            self.broker_entry,
+            BROKER_ID,
+            uid=BROKER_UID,
+            x509_ttl=BROKER_SVID_TTL,
+            dns=["localhost"],
+            federates_with=federates_with,
+        )
+
     def unregister(self, entry_id: str) -> None:
         self.server("entry", "delete", "-entryID", entry_id)
 
@@ -169,6 +203,10 @@ class Spire:
         """Prepare a new X.509 CA: it joins the bundle (a bundle update for every workload)
         but does not sign yet."""
         self.server("localauthority", "x509", "prepare")
+
+    def prepare_jwt_authority(self) -> None:
+        """Prepare a new JWT signing key: it joins the JWT bundle (a JWT bundle update)."""
+        self.server("localauthority", "jwt", "prepare")
 
     def activate_authority(self) -> None:
         """Make the prepared X.509 CA the signing one; the old one stays in the bundle."""
@@ -289,7 +327,9 @@ def start_spire(workdir: Path) -> Spire:
         out = spire.server("token", "generate", "-spiffeID", NODE_ID, "-ttl", "600")
         token = out.split()[-1]
         (workdir / "agent.conf").write_text(_agent_conf(spire, token))
-        spire.register(BROKER_ID, uid=BROKER_UID, x509_ttl=BROKER_SVID_TTL, dns=["localhost"])
+        spire.broker_entry = spire.register(
+            BROKER_ID, uid=BROKER_UID, x509_ttl=BROKER_SVID_TTL, dns=["localhost"]
+        )
         spire.register(CLIENT_ID, uid=CLIENT_UID)
         spire.start_agent()
         spire.wait_for_svid(CLIENT_ID, CLIENT_UID)

@@ -19,24 +19,15 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from broker.errors import ConfigError
 
-from .trust import Bundle, Svid, spiffe_id_of
+from .trust import SIGNING_KEYS, Bundle, Svid, spiffe_id_of
 
 # A certificate, key or bundle file larger than this is not one (a bundle of a few hundred
 # CA certificates is well under it).
 MAX_FILE_BYTES = 1024 * 1024
-
-# The private keys a serving certificate may have (what OpenSSL and SPIRE use).
-_ISSUER_KEYS = (
-    ec.EllipticCurvePrivateKey,
-    rsa.RSAPrivateKey,
-    ed25519.Ed25519PrivateKey,
-    ed448.Ed448PrivateKey,
-)
 
 # What identifies one version of a file on disk.
 Stat = tuple[int, int, int, int] | None
@@ -84,7 +75,7 @@ def parse_svid(cert_pem: bytes, key_pem: bytes, source: str, where: str = "tls")
     except (ValueError, TypeError) as exc:
         why = "it is encrypted" if isinstance(exc, TypeError) else "no PEM private key in it"
         raise ConfigError(f"{where}.key: cannot load certificate/key pair: {why}") from None
-    if not isinstance(key, _ISSUER_KEYS):
+    if not isinstance(key, SIGNING_KEYS):
         raise ConfigError(
             f"{where}.key: cannot load certificate/key pair: unsupported key type "
             f"{type(key).__name__}"

@@ -46,7 +46,8 @@ from broker.observe.metrics import Metrics
 
 from .files import FileWatch, Stat, read_bundle, read_svid, watches
 from .tls import check_loadable
-from .trust import FILE, Bundle, JwtAuthorities, Snapshot, Svid
+from .trust import FILE, WORKLOAD_API, Bundle, JwtAuthorities, Snapshot, Svid
+from .workload_api import JwtSvidToken, WorkloadApiWatch
 
 log = logging.getLogger("sidekey.identity")
 
@@ -93,6 +94,19 @@ class IdentityMaterial:
         # A rejected state of a piece's files, so one bad write is reported once.
         self._rejected: dict[str, tuple[Stat, ...]] = {}
         self._load_files()
+        # The Workload API, for the pieces that have no file (and the JWT bundles).
+        self._agent: WorkloadApiWatch | None = None
+        self._agent_svid = tls is None
+        self._agent_bundles = frozenset(
+            td for td in identity.trust_domains if td not in bundle_files
+        )
+        if identity.workload_api is not None:
+            self._agent = WorkloadApiWatch(
+                identity.workload_api,
+                on_x509=self._from_agent,
+                on_jwt=self._from_agent_jwt,
+                on_error=self._agent_error,
+            )
 
     # ------------------------------------------------------------------------- reading
 
@@ -120,11 +134,21 @@ class IdentityMaterial:
 
         return unsubscribe
 
-    async def fetch_jwt_svid(self, audience: str) -> str:
-        """A JWT-SVID of the broker for `audience` (the Workload API's)."""
-        raise IdentitySourceError(
-            "a JWT-SVID of the broker needs identity.workload_api (a SPIFFE Workload API)"
-        )
+    async def fetch_jwt_svid(self, audience: str) -> JwtSvidToken:
+        """A JWT-SVID of the broker for `audience`, fresh from the Workload API (cache it for
+        its lifetime if you call this often). Raises `IdentitySourceError`."""
+        if self._agent is None:
+            raise IdentitySourceError(
+                "a JWT-SVID of the broker needs identity.workload_api (a SPIFFE Workload API)"
+            )
+        try:
+            return await self._agent.fetch_jwt_svid(audience)
+        except Exception as exc:  # py-spiffe's, gRPC's or the socket's
+            self._count_error(WORKLOAD_API, "jwt_svid")
+            raise IdentitySourceError(
+                f"cannot fetch a JWT-SVID for audience {audience!r} from the Workload API at "
+                f"{self._agent.endpoint}: {exc}"
+            ) from None
 
     def seconds_to_expiry(self) -> float:
         """Seconds until the SVID's notAfter (negative once past); NaN without one."""
@@ -135,8 +159,15 @@ class IdentityMaterial:
 
     def readiness(self) -> tuple[bool, str | None]:
         snap = self._snapshot
+        agent = self._agent
         if snap.svid is None:
-            return False, "waiting for the broker's X.509-SVID"
+            if agent is None:
+                return False, "waiting for the broker's X.509-SVID"
+            why = f" (last error: {agent.last_error})" if agent.last_error else ""
+            return False, (
+                f"waiting for the broker's X.509-SVID from the Workload API at "
+                f"{agent.endpoint}{why}"
+            )
         if snap.svid.expires <= datetime.now(UTC):
             return False, (
                 f"the broker's certificate ({snap.svid.source}) expired at "
@@ -159,17 +190,37 @@ class IdentityMaterial:
         for td in self.config.trust_domains:
             bundle = snap.bundles.get(td)
             bundles[td] = bundle.describe() if bundle else {"source": self._bundle_source(td)}
-        return {"trust_domain": self.trust_domain, "svid": svid, "bundles": bundles}
+        described: dict[str, Any] = {
+            "trust_domain": self.trust_domain,
+            "svid": svid,
+            "bundles": bundles,
+            "jwt_bundles": {td: sorted(keys) for td, keys in snap.jwt_bundles.items()},
+        }
+        agent = self._agent
+        if agent is not None:
+            described["workload_api"] = {
+                "endpoint": agent.endpoint,
+                "connected": dict(agent.connected),
+                "errors": agent.errors,
+                "last_error": agent.last_error,
+            }
+        return described
 
     def _bundle_source(self, td: str) -> str:
         path = self._bundle_files.get(td)
-        return f"file:{path}" if path else "workload_api"
+        if path is not None:
+            return f"file:{path}"
+        return self._agent.source if self._agent is not None else WORKLOAD_API
 
     # ------------------------------------------------------------------------ running
 
     async def start(self) -> None:
         if self._watches:
             self._spawn(self._watch_files(), "identity-files")
+        if self._agent is not None:
+            if self._agent_svid or self._agent_bundles:
+                self._spawn(self._agent.watch_x509(), "workload-api-x509")
+            self._spawn(self._agent.watch_jwt(), "workload-api-jwt")
         self._arm_expiry()
 
     async def stop(self) -> None:
@@ -249,6 +300,41 @@ class IdentityMaterial:
             self._rejected.pop(piece, None)
         self._update(new_svid, new_bundles)
 
+    # ------------------------------------------------------------- the Workload API
+
+    def _from_agent(self, svid: Svid, bundles: Mapping[str, Bundle]) -> None:
+        """An X.509 context from the agent (on the loop): take the pieces that have no file."""
+        new_svid: Svid | None = None
+        if self._agent_svid and not svid.same_as(self._snapshot.svid):
+            try:
+                self._check_agent_svid(svid)
+            except (ConfigError, IdentitySourceError) as exc:
+                log.error("refused the Workload API's X.509-SVID: %s", exc)
+                self._count_error(WORKLOAD_API, "rejected")
+            else:
+                new_svid = svid
+        wanted = {td: b for td, b in bundles.items() if td in self._agent_bundles}
+        for td in sorted(self._agent_bundles - set(bundles)):
+            if td != self.trust_domain:
+                log.debug("the Workload API delivers no bundle of %s (no federatesWith?)", td)
+        self._update(new_svid, wanted)
+
+    def _check_agent_svid(self, svid: Svid) -> None:
+        domain = (svid.spiffe_id or "").removeprefix("spiffe://").split("/", 1)[0]
+        if domain != self.trust_domain:
+            raise IdentitySourceError(
+                f"its SPIFFE ID {svid.spiffe_id} is not of identity.trust_domain "
+                f"{self.trust_domain}"
+            )
+        self._check_svid(svid)
+
+    def _from_agent_jwt(self, bundles: Mapping[str, JwtAuthorities]) -> None:
+        domains = set(self.config.trust_domains)
+        self._update(jwt_bundles={td: keys for td, keys in bundles.items() if td in domains})
+
+    def _agent_error(self, kind: str, error: str) -> None:
+        self._count_error(WORKLOAD_API, kind)
+
     # --------------------------------------------------------------------- updating
 
     def _check_svid(self, svid: Svid) -> None:
@@ -295,6 +381,13 @@ class IdentityMaterial:
             merged[td], changed = bundle, True
         new_jwt = old.jwt_bundles
         if jwt_bundles is not None and dict(jwt_bundles) != dict(old.jwt_bundles):
+            for td, keys in jwt_bundles.items():
+                if td in old.jwt_bundles and dict(keys) != dict(old.jwt_bundles[td]):
+                    self._count_bundle(td, "jwt", WORKLOAD_API)
+            log.info(
+                "JWT bundles: %s",
+                ", ".join(f"{td} ({len(k)} keys)" for td, k in sorted(jwt_bundles.items())),
+            )
             new_jwt, changed = MappingProxyType(dict(jwt_bundles)), True
         if not changed:
             return
