@@ -65,7 +65,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import credbench, scenarios, servers
+from bench import credbench, jwtbench, scenarios, servers
 from bench.scenarios import Env, Measurement, Probe, Scenario, Summary, Variant, Verdict
 
 # Goals of the credential-path row.
@@ -243,8 +243,17 @@ def setup(settings: Settings, tools: dict[str, str], tmp: Path, procs: servers.P
         dbrows.setup_vault(bao, redis, mariadb, pki)
         say(f"setup: redis-server {redis is not None}, MariaDB {mariadb is not None}")
     extra_services, extra_ports = dbrows.broker_services(redis, mariadb, pki)
+    # The token issuer of the JWT rows: its JWKS is the broker's http-jwt service's keys.
+    jwt_issuer = jwtbench.BenchIssuer(tmp / "jwt")
+    jwt_token = jwt_issuer.mint("ES256", servers.LOADGEN_ID)
     config, ports, admin_port = servers.write_broker_config(
-        tmp / "broker", pki, bao, pg, http_upstreams, extra_services=extra_services
+        tmp / "broker",
+        pki,
+        bao,
+        pg,
+        http_upstreams,
+        extra_services=extra_services,
+        jwt=(jwt_issuer.jwks_path, nginx_up.ports["plain"]),
     )
     ports.update(extra_ports)
     broker = servers.start_broker(
@@ -274,6 +283,7 @@ def setup(settings: Settings, tools: dict[str, str], tmp: Path, procs: servers.P
         http_token=http_token,
         redis=redis,
         mariadb=mariadb,
+        jwt_token=jwt_token,
     )
     smoke(env)
     say(f"setup: done in {time.monotonic() - t0:.1f}s; every path answered a smoke request")
@@ -450,7 +460,8 @@ def run_scenario(env: Env, scenario: Scenario, counter: list[int], total: int) -
                 runs[variant.name].append(m)
                 counter[0] += 1
                 cpu = m.cpu_us_per_op
-                extra = f"  {variant.proxy} CPU {cpu:.1f}us/op" if cpu is not None else ""
+                who = variant.proxy or "process"
+                extra = f"  {who} CPU {cpu:.1f}us/op" if cpu is not None else ""
                 if "instructions_per_op" in m.extra:
                     extra = f"  {m.extra['instructions_per_op']:,} instructions/op"
                 if m.vault_requests is not None:

@@ -56,6 +56,8 @@ class Env:
     upstream: servers.Upstream
     broker: servers.Broker
     http_token: str
+    # A JWT-SVID of the load generator's ID for the broker's http-jwt service (ES256).
+    jwt_token: str = ""
     run_counter: int = 0
     # The servers of the MySQL and Redis rows (bench/dbrows.py), when one is selected.
     redis: Any = None
@@ -631,6 +633,127 @@ def loadgen_variant(
     return Variant(name, label, proxy, run)
 
 
+# --------------------------------------------------------------------------- tokens
+
+# Python start-up, imports and minting the tokens before a jwtbench window opens (256 RS256
+# signatures take ~0.5 s on this box; doubled, plus margin).
+JWTBENCH_STARTUP_SECONDS = 3.0
+
+
+def jwtbench_variant(name: str, label: str, alg: str, mode: str) -> Variant:
+    """Token verification in a process of its own (bench/jwtbench.py): its CPU per
+    verification is the figure, so `proxy` is None and the run fills the CPU in itself."""
+
+    def run(env: Env, probe: Probe, duration: float) -> Measurement:
+        start_at = time.time() + JWTBENCH_STARTUP_SECONDS
+        cmd = [
+            str(servers.VENV_BIN / "python"), "-m", "bench.jwtbench",
+            "--key-dir", str(env.tmp / "jwt"), "--alg", alg, "--mode", mode,
+            "--sub", servers.LOADGEN_ID, "--duration", str(duration), "--start-at", repr(start_at),
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            cwd=servers.REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            # Where the proxy under test would run: it stands for the broker's verifier.
+            preexec_fn=_pin(env.settings.proxy_cpus),  # noqa: PLW1509
+        )
+        try:
+            time.sleep(max(0.0, start_at - time.time()))
+            probe.start()
+            out, err = proc.communicate(
+                timeout=duration + JWTBENCH_STARTUP_SECONDS + TOOL_GRACE_SECONDS
+            )
+            probe.stop()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0 or not out.strip():
+            raise servers.BenchError(f"jwtbench {alg} {mode} failed: {err.strip()[-1500:]}")
+        report = json.loads(out)
+        m = Measurement(
+            ops=report["ops"], seconds=report["wall_s"], rate=report["ops"] / report["wall_s"]
+        )
+        probe.fill(m)
+        m.proxy_cpu_s = report["cpu_s"]
+        return m
+
+    return Variant(name, label, None, run)
+
+
+def jwt_loadgen_variant(name: str, label: str, service: str, *, token: bool) -> Variant:
+    """Keep-alive HTTP through the broker's `service`; with `token`, every request carries the
+    bench's JWT-SVID. Records the broker's signature checks and cache hits in the window."""
+
+    def run(env: Env, probe: Probe, duration: float) -> Measurement:
+        headers = (f"Authorization: Bearer {env.jwt_token}",) if token else ()
+
+        def counts() -> tuple[float, float]:
+            name = "sidekey_jwt_verifications_total"
+            return (
+                env.broker.metric_sum(name, outcome="ok"),
+                env.broker.metric_sum(name, outcome="cached"),
+            )
+
+        before = counts()
+        m = run_loadgen(
+            env, probe, duration, mode="http", port=env.broker.ports[service], processes=2,
+            per_process=16, headers=headers,
+        )  # fmt: skip
+        after = counts()
+        if token:
+            m.extra["signature_checks"] = after[0] - before[0]
+            m.extra["cache_hits"] = after[1] - before[1]
+        return m
+
+    return Variant(name, label, "broker", run)
+
+
+def jwt_per_core(s: Mapping[str, Summary]) -> Verdict:
+    figures = {
+        name: 1e6 / summary.cpu_us_per_op if summary.cpu_us_per_op else None
+        for name, summary in s.items()
+    }
+    text = ", ".join(
+        f"{name} {value:,.0f}" if value else f"{name} n/a" for name, value in figures.items()
+    )
+    return Verdict(
+        figure="verifications per core-second",
+        value=figures.get("es256"),
+        text=text,
+        goal="reported (no goal)",
+        passed=None,
+        extra={f"{name}_per_core_second": value for name, value in figures.items()},
+    )
+
+
+def jwt_vs_mtls(s: Mapping[str, Summary]) -> Verdict:
+    jwt_cpu, mtls_cpu = s["jwt"].cpu_us_per_op, s["mtls"].cpu_us_per_op
+    ratio = jwt_cpu / mtls_cpu if jwt_cpu and mtls_cpu else None
+    checks = sum(m.extra.get("signature_checks", 0) for m in s["jwt"].runs)
+    hits = sum(m.extra.get("cache_hits", 0) for m in s["jwt"].runs)
+    text = (
+        f"{ratio:.3f} ({jwt_cpu:.1f} vs {mtls_cpu:.1f} us/req)" if ratio and jwt_cpu and mtls_cpu
+        else "n/a"
+    )  # fmt: skip
+    return Verdict(
+        figure="JWT / mTLS broker CPU per request",
+        value=ratio,
+        text=text + f"; {checks:.0f} signature check(s), {hits:,.0f} cache hits",
+        # One token in every run: its first request anywhere pays the check, no other does.
+        goal="one token: <= 1 signature check",
+        passed=checks <= 1 and hits > 0,
+        notes=[
+            f"jwt: {1e6 / jwt_cpu:,.0f} req/core-s" if jwt_cpu else "jwt: n/a",
+            f"mtls: {1e6 / mtls_cpu:,.0f} req/core-s" if mtls_cpu else "mtls: n/a",
+        ],
+        extra={"signature_checks": checks, "cache_hits": hits},
+    )
+
+
 # --------------------------------------------------------------------------- verdicts
 
 
@@ -895,6 +1018,42 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
         verdict=per_core(900, "handshakes per broker core-second", "nginx"),
         unit="hs/s",
+    ),
+    Scenario(
+        key="jwt-verify",
+        title="Inbound JWT-SVID verification per core (JwtAuthority.verify, own process)",
+        tool="bench/jwtbench.py",
+        goal="reported: ES256, RS256 (a signature check each), and a token seen again (cached)",
+        variants=(
+            jwtbench_variant(
+                "es256", "ES256 (P-256), distinct tokens, no cache", "ES256", "uncached"
+            ),
+            jwtbench_variant(
+                "rs256", "RS256 (2048-bit), distinct tokens, no cache", "RS256", "uncached"
+            ),
+            jwtbench_variant(
+                "cached", "ES256, the same token again (cache hit)", "ES256", "cached"
+            ),
+        ),
+        verdict=jwt_per_core,
+        unit="verif/s",
+    ),
+    Scenario(
+        key="http-jwt",
+        title="HTTP request authenticated by a JWT-SVID vs by mTLS, 32 keep-alive connections, "
+        "trivial upstream (nginx return 200)",
+        tool="bench/loadgen.py (2 processes x 16 connections)",
+        goal="reported: broker CPU per request, JWT vs mTLS; a reused token is never checked twice",
+        variants=(
+            jwt_loadgen_variant(
+                "jwt", "sidekey client_auth: jwt (Bearer JWT-SVID, ES256)", "http-jwt", token=True
+            ),
+            jwt_loadgen_variant(
+                "mtls", "sidekey client_auth: mtls (X.509-SVID)", "http-trivial", token=False
+            ),
+        ),
+        verdict=jwt_vs_mtls,
+        unit="req/s",
     ),
 )
 

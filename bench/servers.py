@@ -932,9 +932,12 @@ def write_broker_config(
     http_upstreams: Mapping[str, int],
     *,
     extra_services: Sequence[Mapping[str, Any]] = (),
+    jwt: tuple[Path, int] | None = None,
 ) -> tuple[Path, dict[str, int], int]:
     """The broker's YAML: one postgres service and one http service per upstream, plus
-    `extra_services` as they are (the MySQL and Redis rows', bench/dbrows.py)."""
+    `extra_services` as they are (the MySQL and Redis rows', bench/dbrows.py); with `jwt`
+    (a JWKS file, an upstream port), an http service `http-jwt` whose callers prove
+    themselves with a JWT-SVID over server-authenticated TLS instead of a certificate."""
     import yaml
 
     ports = {
@@ -942,6 +945,8 @@ def write_broker_config(
         "pg-plain": free_port(),
         **{name: free_port() for name in http_upstreams},
     }
+    if jwt is not None:
+        ports["http-jwt"] = free_port()
     admin_port = free_port()
     # "pg" is the row's broker: TLS to the database verified by name, as users deploy it.
     # "pg-plain" is informational: the same with upstream TLS off (a database on the same
@@ -976,9 +981,25 @@ def write_broker_config(
             }
         )
     services.extend(dict(svc) for svc in extra_services)
+    identity: dict[str, Any] = {"trust_domain": TRUST_DOMAIN, "x509_bundle": str(pki.bundle)}
+    if jwt is not None:
+        jwks, upstream_port = jwt
+        identity["jwt"] = {"issuers": [{"name": "bench", "jwks": str(jwks)}]}
+        services.append(
+            {
+                "name": "http-jwt",
+                "adapter": "http",
+                "listen": f"127.0.0.1:{ports['http-jwt']}",
+                "client_auth": "jwt",
+                "upstream": {"url": f"http://127.0.0.1:{upstream_port}"},
+                "credentials": {"from": "vault-kv", "path": KV_PATH},
+                "inject": {"headers": {"Authorization": "Bearer {token}"}},
+                "allow": [LOADGEN_ID],
+            }
+        )
     config = {
         "version": 1,
-        "identity": {"trust_domain": TRUST_DOMAIN, "x509_bundle": str(pki.bundle)},
+        "identity": identity,
         "tls": {"cert": str(pki.broker.cert), "key": str(pki.broker.key)},
         "vault": {
             "address": bao.address,

@@ -190,6 +190,18 @@ def test_a_key_that_leaves_the_set_stops_verifying(svid: tuple[JwtVerifier, Sign
     assert v.verify(issuer.mint(kid="es-1", sub=ORDERS_ID, aud=AUD), AUD)
 
 
+def test_a_refetched_set_with_the_same_key_keeps_the_cache(
+    svid: tuple[JwtVerifier, SigningIssuer],
+) -> None:
+    v, issuer = svid
+    token = issuer.mint(sub=ORDERS_ID, aud=AUD)
+    assert not v.verify(token, AUD).cached
+    # The same keys, parsed again (a periodic fetch): a new set object, the key still in it.
+    v.set_keys("spire", {"example.org": KeySet.from_jwks(issuer.jwks())})
+    assert v.verify(token, AUD).cached
+    assert v.verify(token, AUD).cached
+
+
 def test_alg_none_is_never_accepted(svid: tuple[JwtVerifier, SigningIssuer]) -> None:
     v, issuer = svid
     refused(v, issuer.unsigned(sub=ORDERS_ID, aud=AUD), "bad_algorithm")

@@ -24,8 +24,12 @@ it signed stop verifying, cached or not. Keys arrive through `set_keys` from the
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import hashlib
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -103,6 +107,11 @@ class VerifyKey:
     key: PublicKey = field(repr=False)
     algorithms: frozenset[str]
 
+    def same_as(self, other: VerifyKey) -> bool:
+        return (
+            self.kid == other.kid and self.algorithms == other.algorithms and self.key == other.key
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class KeySet:
@@ -125,10 +134,14 @@ class KeySet:
         return None
 
     def __contains__(self, key: object) -> bool:
+        """Whether this set holds `key`: the same public key and algorithms under the same
+        kid (a set fetched again holds new objects for the keys it kept)."""
         if not isinstance(key, VerifyKey):
             return False
-        found = self.keys.get(key.kid) if key.kid is not None else None
-        return found is key or any(k is key for k in self.anonymous)
+        if key.kid is None:
+            return any(k is key or k.same_as(key) for k in self.anonymous)
+        found = self.keys.get(key.kid)
+        return found is not None and (found is key or found.same_as(key))
 
     @property
     def kids(self) -> list[str]:
@@ -232,10 +245,16 @@ class _Issuer:
 class _Entry:
     identity: WorkloadIdentity
     audiences: frozenset[str]
+    # exp plus the clock skew, as a POSIX time.
     expires_at: float
     issuer: _Issuer
     domain: str
     key: VerifyKey
+    # The set the key was found in: while the issuer still has this very set, the key is
+    # in it (one identity check instead of a lookup per hit).
+    keys: KeySet
+    # What a hit returns, built once.
+    hit: Verified
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,17 +305,23 @@ class JwtVerifier:
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("malformed", f"token longer than {MAX_TOKEN_BYTES} bytes")
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        entry = self._cache.get(digest)
+        cache = self._cache
+        entry = cache.get(digest)
         if entry is not None:
-            now = time.time()
-            if now < entry.expires_at + self.skew and entry.key in entry.issuer.keys.get(
-                entry.domain, _EMPTY
+            # A hit: 2.1 -> 1.5 us with the prebuilt result and the identity check of the
+            # key set (idle 2-core box, CPython 3.11); the SHA-256 is 0.6 us of it.
+            current = entry.issuer.keys.get(entry.domain)
+            if time.time() < entry.expires_at and (
+                current is entry.keys or (current is not None and entry.key in current)
             ):
-                self._cache.move_to_end(digest)
+                cache.move_to_end(digest)
                 if audience not in entry.audiences:
                     raise _wrong_audience(audience, entry.issuer.config.name)
-                return Verified(entry.identity, entry.issuer.config.name, True)
-            del self._cache[digest]
+                if current is not entry.keys:
+                    # The set was fetched again and still holds the key: remember the new one.
+                    entry = cache[digest] = dataclasses.replace(entry, keys=current)
+                return entry.hit
+            del cache[digest]
         entry = self._verify(token, digest, audience)
         self._cache[digest] = entry
         if len(self._cache) > self._max:
@@ -304,15 +329,7 @@ class JwtVerifier:
         return Verified(entry.identity, entry.issuer.config.name, False)
 
     def _verify(self, token: str, digest: bytes, audience: str) -> _Entry:
-        try:
-            # Unverified, for routing only: which issuer and key to check the token with.
-            unverified = _JWS.decode_complete(token, options={"verify_signature": False})
-            header = unverified["header"]
-            claims = json.loads(unverified["payload"])
-        except (jwt.DecodeError, ValueError, UnicodeDecodeError, RecursionError):
-            raise TokenError("malformed", "not a JWT (header.payload.signature)") from None
-        if not isinstance(claims, dict):
-            raise TokenError("malformed", "the token's payload is not a JSON object")
+        header, claims = _unverified(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg == "none" or alg.startswith("HS"):
             # Refused before any issuer is looked at: alg none and HMACs are never accepted.
@@ -384,7 +401,8 @@ class JwtVerifier:
             issuer=name,
             claims=used,
         )
-        return _Entry(identity, audiences, float(exp), issuer, domain, key)
+        hit = Verified(identity, name, True)
+        return _Entry(identity, audiences, float(exp) + self.skew, issuer, domain, key, keys, hit)
 
     def _route(self, claims: Mapping[str, Any]) -> tuple[_Issuer, str, str | None]:
         """The issuer a token claims, the key set's domain, and (JWT-SVIDs) its SPIFFE ID.
@@ -426,6 +444,27 @@ class JwtVerifier:
         if not spiffe_id.path:
             raise TokenError("bad_subject", "token sub names a trust domain, not a workload", name)
         return issuer, domain, str(spiffe_id)
+
+
+def _unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header and claims of a compact JWS, unverified, for routing only: which issuer,
+    key and algorithm PyJWT then verifies the token with (it parses it again, strictly).
+
+    Read here rather than with PyJWT's own unverified decode, which checks every character
+    of each segment in a Python generator (~45 us for a 540-byte token): the verifying
+    parse does that anyway, and skipping the first one saved ~40 us per uncached
+    verification (RS256, best of 6 on a loaded 2-core box: 173 -> 133 us)."""
+    if not _COMPACT_JWS.match(token):
+        raise TokenError("malformed", "not a JWT (header.payload.signature)")
+    head, body, _signature = token.split(".")
+    try:
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (ValueError, UnicodeDecodeError, RecursionError, binascii.Error):
+        raise TokenError("malformed", "not a JWT (header.payload.signature)") from None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise TokenError("malformed", "the token's header or payload is not a JSON object")
+    return header, claims
 
 
 def _spiffe_id(value: object) -> SpiffeId | None:
@@ -512,6 +551,7 @@ def _wrong_audience(audience: str, issuer: str) -> TokenError:
     return TokenError("bad_audience", message, issuer)
 
 
-_EMPTY = KeySet({})
-_JWS = jwt.PyJWS()
 _JWT = jwt.PyJWT()
+# Three base64url segments (RFC 7515 section 7.1); the signature may be empty (alg none,
+# refused later with its own reason).
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\Z")

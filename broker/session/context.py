@@ -111,7 +111,9 @@ class ServiceContext:
             token = await asked if inspect.isawaitable(asked) else asked
         if not token:
             raise IdentityError(self.no_token_message())
-        return await self.identify_token(token)
+        if self.tokens is None:
+            raise IdentityError(f"service {self.service.name} takes no tokens")
+        return await self.tokens.verify(token, self.audience)
 
     def no_token_message(self) -> str:
         what = (
