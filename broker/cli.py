@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     onboard.add_argument("--config", required=True, type=Path)
     onboard.add_argument("spiffe_id")
 
+    explain = sub.add_parser("explain", help="why an identity may (not) use a service")
+    explain.add_argument("--config", required=True, type=Path)
+    explain.add_argument("--identity", required=True, help="a SPIFFE ID")
+    explain.add_argument("--service", required=True)
+    explain.add_argument("--at", help="a time (ISO 8601, e.g. 2026-11-30T14:00Z); default now")
+    explain.add_argument("--from", dest="source", help="the caller's address (10.1.2.3)")
+    explain.add_argument("--claims", help="the caller's JWT/OIDC claims as a JSON object")
+    explain.add_argument("--json", action="store_true")
+
+    audit = sub.add_parser("audit", help="work with audit trails")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="check a trail's hash chain; say where it breaks")
+    verify.add_argument("paths", nargs="+", type=Path, help="files, oldest first (or globs)")
+
     ca = sub.add_parser("ca", help="a development-only SPIFFE CA (never for production)")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
     init = ca_sub.add_parser("init", help="create a CA and trust bundle in DIR")
@@ -117,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check(args.config)
         if args.command == "reload":
             return reload_command(args)
+        if args.command == "audit":
+            return audit_verify(args.paths)
+        if args.command == "explain":
+            return explain_command(args)
         if args.command in ("offboard", "onboard"):
             return asyncio.run(deny_list_command(args))
         return ca_command(args)
@@ -208,6 +228,81 @@ async def deny_list_command(args: argparse.Namespace) -> int:
     finally:
         await vault.close()
     return 0
+
+
+def expand(paths: Sequence[Path]) -> list[Path]:
+    """Paths and globs, each glob's matches sorted (rotated files then read oldest first
+    when named audit.jsonl.1, audit.jsonl.2 ... newest last by the caller's order)."""
+    found: list[Path] = []
+    for path in paths:
+        text = str(path)
+        if any(c in text for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(text))
+            if not matches:
+                raise SidekeyError(f"{text}: no file matches")
+            found.extend(matches)
+        elif not path.is_file():
+            raise SidekeyError(f"{path}: no such file")
+        else:
+            found.append(path)
+    return found
+
+
+def audit_verify(paths: Sequence[Path]) -> int:
+    from broker.governance.verify import verify  # noqa: PLC0415
+
+    files = expand(paths)
+    report = verify(files)
+    for problem in report.problems:
+        print(problem)
+    if report.more:
+        print(f"... and {report.more} more problems")
+    state = "intact" if report.ok else f"BROKEN ({len(report.problems) + report.more} problems)"
+    print(
+        f"{report.lines} lines in {len(files)} files: chain {state}; last seq {report.last_seq}"
+        f" hash {report.last_hash or '-'} (compare it with a copy kept elsewhere: a chain "
+        "cannot show lines cut from its end)"
+    )
+    return 0 if report.ok else 1
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time; `Z` and a missing zone both mean UTC."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SidekeyError(f"not a time: {text!r} (ISO 8601, e.g. 2026-11-30T14:00Z)") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def explain_command(args: argparse.Namespace) -> int:
+    from broker.policy import Context, explain  # noqa: PLC0415
+
+    config = load_config(args.config)
+    service = next((s for s in config.services if s.name == args.service), None)
+    if service is None:
+        names = ", ".join(s.name for s in config.services)
+        raise SidekeyError(f"no service {args.service!r} in {args.config} (services: {names})")
+    claims = None
+    if args.claims:
+        try:
+            claims = json.loads(args.claims)
+        except ValueError:
+            raise SidekeyError("--claims: not JSON") from None
+        if not isinstance(claims, dict):
+            raise SidekeyError("--claims: must be a JSON object")
+    context = Context(at=parse_time(args.at) if args.at else None, source=args.source)
+    result = explain(args.identity, service, claims=claims, context=context).to_json()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['decision']}: {result['reason']}")
+        if result["rule"]:
+            print(f"  rule: {json.dumps(result['rule'])}")
+        if "nearest" in result:
+            print(f"  nearest rule: {json.dumps(result['nearest']['rule'])}")
+            print(f"  why not: {result['nearest']['why_not']}")
+    return 0 if result["decision"] == "allow" else 1
 
 
 def run(path: Path, drain_timeout: float) -> int:

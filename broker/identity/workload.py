@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from spiffe import SpiffeId
 
@@ -31,6 +32,9 @@ class WorkloadIdentity:
     # a JWT-SVID, the template's claims of an OIDC token); never the token itself.
     issuer: str | None = None
     claims: tuple[tuple[str, str], ...] = ()
+    # Every verified claim of a token (policy `claims:` conditions match them; never audited
+    # whole: `claims` is what the audit trail shows); None for an X.509-SVID or local caller.
+    token_claims: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def trust_domain(self) -> str:

@@ -169,7 +169,7 @@ class ServiceContext:
     def decide(self, identity: WorkloadIdentity | None, peer: str) -> Decision:
         """The policy decision alone: not counted, not audited (a reload re-checks live
         sessions with it)."""
-        return evaluate(identity, self.service, denied=self.live.denied)
+        return evaluate(identity, self.service, denied=self.live.denied, source=peer)
 
     def refuse(
         self, peer: str, reason: str, identity: WorkloadIdentity | None = None, **fields: Any
