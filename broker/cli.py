@@ -109,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit_sub.add_parser("verify", help="check a trail's hash chain; say where it breaks")
     verify.add_argument("paths", nargs="+", type=Path, help="files, oldest first (or globs)")
 
+    access = sub.add_parser("access", help="who could reach what, and who did, at a time")
+    access.add_argument("--audit", required=True, nargs="+", type=Path,
+                        help="audit trails (files or globs): every broker's")  # fmt: skip
+    access.add_argument("--at", help="the time (ISO 8601, e.g. 2026-11-30T14:00Z)")
+    access.add_argument("--since", help="a window's start instead of --at")
+    access.add_argument("--until", help="a window's end (default: --since)")
+    access.add_argument("--identity", help="only this SPIFFE ID")
+    access.add_argument("--service", help="only this service")
+    access.add_argument("--json", action="store_true")
+
     ca = sub.add_parser("ca", help="a development-only SPIFFE CA (never for production)")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
     init = ca_sub.add_parser("init", help="create a CA and trust bundle in DIR")
@@ -135,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return reload_command(args)
         if args.command == "audit":
             return audit_verify(args.paths)
+        if args.command == "access":
+            return access_command(args)
         if args.command == "explain":
             return explain_command(args)
         if args.command in ("offboard", "onboard"):
@@ -264,6 +276,36 @@ def audit_verify(paths: Sequence[Path]) -> int:
         "cannot show lines cut from its end)"
     )
     return 0 if report.ok else 1
+
+
+def access_command(args: argparse.Namespace) -> int:
+    from broker.governance.access import access  # noqa: PLC0415
+
+    if (args.at is None) == (args.since is None):
+        raise SidekeyError("give --at T, or a window with --since T1 [--until T2]")
+    since = parse_time(args.at or args.since)
+    until = parse_time(args.until) if args.until else since
+    result = access(expand(args.audit), since, until, identity=args.identity,
+                    service=args.service)  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    window = result["since"] if since == until else f"{result['since']} - {result['until']}"
+    print(f"could reach at {result['until']} (policy in force then):")
+    for row in result["could_reach"]:
+        who = ", ".join(row["identities"]) or "(no identity seen in the trails)"
+        cond = f" when {json.dumps(row['conditions'])}" if row["conditions"] else ""
+        off = f"; offboarded: {', '.join(row['offboarded'])}" if row["offboarded"] else ""
+        trail = row["trail"]
+        print(f"  {row['service']:<20} rule {row['rule']}{cond}: {who}{off}  [{trail}]")
+    print(f"did reach during {window}:")
+    for row in result["did_reach"]:
+        user = f" as {row['upstream_user']}" if "upstream_user" in row else ""
+        lease = f" lease {row['lease_id']}" if "lease_id" in row else ""
+        span = f"{row['began']} - {row.get('ended', '(open)')}"
+        print(f"  {span} {row['kind']} {row['spiffe_id']} -> {row['service']}{user}{lease} "
+              f"from {row.get('peer')}")  # fmt: skip
+    return 0
 
 
 def parse_time(text: str) -> datetime:
