@@ -119,6 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     access.add_argument("--service", help="only this service")
     access.add_argument("--json", action="store_true")
 
+    for name, text in (
+        ("inventory", "every identity, its owner, what it may reach"),
+        ("posture", "findings mapped to the OWASP Non-Human Identities Top 10"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True, type=Path)
+        p.add_argument(
+            "--audit",
+            nargs="*",
+            type=Path,
+            default=[],
+            help="audit trails (files or globs) for use: first/last, calls, hosts",
+        )
+        p.add_argument("--stale-days", type=int, default=30)
+        p.add_argument("--json", action="store_true")
+        if name == "posture":
+            p.add_argument("--secret-max-days", type=int, default=90)
+            p.add_argument("--max-hosts", type=int, default=20)
+            p.add_argument(
+                "--fail-on",
+                choices=["low", "medium", "high"],
+                default="high",
+                help="exit 1 when a finding is at least this severe (CI gate)",
+            )
+
     ca = sub.add_parser("ca", help="a development-only SPIFFE CA (never for production)")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
     init = ca_sub.add_parser("init", help="create a CA and trust bundle in DIR")
@@ -145,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return reload_command(args)
         if args.command == "audit":
             return audit_verify(args.paths)
+        if args.command in ("inventory", "posture"):
+            return asyncio.run(governance_command(args))
         if args.command == "access":
             return access_command(args)
         if args.command == "explain":
@@ -158,9 +185,76 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check(path: Path) -> int:
+    from broker.governance.posture import unowned_rules  # noqa: PLC0415
+
     config = validate(path)
     print(f"{path}: ok ({len(config.services)} services)")
+    for warning in unowned_rules(config):
+        print(f"warning: {warning}")
     return 0
+
+
+async def secret_ages(config: Config) -> dict[str, float]:
+    """Days since each vault-kv service's current version was written (vault metadata)."""
+    from broker.credentials.vault import VaultClient  # noqa: PLC0415
+
+    kv = [s for s in config.services if s.credentials.provider == "vault-kv"]
+    if config.vault is None or not kv:
+        return {}
+    vault = VaultClient.from_config(config.vault)
+    ages: dict[str, float] = {}
+    try:
+        for svc in kv:
+            try:
+                found = await vault.read_kv_optional(svc.credentials.mount,
+                                                     svc.credentials.path or "")  # fmt: skip
+            except SidekeyError as exc:
+                print(f"warning: {svc.name}: cannot read the secret's age: {exc}", file=sys.stderr)
+                continue
+            if found is not None and found[2]:
+                written = datetime.fromisoformat(found[2].replace("Z", "+00:00")[:26] + "+00:00")
+                ages[svc.name] = (datetime.now(UTC) - written).total_seconds() / 86400
+    finally:
+        await vault.close()
+    return ages
+
+
+async def governance_command(args: argparse.Namespace) -> int:
+    from broker.governance import posture as gov  # noqa: PLC0415
+    from broker.governance.access import usage_from_trails  # noqa: PLC0415
+
+    config = load_config(args.config)
+    now = datetime.now(UTC)
+    files = expand(args.audit) if args.audit else []
+    usage = usage_from_trails(files, now) if files else {}
+    ages = await secret_ages(config)
+    if args.command == "inventory":
+        inv = gov.inventory(config, usage, now=now, secret_ages=ages, stale_days=args.stale_days)
+        if args.json:
+            print(json.dumps(inv, indent=2))
+            return 0
+        for ident in inv["identities"]:
+            flags = " [STALE]" * ident["stale"] + " [EXPIRED]" * ident["expired"]
+            print(f"{ident['id']}  owner={ident['owner'] or '-'}{flags}")
+            for s in ident["services"]:
+                cred = s["credential"]
+                last = s["last_use"] or "never"
+                print(f"    {s['service']:<20} {cred['kind']:<8} {cred['ref']}  "
+                      f"last use {last}, {s['calls_24h']} calls/24h")  # fmt: skip
+        return 0
+    findings = gov.posture(config, usage, now=now, secret_ages=ages, stale_days=args.stale_days,
+                           secret_max_days=args.secret_max_days, max_hosts=args.max_hosts,
+                           have_usage=bool(files))  # fmt: skip
+    threshold = gov.SEVERITIES.index(args.fail_on)
+    failing = [f for f in findings if gov.SEVERITIES.index(f.severity) >= threshold]
+    if args.json:
+        print(json.dumps({"findings": [f.to_json() for f in findings],
+                          "fail_on": args.fail_on, "failing": len(failing)}, indent=2))  # fmt: skip
+    else:
+        for f in findings:
+            print(f"{f.id} {f.title} [{f.severity}] {f.subject}: {f.evidence}")
+        print(f"{len(findings)} findings, {len(failing)} at or above {args.fail_on}")
+    return 1 if failing else 0
 
 
 def validate(path: Path) -> Config:

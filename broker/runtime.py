@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from broker.config import DEFAULT_DRAIN_SECONDS, Config, ServiceConfig, load_config
@@ -24,6 +25,8 @@ from broker.credentials.factory import make_source
 from broker.credentials.vault import VaultClient
 from broker.errors import SidekeyError
 from broker.governance.denylist import DenyEntry
+from broker.governance.posture import Use
+from broker.governance.posture import inventory as governance_inventory
 from broker.governance.snapshot import effective_policy
 from broker.identity.jwks import JwtAuthority
 from broker.identity.material import IdentityMaterial
@@ -231,10 +234,21 @@ class Broker:
                     "credential_source": svc.context.credentials.describe(),
                 }
             )
+        # Who may reach what, owners, use since start, live leases (broker.governance).
+        now = datetime.now(UTC)
+        usage = {
+            key: Use(datetime.fromtimestamp(u.first, UTC), datetime.fromtimestamp(u.last, UTC),
+                     u.calls_24h(now.timestamp()))
+            for key, u in self.live.usage().items()
+        }  # fmt: skip
+        leases = {n: s.context.credentials.leases_of() for n, s in self.services.items()}
+        identities = governance_inventory(self.config, usage, now=now, leases=leases)
         inventory: dict[str, Any] = {
             "trust_domain": self.config.identity.trust_domain,
             "identity": self.identity.describe(),
             "services": services,
+            "identities": identities["identities"],
+            "denied": sorted(self.live.denied),
         }
         if self.tokens is not None:
             inventory["jwt_issuers"] = self.tokens.describe()

@@ -18,7 +18,7 @@ the lines with orjson took several times as long (same box, same files).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +203,40 @@ def _json(value: Any) -> Any:
     if value is None or isinstance(value, list | dict):
         return value
     return json.loads(value)
+
+
+def usage_from_trails(paths: Sequence[Path], now: datetime) -> dict[tuple[str, str], Any]:
+    """Per (identity, service): first and last use, calls in the 24 h before `now`, and the
+    source hosts, from the `request` and `session_start` events of the trails."""
+    import duckdb  # noqa: PLC0415
+
+    from broker.governance.posture import Use  # noqa: PLC0415
+
+    day_before = _stamp(now - timedelta(days=1))
+    rows = (
+        duckdb.connect()
+        .execute(
+            """
+        SELECT spiffe_id, service, min(time), max(time),
+               count(*) FILTER (WHERE time >= ?),
+               list(DISTINCT regexp_replace(peer, ':[0-9]+$', ''))
+        FROM read_json(?, format = 'newline_delimited',
+                       columns = {'time': 'VARCHAR', 'event': 'VARCHAR', 'service': 'VARCHAR',
+                                  'spiffe_id': 'VARCHAR', 'peer': 'VARCHAR'},
+                       ignore_errors = true)
+        WHERE event IN ('request', 'session_start') AND spiffe_id IS NOT NULL
+          AND time <= ?
+        GROUP BY ALL
+        """,
+            [day_before, [str(p) for p in paths], _stamp(now)],
+        )
+        .fetchall()
+    )
+    return {
+        (sid, svc): Use(_parse(first), _parse(last), calls, frozenset(h for h in hosts if h))
+        for sid, svc, first, last, calls, hosts in rows
+    }
+
+
+def _parse(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
