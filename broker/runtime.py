@@ -35,6 +35,7 @@ from broker.identity.trust import Snapshot
 from broker.observe.admin import AdminServer
 from broker.observe.audit import AuditLog
 from broker.observe.metrics import Metrics
+from broker.observe.sinks import OtlpSink, SyslogSink
 from broker.session.adapter import Adapter, load_adapter
 from broker.session.context import ServiceContext
 from broker.session.registry import Entry, Registry
@@ -103,7 +104,14 @@ class Broker:
 
     def __post_init__(self) -> None:
         cfg = self.config
-        self.audit = AuditLog(cfg.audit.file)
+        self.audit = AuditLog(cfg.audit.file, chain=cfg.audit.chain)
+        # Started here, not in start(): they open no connection until the first line.
+        self._sinks: list[SyslogSink | OtlpSink] = []
+        if cfg.audit.syslog is not None:
+            self._sinks.append(SyslogSink(cfg.audit.syslog))
+        if cfg.audit.otlp is not None:
+            self._sinks.append(OtlpSink(cfg.audit.otlp))
+        self.audit.sinks.extend(self._sinks)
         self.vault = VaultClient.from_config(cfg.vault) if cfg.vault else None
         self.live = Registry()
         self.vault_health = VaultHealth()
@@ -333,6 +341,8 @@ class Broker:
             restart = [k for k in RESTART_SECTIONS if getattr(old, k) != getattr(new, k)]
             for section in restart:
                 log.warning("reload: the %s section changed; it takes effect at restart", section)
+            if (old.audit.syslog, old.audit.otlp) != (new.audit.syslog, new.audit.otlp):
+                log.warning("reload: audit sinks changed; they take effect at restart")
             new = dataclasses.replace(new, **{k: getattr(old, k) for k in restart})
 
             self.config = new
@@ -515,6 +525,8 @@ class Broker:
         took = time.monotonic() - started
         self.audit.emit_record("stop", {"drained_seconds": round(took, 3)})
         self.audit.close()
+        for sink in self._sinks:
+            await asyncio.to_thread(sink.close)  # flushes what is queued, bounded
         log.info("stopped after draining for %.2fs", took)
 
 

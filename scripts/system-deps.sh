@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install the Debian packages Sidekey's tests, demo or benchmarks need, if any is missing.
 #   base:  PostgreSQL server and clients (psql, pgbench), MariaDB server and clients (mariadb,
-#          mysqlslap), Redis server and tools (redis-cli, redis-benchmark), curl, python3-venv
+#          mysqlslap), Redis server and tools (redis-cli, redis-benchmark), curl, python3-venv,
+#          rsyslog (the audit syslog sink's tests start their own rsyslogd)
 #   bench: base + pgbouncer, nginx-light, wrk, valgrind (make bench-callgrind), sysbench
 set -euo pipefail
 
 want=(postgresql postgresql-client mariadb-server mariadb-client redis-server redis-tools
-      curl python3-venv)
+      curl python3-venv rsyslog)
 if [ "${1:-base}" = bench ]; then
   want+=(pgbouncer nginx-light wrk valgrind sysbench)
 fi

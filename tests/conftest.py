@@ -1,7 +1,8 @@
 """Shared fixtures: the dev PKI (tests/pki.py), real servers (tests/servers.py and, for MySQL
 and Redis, tests/servers_mysql_redis.py), real SPIRE (tests/spire.py), token issuers
-(tests/tokens.py: the tests' own; tests/oidc.py: OpenBao's OIDC provider), and the
-asyncio-and-uvloop runner of the connection-layer tests (tests/loops.py)."""
+(tests/tokens.py: the tests' own; tests/oidc.py: OpenBao's OIDC provider), a real rsyslogd
+(tests/syslog.py), and the asyncio-and-uvloop runner of the connection-layer tests
+(tests/loops.py)."""
 
 pytest_plugins = [
     "tests.pki",
@@ -13,4 +14,5 @@ pytest_plugins = [
     "tests.image",
     "tests.tokens",
     "tests.oidc",
+    "tests.syslog",
 ]

@@ -18,6 +18,7 @@ import yaml
 
 from broker.errors import ConfigError
 
+from .audit_sinks import OtlpConfig, SyslogConfig, parse_otlp, parse_syslog
 from .governance import (
     AllowRule,
     DenyListConfig,
@@ -108,6 +109,9 @@ class AdminConfig:
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
     file: Path | None
+    chain: bool = True
+    syslog: SyslogConfig | None = None
+    otlp: OtlpConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +179,14 @@ def parse_config(raw: object, path: Path, environ: Mapping[str, str] | None = No
     if top.has("audit"):
         audit_section = top.section("audit")
         audit_file = audit_section.text("file", None)
-        audit = AuditConfig(file=(base / audit_file).resolve() if audit_file else None)
+        audit = AuditConfig(
+            file=(base / audit_file).resolve() if audit_file else None,
+            chain=audit_section.boolean("chain", True),
+            syslog=parse_syslog(audit_section.section("syslog"))
+            if audit_section.has("syslog")
+            else None,
+            otlp=parse_otlp(audit_section.section("otlp")) if audit_section.has("otlp") else None,
+        )
         audit_section.finish()
 
     # Trust domains tokens can prove IDs of, besides the broker's own (spiffe_id templates).
