@@ -185,3 +185,47 @@ async def test_reload_refuses_what_check_refuses(tmp_path: Path, pki: Pki) -> No
             assert broker.config is before
         finally:
             await broker.stop(drain_timeout=2.0)
+
+
+async def test_conditions_apply_to_live_callers(tmp_path: Path, pki: Pki) -> None:
+    """`from` sees the real peer; a reload that narrows it closes the connection."""
+    async with upstream() as url:
+        rule = {"id": DEFAULT_CLIENT_ID, "from": ["127.0.0.0/8"]}
+        config = base_config(pki, services=[http_service(url, [rule])])
+        broker = Broker(load_config(write_config(tmp_path, config)))
+        await broker.start()
+        try:
+            conn = await KeepAlive.open(broker.address("orders-api"), pki, DEFAULT_CLIENT_ID)
+            assert (await conn.get("/a"))[0] == 200
+            config["services"] = [http_service(url, [{**rule, "from": ["10.0.0.0/8"]}])]
+            write_config(tmp_path, config)
+            assert (await broker.reload())["sessions_closed"] == 1
+            assert await conn.closed()
+            again = await KeepAlive.open(broker.address("orders-api"), pki, DEFAULT_CLIENT_ID)
+            status, body = await again.get("/a")
+            assert status == 403 and b"only when the source address is in 10.0.0.0/8" in body
+            again.close()
+        finally:
+            await broker.stop(drain_timeout=2.0)
+
+
+def test_governance_config() -> None:
+    from broker.config.governance import parse_governance
+    from broker.config.section import Section
+    from broker.governance.denylist import DenyEntry, decode, encode
+
+    assert parse_governance(Section({}, "")).deny_list.path == "sidekey/deny"
+    off = parse_governance(Section({"governance": {"deny_list": False}}, ""))
+    assert not off.deny_list.enabled
+    custom = parse_governance(
+        Section({"governance": {"deny_list": {"path": "x/y"}, "watch_interval": 5}}, "")
+    )
+    assert (custom.deny_list.mount, custom.deny_list.path, custom.watch_interval) == (
+        "secret", "x/y", 5.0,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="governance.deny_list.colour: unknown key"):
+        parse_governance(Section({"governance": {"deny_list": {"colour": 1}}}, ""))
+    entry = DenyEntry("spiffe://example.org/a", "why", "2026-12-01T00:00:00+00:00", "me@host")
+    assert decode({entry.spiffe_id: encode(entry)}) == {entry.spiffe_id: entry}
+    # A hand-edited value that is not JSON still denies, its text the reason.
+    assert decode({"spiffe://example.org/b": "leaked"})["spiffe://example.org/b"].reason == "leaked"
