@@ -223,7 +223,7 @@ def test_governance_config() -> None:
     assert (custom.deny_list.mount, custom.deny_list.path, custom.watch_interval) == (
         "secret", "x/y", 5.0,
     )  # fmt: skip
-    with pytest.raises(ConfigError, match="governance.deny_list.colour: unknown key"):
+    with pytest.raises(ConfigError, match=r"governance\.deny_list\.colour: unknown key"):
         parse_governance(Section({"governance": {"deny_list": {"colour": 1}}}, ""))
     entry = DenyEntry("spiffe://example.org/a", "why", "2026-12-01T00:00:00+00:00", "me@host")
     assert decode({entry.spiffe_id: encode(entry)}) == {entry.spiffe_id: entry}
