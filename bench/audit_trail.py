@@ -115,12 +115,32 @@ def generate(path: Path, lines: int, seed: int) -> None:
                        "duration_ms": round(rnd.random() * 50, 1)})  # fmt: skip
 
 
+def python_loop(paths: list[Path], at: str) -> int:
+    """The baseline: what `access` would be as a hand-written loop (orjson per line, the
+    sessions and requests open at `at`); returns how many it found."""
+    found = 0
+    when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+    for path in paths:
+        with path.open("rb") as f:
+            for line in f:
+                event = orjson.loads(line)
+                kind = event.get("event")
+                if kind not in ("session_end", "request"):
+                    continue
+                ended = datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
+                began = ended - timedelta(milliseconds=event.get("duration_ms", 0))
+                if began <= when <= ended:
+                    found += 1
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lines", type=int, default=10_000_000)
     parser.add_argument("--trails", type=int, default=3)
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--query-only", action="store_true")
+    parser.add_argument("--baseline", action="store_true", help="also time a Python loop")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     paths = [args.dir / f"broker-{i}.jsonl" for i in range(args.trails)]
@@ -142,6 +162,11 @@ def main() -> int:
         out = json.loads(result.stdout)
         print(f"access --at {at} {' '.join(extra)}: {took:.2f}s, could {len(out['could_reach'])}"
               f" rows, did {len(out['did_reach'])} rows, engine {out['engine']}")  # fmt: skip
+    if args.baseline:
+        t0 = time.perf_counter()
+        found = python_loop(paths, at)
+        print(f"baseline python loop (orjson per line): {time.perf_counter() - t0:.2f}s, "
+              f"{found} open at {at}")  # fmt: skip
     return 0
 
 

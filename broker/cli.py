@@ -190,7 +190,7 @@ def check(path: Path) -> int:
     config = validate(path)
     print(f"{path}: ok ({len(config.services)} services)")
     for warning in unowned_rules(config):
-        print(f"warning: {warning}")
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -83,7 +83,7 @@ def test_posture_command_gates_on_severity(tmp_path: Path, pki: Any) -> None:
     ids = {f["id"] for f in json.loads(high.stdout)["findings"]}
     assert {"NHI-01", "NHI-05", "NHI-07"} <= ids
     check = run("check")
-    assert check.returncode == 0 and "warning: services[2].allow: rule" in check.stdout
+    assert check.returncode == 0 and "warning: services[2].allow: rule" in check.stderr
     inv = run("inventory", "--json")
     assert inv.returncode == 0
     assert {i["id"] for i in json.loads(inv.stdout)["identities"]} == {ORDERS, OLD}
