@@ -35,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 import jwt
@@ -400,6 +401,8 @@ class JwtVerifier:
             proof_id=jti if isinstance(jti, str) and jti else digest[:8].hex(),
             issuer=name,
             claims=used,
+            # Every verified claim, for policy `claims:` conditions (never audited whole).
+            token_claims=MappingProxyType(payload),
         )
         hit = Verified(identity, name, True)
         return _Entry(identity, audiences, float(exp) + self.skew, issuer, domain, key, keys, hit)
