@@ -29,7 +29,8 @@ from broker.policy import in_window, rule_matches
 EVENTS_KEPT = ("policy", "offboard", "onboard", "session_start", "session_end", "request")
 # The columns read from each line; the reader skips the rest of a line without building it.
 COLUMNS = {
-    "time": "VARCHAR",
+    # Parsed by the reader itself: a TIMESTAMP column cost less than strings cast later.
+    "time": "TIMESTAMP",
     "event": "VARCHAR",
     "service": "VARCHAR",
     "spiffe_id": "VARCHAR",
@@ -63,7 +64,7 @@ def access(
         raise SidekeyError(
             "sidekey access needs DuckDB: pip install 'sidekey[governance]'"
         ) from None
-    t1, t2 = _stamp(since), _stamp(until)
+    t1, t2 = _naive(since), _naive(until)
     con = duckdb.connect()
     files = [str(p) for p in paths]
     columns = "{" + ", ".join(f"'{k}': '{v}'" for k, v in COLUMNS.items()) + "}"
@@ -71,33 +72,43 @@ def access(
     con.execute(
         f"""
         CREATE TEMP TABLE ev AS
-        SELECT filename AS trail, time, event, service, spiffe_id, peer, upstream_user,
-               lease_id, duration_ms, reason, services, denied, credential,
-               CASE WHEN event IN ('session_end', 'request')
-                    THEN strftime(
-                        CAST(time AS TIMESTAMP)
-                        - to_microseconds(CAST(coalesce(duration_ms, 0) * 1000 AS BIGINT)),
-                        '%Y-%m-%dT%H:%M:%S.%fZ')
-               END AS began
-        FROM read_json(?, format = 'newline_delimited', columns = {columns},
-                       filename = true, ignore_errors = true)
-        WHERE event IN ('policy', 'offboard', 'onboard')
-           OR (event = 'session_start' AND time <= ?)
-           OR event = 'session_end'
-           OR (event = 'request' AND time >= ?)
+        WITH lines AS (
+            SELECT filename AS trail, time, event, service, spiffe_id, peer, upstream_user,
+                   lease_id, duration_ms, reason, services, denied, credential
+            FROM read_json(?, format = 'newline_delimited', columns = {columns},
+                           filename = true, ignore_errors = true)
+            WHERE event IN ('policy', 'offboard', 'onboard', 'session_end')
+               OR (event = 'session_start' AND time <= ?)
+               OR (event = 'request' AND time >= ?)
+        ), spans AS (
+            SELECT *, CASE WHEN event IN ('session_end', 'request') THEN time - to_microseconds(
+                               CAST(coalesce(duration_ms, 0) * 1000 AS BIGINT)) END AS began
+            FROM lines
+        )
+        -- Requests are most of a trail: keep only those overlapping the window.
+        SELECT * FROM spans WHERE event <> 'request' OR began <= ?
         """,  # noqa: S608 - the column list is this module's constant
-        [files, t2, t1],
+        [files, t2, t1, t2],
     )
     could = _could_reach(con, t2, identity, service)
     did = _did_reach(con, t1, t2, identity, service)
     return {
-        "since": t1, "until": t2, "trails": files, "engine": f"duckdb {duckdb.__version__}",
-        "could_reach": could, "did_reach": did,
+        "since": _stamp(since), "until": _stamp(until), "trails": files,
+        "engine": f"duckdb {duckdb.__version__}", "could_reach": could, "did_reach": did,
     }  # fmt: skip
 
 
+def _naive(t: datetime) -> datetime:
+    """UTC without a zone: what the trail's TIMESTAMP column holds."""
+    return t.astimezone(UTC).replace(tzinfo=None)
+
+
+def _out(t: datetime | None) -> str | None:
+    return None if t is None else t.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+
 def _could_reach(
-    con: Any, at: str, identity: str | None, service: str | None
+    con: Any, at: datetime, identity: str | None, service: str | None
 ) -> list[dict[str, Any]]:
     rows = con.execute(
         """
@@ -107,11 +118,11 @@ def _could_reach(
         """,
         [at],
     ).fetchall()
-    when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+    when = at.replace(tzinfo=UTC)
     in_force: dict[str, tuple[str, list[Any], set[str]]] = {}
     for trail, time, event, spiffe_id, services, denied in rows:
         if event == "policy":
-            in_force[trail] = (time, _json(services) or [], set(_json(denied) or []))
+            in_force[trail] = (_out(time) or "", _json(services) or [], set(_json(denied) or []))
         elif trail in in_force and spiffe_id:
             (in_force[trail][2].add if event == "offboard" else in_force[trail][2].discard)(
                 spiffe_id
@@ -158,9 +169,10 @@ def _seen_identities(con: Any) -> set[str]:
 
 
 def _did_reach(
-    con: Any, t1: str, t2: str, identity: str | None, service: str | None
+    con: Any, t1: datetime, t2: datetime, identity: str | None, service: str | None
 ) -> list[dict[str, Any]]:
-    where, params = "", [t2, t1, t2, t2, t1]
+    where = ""
+    params: list[Any] = [t2, t1, t2, t2, t1]
     if identity is not None:
         where += " AND spiffe_id = ?"
         params.append(identity)
@@ -183,7 +195,9 @@ def _did_reach(
             WHERE s.event = 'session_start' AND NOT EXISTS (
                 SELECT 1 FROM ends e
                 WHERE e.event = 'session_end' AND e.trail = s.trail AND e.peer = s.peer
-                  AND e.service = s.service AND e.began <= s.time AND e.time >= s.time)
+                  AND e.service = s.service AND e.time >= s.time
+                  -- duration_ms is rounded to 0.1 ms: began may be just after the start
+                  AND e.began <= s.time + INTERVAL 1 SECOND)
         )
         SELECT * FROM spans
         WHERE (ended IS NULL OR ended >= ?) AND began <= ?
@@ -194,7 +208,14 @@ def _did_reach(
     ).fetchall()
     keys = ("trail", "kind", "service", "spiffe_id", "peer", "began", "ended",
             "upstream_user", "lease_id", "credential")  # fmt: skip
-    return [{k: v for k, v in zip(keys, row, strict=True) if v is not None} for row in rows]
+    out = []
+    for row in rows:
+        item = {k: v for k, v in zip(keys, row, strict=True) if v is not None}
+        for key in ("began", "ended"):
+            if key in item:
+                item[key] = _out(item[key])
+        out.append(item)
+    return out
 
 
 def _json(value: Any) -> Any:
