@@ -12,6 +12,11 @@ core's session life cycle (`broker.session.lifecycle`).
 4. Greet: the client gets the upstream's OK packet with its own sequence number; then the
    core splices, through `CommandFilter` (COM_CHANGE_USER and other databases refused).
 
+Token callers (``client_auth: jwt`` / ``mtls+jwt``, over TLS, no certificate needed): the
+token is the password. The broker switches the client to ``mysql_clear_password``
+(AuthSwitchRequest) unless it already answered with that method, and takes the token from
+its reply, which never goes upstream.
+
 Every refusal reaches the client as an ERR packet; the credential is only ever written to
 the upstream connection.
 """
@@ -25,6 +30,8 @@ import string
 from dataclasses import dataclass
 
 from broker.codecs.mysql import (
+    AuthData,
+    AuthSwitchRequest,
     ClientParser,
     ErrPacket,
     HandshakeResponse41,
@@ -37,13 +44,14 @@ from broker.codecs.mysql import (
 from broker.codecs.mysql import constants as c
 from broker.config import Section
 from broker.credentials import Credential
-from broker.errors import ConfigError, UpstreamError
+from broker.errors import ClientError, ConfigError, UpstreamError
+from broker.identity import IdentityError
 from broker.session.context import ServiceContext
 from broker.session.lifecycle import Refusal, Session, Step, TcpAdapter, Upstream
 from broker.session.net import Conduit
 from broker.session.splice import StreamFilter
 
-from ._auth import NATIVE
+from ._auth import CLEAR, NATIVE
 from ._config import UpstreamConfig, parse_upstream
 from ._filter import CommandFilter
 from ._upstream import (
@@ -85,6 +93,10 @@ MTLS_REQUIRED = (
     "this service requires TLS with a client certificate: use --ssl-mode=VERIFY_IDENTITY "
     "(mariadb: --ssl-verify-server-cert) with --ssl-ca, --ssl-cert and --ssl-key"
 )
+TLS_REQUIRED_JWT = (
+    "this service requires TLS: use --ssl (with --ssl-verify-server-cert) and your token as "
+    "the password (the cleartext method: --enable-cleartext-plugin where the client asks)"
+)
 _COMPRESSION = c.CLIENT_COMPRESS | c.CLIENT_ZSTD_COMPRESSION_ALGORITHM
 
 
@@ -99,6 +111,7 @@ class MysqlAdapter(TcpAdapter[Hello]):
     """One mysql service."""
 
     tls_required_message = MTLS_REQUIRED
+    tls_required_jwt_message = TLS_REQUIRED_JWT
     no_tls_reason = "connection is not TLS (no SSLRequest)"
 
     def __init__(self, ctx: ServiceContext) -> None:
@@ -144,6 +157,35 @@ class MysqlAdapter(TcpAdapter[Hello]):
             if message.capabilities & _COMPRESSION:
                 raise ProtocolError("the broker does not offer the compressed protocol")
             return Hello(message, parser)
+
+    async def ask_token(self, client: Conduit, hello: Hello, deadline: float) -> str | None:
+        """The token as the password, in cleartext (the core calls this over TLS only)."""
+        response = hello.response
+        if response.auth_plugin == CLEAR:
+            raw = response.auth_response
+        elif not response.capabilities & c.CLIENT_PLUGIN_AUTH:
+            # Only an AuthSwitchRequest can ask for the cleartext method (pre-5.5 clients).
+            raise IdentityError(
+                "this client cannot switch authentication methods (no CLIENT_PLUGIN_AUTH), "
+                "so it cannot send a token"
+            )
+        else:
+            loop = asyncio.get_running_loop()
+            parser = hello.parser
+            client.write(encode(AuthSwitchRequest(CLEAR, b""), parser.next_seq()))
+            while (message := parser.next_message()) is None:
+                data = await client.receive(max(deadline - loop.time(), 0.001))
+                if not data:
+                    raise ClientError("client closed the connection when asked for a token")
+                parser.feed(data)
+            if not isinstance(message, AuthData):  # pragma: no cover - only AuthData now
+                raise ProtocolError(f"expected auth data, got {type(message).__name__}")
+            raw = message.data
+        token = raw[:-1] if raw.endswith(b"\0") else raw
+        try:
+            return token.decode("ascii")
+        except UnicodeDecodeError:
+            raise IdentityError("the password is not a token (JWTs are ASCII)") from None
 
     def check_request(self, session: Session[Hello]) -> dict[str, str]:
         allowed = self.upstream.databases

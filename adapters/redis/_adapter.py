@@ -11,6 +11,12 @@ session life cycle (`broker.session.lifecycle`).
 4. Splice, through `SessionFilter`: the client's AUTH and HELLO ... AUTH are answered with
    the broker's user, RESET is refused (see `_filter`).
 
+Token callers (``client_auth: jwt`` / ``mtls+jwt``, over TLS, no certificate needed): the
+token is the client's password: its first command must be ``AUTH [user] <token>`` or
+``HELLO <proto> AUTH <user> <token>``. The broker reads the token from it and puts the
+command back, so the splice's filter answers it with the broker's user, in order; the token
+never goes upstream.
+
 A refused client gets a RESP error naming the identity and the service, as the answer to
 each command it sends for a few seconds (`deliver_refusal`): clients send a command or two
 on connect whose errors they ignore (redis-py's CLIENT SETINFO).
@@ -22,6 +28,7 @@ import asyncio
 from dataclasses import dataclass
 
 from broker.codecs.resp import (
+    Command,
     CommandScanner,
     ErrorReply,
     ProtocolError,
@@ -33,6 +40,7 @@ from broker.codecs.resp import (
 from broker.config import Section
 from broker.credentials import Credential
 from broker.errors import ClientError, ConfigError, UpstreamError, UpstreamTimeout
+from broker.identity import IdentityError
 from broker.session.context import ServiceContext
 from broker.session.lifecycle import Refusal, Session, Step, TcpAdapter, Upstream
 from broker.session.net import Conduit, connect
@@ -40,7 +48,7 @@ from broker.session.splice import StreamFilter
 from broker.session.upstream import UpstreamTarget
 
 from ._config import parse_upstream
-from ._filter import SessionFilter
+from ._filter import SessionFilter, hello_auth_pairs
 
 # A refused client is answered for this long, or this many commands, then disconnected.
 REFUSAL_LINGER_SECONDS = 5.0
@@ -56,6 +64,14 @@ CODE_OF_STEP: dict[Step, str] = {
     "upstream_connect": "ERR",
     "upstream_login": "ERR",
 }
+TLS_REQUIRED_JWT = (
+    "this service requires TLS: use redis-cli --tls --cacert and your token as the password "
+    "(-a, or AUTH <token>)"
+)
+# Told to a token caller whose first command carries no token (not a secret: S105 is wrong).
+NO_TOKEN_SENT = (
+    "this service takes a token: send AUTH <token> (or HELLO 3 AUTH <user> <token>) first"  # noqa: S105
+)
 MTLS_REQUIRED = (
     "this service requires TLS with a client certificate: use redis-cli --tls --cert --key --cacert"
 )
@@ -71,6 +87,7 @@ class RedisAdapter(TcpAdapter[Hello]):
 
     tls_first = True
     tls_required_message = MTLS_REQUIRED
+    tls_required_jwt_message = TLS_REQUIRED_JWT
     # A server with only requirepass has no user names; an ACL user has both.
     credential_fields = ("password",)
 
@@ -86,6 +103,30 @@ class RedisAdapter(TcpAdapter[Hello]):
 
     async def hello(self, client: Conduit, deadline: float) -> Hello | None:
         return Hello()
+
+    async def ask_token(self, client: Conduit, hello: Hello, deadline: float) -> str | None:
+        """The token from the client's first command (AUTH, or HELLO ... AUTH), which goes
+        back into the conduit for the splice's filter to answer with the broker's user."""
+        loop = asyncio.get_running_loop()
+        scanner = CommandScanner(frozenset({b"auth", b"hello"}))
+        received = b""
+        try:
+            while True:
+                data = await client.receive(max(deadline - loop.time(), 0.001))
+                if not data:
+                    raise ClientError("client closed the connection before sending its token")
+                received += data
+                for segment in scanner.feed(data):
+                    if not isinstance(segment, Command):
+                        raise IdentityError(NO_TOKEN_SENT)
+                    token = _token_of(segment)
+                    if token is None:
+                        raise IdentityError(NO_TOKEN_SENT)
+                    return token
+        finally:
+            # Whatever happens the command stays the client's: the filter answers it after
+            # login, or deliver_refusal answers it with the refusal.
+            client.unread(received)
 
     async def login(
         self, session: Session[Hello], credential: Credential, deadline: float
@@ -193,3 +234,18 @@ class RedisAdapter(TcpAdapter[Hello]):
                     answered += due
         except (ClientError, ProtocolError):
             return
+
+
+def _token_of(command: Command) -> str | None:
+    """The password of an AUTH, or of HELLO's AUTH pair; None if the command has none."""
+    raw: bytes | None = None
+    if command.name == b"auth":
+        raw = command.args[-1] if len(command.args) in (2, 3) else None
+    elif pairs := hello_auth_pairs(command.args):
+        raw = command.args[pairs[-1] + 1]
+    if raw is None:
+        return None
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise IdentityError("the password is not a token (JWTs are ASCII)") from None

@@ -69,23 +69,32 @@ class SessionFilter:
         return encode_command(REFUSED_COMMAND, RESET_REFUSED)
 
 
-def hello_with_credential(
-    args: tuple[bytes, ...], user: bytes, password: bytes
-) -> list[bytes] | None:
-    """HELLO's arguments with every AUTH pair replaced, read the way Redis's helloCommand
-    reads them; None if there is no AUTH to replace."""
-    out = list(args)
-    found = False
+def hello_auth_pairs(args: tuple[bytes, ...]) -> list[int]:
+    """Where HELLO's AUTH user/password pairs are (the user's index), read the way Redis's
+    helloCommand reads them (it keeps the last)."""
+    found = []
     j = 2
-    while j < len(out):
-        option = out[j].lower()
-        more = len(out) - j - 1
+    while j < len(args):
+        option = args[j].lower()
+        more = len(args) - j - 1
         if option == b"auth" and more >= 2:
-            out[j + 1], out[j + 2] = user, password
-            found = True
+            found.append(j + 1)
             j += 3
         elif option == b"setname" and more >= 1:
             j += 2
         else:
             break  # Redis answers a syntax error and authenticates no one
-    return out if found else None
+    return found
+
+
+def hello_with_credential(
+    args: tuple[bytes, ...], user: bytes, password: bytes
+) -> list[bytes] | None:
+    """HELLO's arguments with every AUTH pair replaced; None if there is no AUTH."""
+    pairs = hello_auth_pairs(args)
+    if not pairs:
+        return None
+    out = list(args)
+    for i in pairs:
+        out[i], out[i + 1] = user, password
+    return out
