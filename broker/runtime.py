@@ -23,6 +23,7 @@ from broker.control import DenyWatcher
 from broker.credentials import CredentialSource
 from broker.credentials.factory import make_source
 from broker.credentials.vault import VaultClient
+from broker.credentials.vault_auth import MaterialCertificate, MaterialJwt
 from broker.errors import SidekeyError
 from broker.governance.denylist import DenyEntry
 from broker.governance.posture import Use
@@ -112,7 +113,22 @@ class Broker:
         if cfg.audit.otlp is not None:
             self._sinks.append(OtlpSink(cfg.audit.otlp))
         self.audit.sinks.extend(self._sinks)
-        self.vault = VaultClient.from_config(cfg.vault) if cfg.vault else None
+        # The broker's certificate and trust bundles, from files or the Workload API; every
+        # serving context follows its changes, and so does the vault login.
+        self.identity = IdentityMaterial(cfg.identity, cfg.tls, self.metrics)
+        self.metrics.svid_expiry.set_function(self.identity.seconds_to_expiry)
+        self.vault = (
+            VaultClient.from_config(
+                cfg.vault,
+                metrics=self.metrics,
+                audit=self.audit,
+                # cert auth presents the broker's current SVID; jwt may ask for a JWT-SVID.
+                certificate=MaterialCertificate(self.identity),
+                jwt_source=MaterialJwt(self.identity),
+            )
+            if cfg.vault
+            else None
+        )
         self.live = Registry()
         self.vault_health = VaultHealth()
         self._prime_tasks: set[asyncio.Task[None]] = set()
@@ -126,10 +142,6 @@ class Broker:
                 self.vault, cfg.governance.deny_list, cfg.governance.watch_interval,
                 self._deny_list_changed, up=self.metrics.deny_list_up.labels(),
             )  # fmt: skip
-        # The broker's certificate and trust bundles, from files or the Workload API; every
-        # serving context follows its changes.
-        self.identity = IdentityMaterial(cfg.identity, cfg.tls, self.metrics)
-        self.metrics.svid_expiry.set_function(self.identity.seconds_to_expiry)
         jwt = cfg.identity.jwt
         self.tokens = JwtAuthority(jwt, self.metrics) if jwt is not None else None
         if self.tokens is not None and self.tokens.uses_workload_api:
@@ -168,13 +180,17 @@ class Broker:
     def ready(self) -> bool:
         """Every listener bound, the broker's SVID and bundle in hand and not expired, every
         service's credential fetched at least once, every token issuer's keys loaded, and the
-        vault (if any) answering: while it is down the broker still serves what it holds, but
-        cannot serve a caller whose credential must be fetched."""
+        vault (if any) answering and the broker holding a valid token for it: while it is down
+        the broker still serves what it holds, but cannot serve a caller whose credential must
+        be fetched."""
         return (
             self._started
             and self.identity.ready
             and all(s.primed for s in self.services.values())
-            and (self.vault is None or self.vault_health.reachable is not False)
+            and (
+                self.vault is None
+                or (self.vault_health.reachable is not False and self.vault.ready)
+            )
             and (self.tokens is None or self.tokens.ready)
         )
 
@@ -199,17 +215,19 @@ class Broker:
         }
         if self.vault is not None:
             health = self.vault_health
-            body["vault"] = {
-                "address": self.vault.address,
-                "reachable": health.reachable,
-                "error": health.error,
-                "checked_seconds_ago": (
+            # The token's state (ready, auth, token_expires_in, or error: why there is none)
+            # and the last health check's.
+            vault = self.vault.status()
+            vault.update(
+                reachable=health.reachable,
+                checked_seconds_ago=(
                     None if health.checked_at is None else round(now - health.checked_at, 1)
                 ),
-                "state_for_seconds": (
-                    None if health.since is None else round(now - health.since, 1)
-                ),
-            }
+                state_for_seconds=(None if health.since is None else round(now - health.since, 1)),
+            )
+            if "error" not in vault:
+                vault["error"] = health.error
+            body["vault"] = vault
         body["services"] = services
         if self.deny is not None:
             # Not a readiness condition: the last list read stays in force while the vault
@@ -277,6 +295,8 @@ class Broker:
 
     async def start(self) -> None:
         await self.identity.start()
+        if self.vault is not None:
+            self.vault.start()  # log in while the listeners bind
         if self.deny is not None:
             # Before the first listener: a broker that starts knows who is offboarded.
             await self.deny.read_once()
@@ -459,9 +479,14 @@ class Broker:
 
     async def _probe_vault(self, vault: VaultClient) -> None:
         """Check the vault every VAULT_PROBE_SECONDS; keep /readyz and sidekey_vault_up true."""
-        up = self.metrics.vault_up.labels(vault.address)
+        address = vault.address
+        up = self.metrics.vault_up.labels(address)
         health = self.vault_health
         while True:
+            if vault.address != address:  # moved to another node of the cluster
+                up.value = 0.0
+                address = vault.address
+                up = self.metrics.vault_up.labels(address)
             error: str | None = None
             try:
                 await vault.check()

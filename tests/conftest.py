@@ -1,7 +1,8 @@
 """Shared fixtures: the dev PKI (tests/pki.py), real servers (tests/servers.py and, for MySQL
-and Redis, tests/servers_mysql_redis.py), real SPIRE (tests/spire.py), token issuers
-(tests/tokens.py: the tests' own; tests/oidc.py: OpenBao's OIDC provider), a real rsyslogd
-(tests/syslog.py), and the asyncio-and-uvloop runner of the connection-layer tests
+and Redis, tests/servers_mysql_redis.py; OpenBao with TLS in tests/openbao_tls.py), real
+SPIRE (tests/spire.py), token issuers (tests/tokens.py: the tests' own; tests/oidc.py:
+OpenBao's OIDC provider), a real rsyslogd (tests/syslog.py), and the asyncio-and-uvloop
+runner of the connection-layer tests
 (tests/loops.py)."""
 
 pytest_plugins = [
@@ -15,4 +16,5 @@ pytest_plugins = [
     "tests.tokens",
     "tests.oidc",
     "tests.syslog",
+    "tests.openbao_tls",
 ]

@@ -17,6 +17,11 @@ Lifecycle, driven by one background task:
 - **Idle.** A lease no connection has held for `idle_timeout` seconds is revoked.
 - **Vault down.** Existing leases keep being handed out while still valid (renewals are retried);
   an identity without a valid lease fails closed with `CredentialUnavailable`.
+- **The broker's token.** The vault revokes a token's leases when that token ends (max TTL,
+  revoked from outside), whatever their own TTL. A lease is handed out only while the token
+  that created it (`LeaseResponse.generation`) lives `min_remaining` longer; once the broker
+  has logged in again, the old token's leases are retired like leases near their max TTL,
+  and dropped when it ends.
 - **close()** revokes every lease this manager holds.
 
 Lease ids and usernames are safe to log; the password never is.
@@ -74,6 +79,7 @@ class _Lease:
     last_used: float
     users: int = 0
     retired: bool = False
+    generation: int = 0  # the broker's vault token that created it: the lease ends with it
 
 
 class LeaseManager(CredentialSource):
@@ -229,13 +235,17 @@ class LeaseManager(CredentialSource):
         """
         now = self._clock()
         for lease in [*self._current.values(), *self._retired]:
-            if now >= lease.expires:
+            token_left = self._vault.token_remaining(lease.generation)
+            if now >= lease.expires or token_left <= 0:
                 self._drop(lease)
                 self._events["expired"].inc()
                 log.info(
-                    "lease expired service=%s identity=%s lease_id=%s users=%d",
+                    "lease expired%s service=%s identity=%s lease_id=%s users=%d",
+                    " with the broker's vault token" if token_left <= 0 else "",
                     self.service, lease.identity, lease.lease_id, lease.users,
                 )  # fmt: skip
+            elif not lease.retired and not self._token_current(lease):
+                self._retire(lease, f"the vault token that created it ends in {token_left:.0f}s")
         to_revoke: list[tuple[_Lease, str]] = []
         to_renew: list[_Lease] = []
         for lease in list(self._current.values()):
@@ -298,15 +308,31 @@ class LeaseManager(CredentialSource):
         return lease
 
     def _servable(self, lease: _Lease, now: float) -> bool:
-        return not lease.retired and now < lease.expires - self.min_remaining
+        return (
+            not lease.retired
+            and now < lease.expires - self.min_remaining
+            and self._token_current(lease)
+        )
+
+    def _token_current(self, lease: _Lease) -> bool:
+        """The lease was made with the broker's current token, which lives on: once the
+        broker logged in again, new connections get leases of the new token."""
+        return (
+            lease.generation >= self._vault.generation
+            and self._vault.token_remaining(lease.generation) > self.min_remaining
+        )
 
     def _fallback(self, identity: str) -> _Lease | None:
-        """A retired lease of `identity` still valid for a while, for when the vault is down."""
+        """A lease of `identity` no longer handed out but still valid for a while (retired,
+        or made with the broker's previous token), for when the vault is down."""
         now = self._clock()
+        current = self._current.get(identity)
         candidates = [
             lease
-            for lease in self._retired
-            if lease.identity == identity and now < lease.expires - self.min_remaining
+            for lease in [*self._retired, *([current] if current is not None else [])]
+            if lease.identity == identity
+            and now < lease.expires - self.min_remaining
+            and self._vault.token_remaining(lease.generation) > self.min_remaining
         ]
         return max(candidates, key=lambda lease: lease.expires, default=None)
 
@@ -361,6 +387,7 @@ class LeaseManager(CredentialSource):
             renew_at=started + duration * self.renew_fraction if duration > 0 else math.inf,
             renewable=response.renewable,
             last_used=self._clock(),
+            generation=response.generation,
         )
         if self._closed:
             await self._revoke(lease, "close")
@@ -455,13 +482,21 @@ class LeaseManager(CredentialSource):
 
     def _next_due(self) -> float:
         due = math.inf
+        now = self._clock()
         for lease in self._current.values():
-            due = min(due, lease.renew_at, lease.expires)
+            due = min(due, lease.renew_at, lease.expires, self._token_due(lease, now))
             if lease.users == 0:
                 due = min(due, lease.last_used + self.idle_timeout)
         for lease in self._retired:
-            due = min(due, lease.expires)
+            due = min(due, lease.expires, self._token_due(lease, now))
         return due
+
+    def _token_due(self, lease: _Lease, now: float) -> float:
+        """When the end of the lease's token calls for a retire (current) or drop (retired)."""
+        left = self._vault.token_remaining(lease.generation)
+        if math.isinf(left):
+            return math.inf
+        return now + max(0.0, left - (0 if lease.retired else self.min_remaining))
 
     def _ensure_maintainer(self) -> None:
         if self._maintainer is None or self._maintainer.done():

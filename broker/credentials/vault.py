@@ -1,11 +1,25 @@
-"""An asyncio face on hvac for Vault/OpenBao.
+"""An asyncio face on hvac for Vault/OpenBao: several addresses, the broker's own token.
 
 hvac is synchronous (requests underneath), so every call runs on a small dedicated thread pool
-and never blocks the event loop. Each worker thread has its own `hvac.Client`: a
-`requests.Session` is not documented as thread-safe.
+and never blocks the event loop. Each worker thread has its own `hvac.Client` per address: a
+`requests.Session` is not documented as thread-safe. A login or renewal that presents a TLS
+client certificate (cert auth) gets a client and connection of its own, so the certificate
+of the moment is the one in the handshake.
 
-Every hvac/requests exception is translated here, once, into `CredentialUnavailable` with a
-message that says what to fix. The token never appears in a message, a log line or a repr.
+**Addresses.** `vault.address` may list several nodes of one cluster. A call goes to the
+address that answered last; when that one cannot be reached or cannot serve (sealed, a
+standby with no active node), the call moves on to the next at once, and later calls start
+there. A call that timed out is not repeated elsewhere (the vault may have acted on it), but
+the next call starts at the next address. A standby that forwards is transparent; one that
+redirects (307) is followed, up to `MAX_REDIRECTS`. `vault.namespace` is sent on every call.
+
+**Token.** `TokenKeeper` (broker/credentials/vault_token.py) logs in with the configured
+method and keeps the token valid; a call the vault refuses with 403 asks it whether the
+token is gone, and is tried once more with a new token if it was.
+
+Every hvac/requests exception is translated here, once, into `VaultCallError` (a
+`CredentialUnavailable`) with a message that says what to fix. The token never appears in a
+message, a log line or a repr.
 """
 
 from __future__ import annotations
@@ -13,9 +27,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +40,19 @@ import hvac.exceptions
 import requests
 
 from broker.config import VaultConfig
-from broker.errors import ConfigError, CredentialUnavailable
+from broker.credentials.vault_auth import (
+    ClientCertificate,
+    Explain,
+    JwtSource,
+    LoginMethod,
+    TokenLogin,
+    VaultCallError,
+    make_login,
+)
+from broker.credentials.vault_token import Token, TokenKeeper
+from broker.errors import CredentialUnavailable
+from broker.observe.audit import AuditLog
+from broker.observe.metrics import Metrics
 
 log = logging.getLogger("sidekey.vault")
 
@@ -40,20 +65,26 @@ VAULT_WORKERS = 4
 # requests' timeout bounds each connect and each read, not the whole call; this margin on top
 # of the configured timeout caps the whole call (DNS, connect, TLS, read) from asyncio's side.
 CALL_TIMEOUT_MARGIN_SECONDS = 1.0
-# A token file larger than this is not a token (and must not be read into memory whole).
-MAX_TOKEN_FILE_BYTES = 64 * 1024
+# A standby redirects once, to the active node; more than a few hops is a loop.
+MAX_REDIRECTS = 3
 # Vault error texts are short; anything longer is cut so a message stays one readable line.
 MAX_ERROR_TEXT = 200
+# Failures that mean "this address cannot serve right now": the call moves on to the next.
+MOVE_ON_KINDS = frozenset({"unreachable", "tls", "sealed", "unavailable"})
 
 
 @dataclass(frozen=True, slots=True)
 class LeaseResponse:
-    """What a logical read or a renewal returned. `data` holds secret values: never logged."""
+    """What a logical read or a renewal returned. `data` holds secret values: never logged.
+
+    `generation` is the broker's token that made the read: the lease dies with that token
+    (`VaultClient.token_remaining`)."""
 
     data: Mapping[str, Any] = field(repr=False)
     lease_id: str
     lease_duration: float
     renewable: bool
+    generation: int = 0
 
     def __repr__(self) -> str:
         return (
@@ -65,42 +96,86 @@ class LeaseResponse:
 
 
 class VaultClient:
-    """Async Vault/OpenBao client with token auth.
+    """Async Vault/OpenBao client: the broker's own login, several addresses.
 
-    All methods raise `CredentialUnavailable` (never an hvac or requests exception).
+    Give it a `token` (a fixed token, as `token_env` does) or a `login` method. All methods
+    raise `CredentialUnavailable` (never an hvac or requests exception).
     """
 
     def __init__(
         self,
-        address: str,
-        token: str,
+        address: str | Sequence[str],
+        token: str | None = None,
         *,
+        login: LoginMethod | None = None,
         ca: Path | str | None = None,
+        namespace: str | None = None,
         timeout: float = 5.0,
         workers: int = VAULT_WORKERS,
+        metrics: Metrics | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
-        self.address = address.rstrip("/")
-        self._token = token
+        if (token is None) == (login is None):
+            raise ValueError("VaultClient needs exactly one of token, login")
+        raw = [address] if isinstance(address, str) else list(address)
+        if not raw:
+            raise ValueError("VaultClient needs at least one address")
+        self.addresses = tuple(a.rstrip("/") for a in raw)
+        self._preferred = 0
+        self.namespace = namespace
         self._verify: bool | str = str(ca) if ca is not None else True
         self.timeout = timeout
         self._local = threading.local()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sidekey-vault")
         self._closed = False
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.keeper = TokenKeeper(
+            login if login is not None else TokenLogin(token),
+            self,
+            metrics=self.metrics,
+            audit=audit,
+        )
 
     @classmethod
-    def from_config(cls, cfg: VaultConfig) -> VaultClient:
-        """Build a client, reading the token from the configured variable or file.
+    def from_config(
+        cls,
+        cfg: VaultConfig,
+        *,
+        metrics: Metrics | None = None,
+        audit: AuditLog | None = None,
+        certificate: ClientCertificate | None = None,
+        jwt_source: JwtSource | None = None,
+    ) -> VaultClient:
+        """Build a client for `vault:`; no IO but reading a `token_env` / `token_file`.
 
-        Raises `ConfigError` naming the config key when the token is missing or empty.
+        Raises `ConfigError` naming the config key when that token is missing or empty.
         """
-        return cls(cfg.address, _read_token(cfg), ca=cfg.ca, timeout=cfg.timeout)
+        login = make_login(cfg.auth, certificate=certificate, jwt_source=jwt_source)
+        return cls(
+            cfg.addresses,
+            login=login,
+            ca=cfg.ca,
+            namespace=cfg.namespace,
+            timeout=cfg.timeout,
+            metrics=metrics,
+            audit=audit,
+        )
 
     def __repr__(self) -> str:
-        return f"VaultClient(address={self.address!r})"
+        return f"VaultClient(address={self.address!r}, auth={self.keeper.method.describe()!r})"
 
     __str__ = __repr__
 
+    @property
+    def address(self) -> str:
+        """The address calls go to first right now."""
+        return self.addresses[self._preferred]
+
     # ------------------------------------------------------------------ public API
+
+    def start(self) -> None:
+        """Log in in the background now rather than at the first call."""
+        self.keeper.start()
 
     async def read_kv(self, mount: str, path: str) -> tuple[dict[str, str], int]:
         """The latest version of KV v2 secret `mount/path`: all its fields, and the version."""
@@ -111,7 +186,7 @@ class VaultClient:
                 path=path, mount_point=mount, raise_on_deleted_version=True
             )
 
-        response = await self._call(call, where, what="KV v2 secret")
+        response, _ = await self._call(call, where, what="KV v2 secret")
         try:
             raw = response["data"]["data"]
             version = int(response["data"]["metadata"]["version"])
@@ -136,7 +211,7 @@ class VaultClient:
             except hvac.exceptions.InvalidPath:
                 return None
 
-        response = await self._call(call, where, what="KV v2 secret")
+        response, _ = await self._call(call, where, what="KV v2 secret")
         if response is None:
             return None
         try:
@@ -160,7 +235,7 @@ class VaultClient:
                 path=path, secret=dict(fields), cas=cas, mount_point=mount
             )
 
-        response = await self._call(call, where, what="KV v2 secret")
+        response, _ = await self._call(call, where, what="KV v2 secret")
         try:
             return int(response["data"]["version"])
         except (KeyError, TypeError, ValueError):
@@ -173,10 +248,10 @@ class VaultClient:
             # Client.read() maps 404 to None; call the adapter to keep the error text.
             return client.adapter.get(f"/v1/{path}")
 
-        response = await self._call(call, path, what="secret")
+        response, tok = await self._call(call, path, what="secret")
         if not isinstance(response, Mapping):
             raise CredentialUnavailable(f"vault: {path} returned no data")
-        return _lease_response(response, path)
+        return _lease_response(response, path, tok.generation)
 
     async def renew(self, lease_id: str, increment: float) -> LeaseResponse:
         """Renew a lease by `increment` seconds; the answer may be shorter (max TTL)."""
@@ -184,7 +259,7 @@ class VaultClient:
         def call(client: hvac.Client) -> Any:
             return client.sys.renew_lease(lease_id=lease_id, increment=int(increment))
 
-        response = await self._call(call, f"lease {lease_id}", what="lease")
+        response, _ = await self._call(call, f"lease {lease_id}", what="lease")
         if not isinstance(response, Mapping):
             raise CredentialUnavailable(f"vault: renewing lease {lease_id} returned nothing")
         return _lease_response(response, f"lease {lease_id}")
@@ -205,106 +280,224 @@ class VaultClient:
 
         await self._call(call, "auth/token/lookup-self", what="token")
 
+    @property
+    def generation(self) -> int:
+        """The broker's current token: each login that brings a new token counts one up."""
+        return self.keeper.generation
+
+    def token_remaining(self, generation: int) -> float:
+        """Seconds the broker's token of `generation` still lives (inf while it is current
+        and renewing; 0 once gone): the vault revokes that token's leases when it ends."""
+        return self.keeper.remaining(generation)
+
+    def status(self) -> dict[str, Any]:
+        """For readiness: whether the broker holds a valid token, and why not."""
+        return {**self.keeper.status(), "address": self.address}
+
+    @property
+    def ready(self) -> bool:
+        return self.keeper.ready
+
     async def close(self) -> None:
-        """Stop the worker threads (calls in flight finish first, off the event loop)."""
+        """Revoke the broker's own token(s), then stop the worker threads (calls in flight
+        finish first, off the event loop). Close lease holders first: revoking a token
+        revokes its leases, and the lease manager's own revocations are the audited ones."""
         if self._closed:
             return
+        await self.keeper.close()
         self._closed = True
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ plumbing
 
-    def _client(self) -> hvac.Client:
-        """This worker thread's own hvac client."""
-        client: hvac.Client | None = getattr(self._local, "client", None)
-        if client is None:
-            client = hvac.Client(
-                url=self.address, token=self._token, verify=self._verify, timeout=self.timeout
-            )
-            self._local.client = client
-        return client
-
-    def _run(self, fn: Callable[[hvac.Client], T]) -> T:
-        return fn(self._client())
-
-    async def _call(self, fn: Callable[[hvac.Client], T], where: str, what: str) -> T:
+    async def _call(self, fn: Callable[[hvac.Client], T], where: str, what: str) -> tuple[T, Token]:
+        """`fn` with the broker's token; once more with a new token if the vault says the
+        token is gone (revoked from outside)."""
         if self._closed:
             raise CredentialUnavailable("vault: client is closed")
-        loop = asyncio.get_running_loop()
+        tok = await self.keeper.token()
         try:
-            async with asyncio.timeout(self.timeout + CALL_TIMEOUT_MARGIN_SECONDS):
-                return await loop.run_in_executor(self._executor, functools.partial(self._run, fn))
-        except TimeoutError:
-            raise CredentialUnavailable(
-                f"vault: no answer from {self.address} within {self.timeout}s "
-                f"(reading {where}); check the address or raise vault.timeout"
-            ) from None
-        except Exception as exc:
-            raise self._translate(exc, where, what) from None
+            result = await self.send(fn, where=where, what=what, token=tok.value)
+        except VaultCallError as exc:
+            if exc.kind != "denied":
+                raise
+            new = await self.keeper.rejected(tok)
+            if new is None:
+                raise
+            tok = new
+            result = await self.send(fn, where=where, what=what, token=tok.value)
+        self.keeper.accepted(tok)
+        return result, tok
 
-    def _translate(self, exc: Exception, where: str, what: str) -> CredentialUnavailable:
+    async def send(
+        self,
+        fn: Callable[[hvac.Client], T],
+        *,
+        where: str,
+        what: str,
+        token: str = "",
+        cert: tuple[str, str] | None = None,
+        explain: Explain | None = None,
+    ) -> T:
+        """One call at the first address that can serve it (see the module docstring)."""
+        if self._closed:
+            raise CredentialUnavailable("vault: client is closed")
+        count = len(self.addresses)
+        first = self._preferred
+        tried: list[tuple[str, VaultCallError]] = []
+        for step in range(count):
+            index = (first + step) % count
+            address = self.addresses[index]
+            try:
+                result = await self._attempt(fn, address, token, cert)
+            except TimeoutError:
+                error = VaultCallError(
+                    f"vault: no answer from {address} within {self.timeout}s ({where}); "
+                    "check the address or raise vault.timeout",
+                    "timeout",
+                )
+                if count > 1:
+                    self._switch((index + 1) % count, f"timed out ({where})")
+                raise self._failed(error, tried) from None
+            except Exception as exc:
+                error = self._translate(exc, address, where, what, explain)
+                if error.kind in MOVE_ON_KINDS and step < count - 1:
+                    log.warning(
+                        "vault address cannot serve; trying the next address=%s error=%s",
+                        address, error,
+                    )  # fmt: skip
+                    tried.append((address, error))
+                    continue
+                raise self._failed(error, tried) from None
+            if index != self._preferred:
+                self._switch(index, "answered")
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _failed(
+        self, error: VaultCallError, tried: list[tuple[str, VaultCallError]]
+    ) -> VaultCallError:
+        self.metrics.vault_failures.labels(kind=error.kind).inc()
+        if tried and type(error) is VaultCallError:
+            others = "; ".join(f"{address}: {e.kind}" for address, e in tried)
+            return VaultCallError(f"{error} (also tried {others})", error.kind)
+        return error
+
+    def _switch(self, index: int, why: str) -> None:
+        if index == self._preferred:
+            return
+        old, self._preferred = self.address, index
+        self.metrics.vault_address_changes.labels(address=self.address).inc()
+        log.warning("vault address changed from=%s to=%s reason=%s", old, self.address, why)
+
+    async def _attempt(
+        self,
+        fn: Callable[[hvac.Client], T],
+        address: str,
+        token: str,
+        cert: tuple[str, str] | None,
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.timeout + CALL_TIMEOUT_MARGIN_SECONDS):
+            return await loop.run_in_executor(
+                self._executor, functools.partial(self._run, fn, address, token, cert)
+            )
+
+    def _run(
+        self,
+        fn: Callable[[hvac.Client], T],
+        address: str,
+        token: str,
+        cert: tuple[str, str] | None,
+    ) -> T:
+        """In a worker thread: `fn` on this thread's client for `address`, with `token`."""
+        if cert is not None:
+            # A connection of its own: pooled ones may have shaken hands with an older SVID.
+            client = self._new_client(address, cert)
+            try:
+                client.token = token
+                return fn(client)
+            finally:
+                client.adapter.close()
+        clients: dict[str, hvac.Client] | None = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = self._local.clients = {}
+        client = clients.get(address)
+        if client is None:
+            client = clients[address] = self._new_client(address, None)
+        client.token = token
+        return fn(client)
+
+    def _new_client(self, address: str, cert: tuple[str, str] | None) -> hvac.Client:
+        # token="" rather than None: hvac would fall back to $VAULT_TOKEN or ~/.vault-token.
+        client = hvac.Client(
+            url=address,
+            token="",
+            cert=cert,
+            verify=self._verify,
+            timeout=self.timeout,
+            namespace=self.namespace,
+        )
+        client.session.max_redirects = MAX_REDIRECTS
+        return client
+
+    def _translate(
+        self, exc: Exception, address: str, where: str, what: str, explain: Explain | None
+    ) -> VaultCallError:
         """One place that turns hvac/requests errors into a message saying what to fix."""
         text = _errors_text(exc)
+        kind = "error"
         if isinstance(exc, requests.exceptions.SSLError):
+            kind = "tls"
             msg = (
-                f"TLS handshake with {self.address} failed; check vault.ca "
+                f"TLS handshake with {address} failed; check vault.ca "
                 "(the CA that signed the vault's certificate)"
             )
         elif isinstance(exc, requests.exceptions.Timeout):
-            msg = f"no answer from {self.address} within {self.timeout}s (reading {where})"
+            kind = "timeout"
+            msg = f"no answer from {address} within {self.timeout}s ({where})"
+        elif isinstance(exc, requests.exceptions.TooManyRedirects):
+            kind = "unavailable"
+            msg = f"{address} redirected more than {MAX_REDIRECTS} times ({where})"
         elif isinstance(exc, requests.exceptions.ConnectionError):
-            msg = f"cannot reach {self.address}; check vault.address and that the vault is up"
+            kind = "unreachable"
+            msg = f"cannot reach {address}; check vault.address and that the vault is up"
         elif isinstance(exc, requests.exceptions.RequestException):
-            msg = f"request to {self.address} failed: {type(exc).__name__}"
-        elif isinstance(exc, hvac.exceptions.Forbidden | hvac.exceptions.Unauthorized):
-            msg = (
-                f"permission denied for {where}: the token is invalid or expired, or its "
-                f"policy does not grant access to {where}"
-            )
-        elif isinstance(exc, hvac.exceptions.InvalidPath):
-            msg = f"{what} {where} does not exist" + (f" ({text})" if text else "")
+            kind = "unreachable"
+            msg = f"request to {address} failed: {type(exc).__name__}"
         elif isinstance(exc, hvac.exceptions.VaultDown):
-            msg = f"{self.address} is sealed or in standby"
-        elif isinstance(exc, hvac.exceptions.InvalidRequest):
-            msg = f"request for {where} rejected" + (f": {text}" if text else "")
+            kind = "sealed"
+            msg = f"{address} is sealed, or a standby that cannot reach an active node"
+        elif isinstance(exc, hvac.exceptions.InternalServerError | hvac.exceptions.BadGateway):
+            kind = "unavailable"
+            msg = f"{address} failed to serve {where}" + (f": {text}" if text else "")
         elif isinstance(exc, hvac.exceptions.RateLimitExceeded):
+            kind = "rate_limited"
             msg = f"rate limit exceeded reading {where}"
-        elif isinstance(exc, hvac.exceptions.VaultError):
-            msg = f"error reading {where} ({type(exc).__name__})" + (f": {text}" if text else "")
         else:
-            msg = f"unexpected {type(exc).__name__} talking to {self.address} about {where}"
-            log.warning("vault call failed where=%s error_type=%s", where, type(exc).__name__)
-        return CredentialUnavailable(f"vault: {msg}")
-
-
-def _read_token(cfg: VaultConfig) -> str:
-    auth = cfg.auth
-    if auth.token_env is not None:
-        token = os.environ.get(auth.token_env, "").strip()
-        if not token:
-            raise ConfigError(
-                f"vault.auth.token_env: environment variable {auth.token_env} is not set or "
-                "is empty"
-            )
-        return token
-    if auth.token_file is not None:
-        try:
-            with auth.token_file.open("rb") as f:
-                raw = f.read(MAX_TOKEN_FILE_BYTES + 1)
-        except OSError as exc:
-            raise ConfigError(
-                f"vault.auth.token_file: cannot read {auth.token_file}: {exc.strerror}"
-            ) from None
-        if len(raw) > MAX_TOKEN_FILE_BYTES:
-            raise ConfigError(
-                f"vault.auth.token_file: {auth.token_file} is larger than "
-                f"{MAX_TOKEN_FILE_BYTES} bytes; it should hold only the token"
-            )
-        token = raw.decode("utf-8", errors="replace").strip()
-        if not token:
-            raise ConfigError(f"vault.auth.token_file: {auth.token_file} is empty")
-        return token
-    raise ConfigError("vault.auth: token auth needs one of token_env, token_file")
+            said = explain(exc, text) if explain is not None else None
+            if isinstance(said, VaultCallError):
+                return said
+            if isinstance(exc, hvac.exceptions.Forbidden | hvac.exceptions.Unauthorized):
+                kind = "denied"
+                msg = said or (
+                    f"permission denied for {where}: the token is invalid or expired, or "
+                    f"its policy does not grant access to {where}"
+                )
+            elif isinstance(exc, hvac.exceptions.InvalidPath):
+                kind = "not_found"
+                msg = said or f"{what} {where} does not exist" + (f" ({text})" if text else "")
+            elif isinstance(exc, hvac.exceptions.InvalidRequest):
+                kind = "rejected"
+                msg = said or f"request for {where} rejected" + (f": {text}" if text else "")
+            elif isinstance(exc, hvac.exceptions.VaultError):
+                msg = said or (
+                    f"error reading {where} ({type(exc).__name__})" + (f": {text}" if text else "")
+                )
+            else:
+                msg = f"unexpected {type(exc).__name__} talking to {address} about {where}"
+                log.warning("vault call failed where=%s error_type=%s", where, type(exc).__name__)
+        return VaultCallError(f"vault: {msg}", kind)
 
 
 def _errors_text(exc: Exception) -> str:
@@ -333,7 +526,7 @@ def _string_fields(raw: Any, where: str) -> dict[str, str]:
     return fields
 
 
-def _lease_response(response: Mapping[str, Any], where: str) -> LeaseResponse:
+def _lease_response(response: Mapping[str, Any], where: str, generation: int = 0) -> LeaseResponse:
     data = response.get("data") or {}
     if not isinstance(data, Mapping):
         raise CredentialUnavailable(f"vault: {where} returned data that is not a mapping")
@@ -346,4 +539,5 @@ def _lease_response(response: Mapping[str, Any], where: str) -> LeaseResponse:
         lease_id=str(response.get("lease_id") or ""),
         lease_duration=duration,
         renewable=bool(response.get("renewable")),
+        generation=generation,
     )

@@ -253,6 +253,41 @@ class Metrics:
             kind="gauge",
             registry=r,
         )
+        self.vault_logins = Family(
+            "sidekey_vault_logins",
+            "The broker's own logins to the vault, by method and outcome",
+            ["method", "outcome"],
+            kind="counter",
+            registry=r,
+        )
+        self.vault_renewals = Family(
+            "sidekey_vault_token_renewals",
+            "Renewals of the broker's own vault token, by outcome",
+            ["outcome"],
+            kind="counter",
+            registry=r,
+        )
+        self.vault_failures = Family(
+            "sidekey_vault_failures",
+            "Failed vault calls by kind (unreachable, timeout, tls, denied, rejected, ...)",
+            ["kind"],
+            kind="counter",
+            registry=r,
+        )
+        self.vault_address_changes = Family(
+            "sidekey_vault_address_changes",
+            "Times the broker moved to another vault address, by the address it moved to",
+            ["address"],
+            kind="counter",
+            registry=r,
+        )
+        # Set to a function by the vault client: the value is computed at scrape time.
+        self.vault_token_expiry = Gauge(
+            "sidekey_vault_token_expiry_seconds",
+            "Seconds until the broker's own vault token expires (0: no valid token, "
+            "+Inf: a token that never expires)",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
