@@ -1,8 +1,8 @@
 """Shared fixtures: the dev PKI (tests/pki.py), real servers (tests/servers.py and, for MySQL
-and Redis, tests/servers_mysql_redis.py; OpenBao with TLS in tests/openbao_tls.py), real
-SPIRE (tests/spire.py), token issuers (tests/tokens.py: the tests' own; tests/oidc.py:
-OpenBao's OIDC provider), a real rsyslogd (tests/syslog.py), and the asyncio-and-uvloop
-runner of the connection-layer tests
+and Redis, tests/servers_mysql_redis.py; OpenBao with TLS in tests/openbao_tls.py, a
+three-node OpenBao Raft cluster in tests/bao_cluster.py), real SPIRE (tests/spire.py), token
+issuers (tests/tokens.py: the tests' own; tests/oidc.py: OpenBao's OIDC provider), a real
+rsyslogd (tests/syslog.py), and the asyncio-and-uvloop runner of the connection-layer tests
 (tests/loops.py)."""
 
 pytest_plugins = [
@@ -17,4 +17,5 @@ pytest_plugins = [
     "tests.oidc",
     "tests.syslog",
     "tests.openbao_tls",
+    "tests.bao_cluster",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 # The broker's token: look itself up, renew and revoke itself. Its leases: renew and revoke
-# them. What its services read: one line each.
+# them. What its services read: one line each. The shared deny list (governance.deny_list).
 BROKER_POLICY = """
 path "auth/token/lookup-self" { capabilities = ["read"] }
 path "auth/token/renew-self"  { capabilities = ["update"] }
@@ -22,6 +22,7 @@ path "sys/leases/revoke"      { capabilities = ["update"] }
 path "database/creds/app-rw"     { capabilities = ["read"] }
 path "database/creds/app-short"  { capabilities = ["read"] }
 path "secret/data/auth-test/*"   { capabilities = ["read"] }
+path "secret/data/sidekey/deny"  { capabilities = ["read"] }
 """
 POLICY_NAME = "sidekey-broker"
 

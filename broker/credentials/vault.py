@@ -461,7 +461,16 @@ class VaultClient:
             msg = f"{address} redirected more than {MAX_REDIRECTS} times ({where})"
         elif isinstance(exc, requests.exceptions.ConnectionError):
             kind = "unreachable"
-            msg = f"cannot reach {address}; check vault.address and that the vault is up"
+            target = _origin(getattr(getattr(exc, "request", None), "url", None) or "")
+            if target and target != address:
+                # OpenBao's standbys answer writes with a 307 to the active node; during an
+                # election that is the old one, which is gone.
+                msg = (
+                    f"{address} redirected to {target}, which cannot be reached (a standby "
+                    "pointing at an active node that is gone: an election is under way?)"
+                )
+            else:
+                msg = f"cannot reach {address}; check vault.address and that the vault is up"
         elif isinstance(exc, requests.exceptions.RequestException):
             kind = "unreachable"
             msg = f"request to {address} failed: {type(exc).__name__}"
@@ -498,6 +507,12 @@ class VaultClient:
                 msg = f"unexpected {type(exc).__name__} talking to {address} about {where}"
                 log.warning("vault call failed where=%s error_type=%s", where, type(exc).__name__)
         return VaultCallError(f"vault: {msg}", kind)
+
+
+def _origin(url: str) -> str:
+    """scheme://host:port of a URL ("" if it is not one)."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}" if sep else ""
 
 
 def _errors_text(exc: Exception) -> str:
