@@ -575,3 +575,55 @@ async def test_kubernetes_login_rereads_the_service_account_token(
         assert token_file.read_text() not in message
     finally:
         await reviewer.stop()
+
+
+async def test_broker_cert_login_follows_its_rotated_svid(
+    openbao_tls: TlsOpenBao, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a running broker: cert auth presents the SVID of the broker's identity
+    material (tls.cert/tls.key, watched for change), held in memory; after the files rotate,
+    the next login presents the new certificate."""
+    from tests.brokers import base_config, running_broker
+
+    mount = cert_role(openbao_tls, pki, SERVER_ID, token_ttl="10m")
+    cert, key = svid_files(tmp_path, pki.server)
+    monkeypatch.setenv("SIDEKEY_TEST_API_TOKEN", "t")
+    service = {
+        "name": "api",
+        "adapter": "http",
+        "listen": "127.0.0.1:0",
+        "upstream": {"url": "http://127.0.0.1:9"},
+        "credentials": {"from": "env", "fields": {"token": "SIDEKEY_TEST_API_TOKEN"}},
+        "inject": {"headers": {"Authorization": "Bearer {token}"}},
+        "allow": [SERVER_ID],
+    }
+    audit_path = tmp_path / "audit.jsonl"
+    config = base_config(pki, services=[service], audit=audit_path)
+    config["tls"] = {"cert": str(cert), "key": str(key)}
+    config["vault"] = {
+        "address": openbao_tls.address,
+        "ca": str(openbao_tls.ca_path),
+        "auth": {"method": "cert", "mount": mount, "role": "sidekey"},
+    }
+    async with running_broker(tmp_path, config) as broker:
+        assert broker.vault is not None
+        await broker.vault.check()
+        (first,) = audit_events(audit_path, "vault_login")
+        assert first["subject"] == SERVER_ID
+        assert lookup(openbao_tls, first["accessor"])["meta"]["serial_number"] == serial_of(cert)
+
+        svid_files(
+            tmp_path, pki.mint("rotated-for-broker", uri_sans=[SERVER_ID], dns=["localhost"])
+        )
+        await eventually(
+            lambda: (
+                broker.identity.svid is not None
+                and str(broker.identity.svid.leaf.serial_number) == serial_of(cert)
+            ),
+            "the identity material's new SVID",
+        )
+        openbao_tls.client().auth.token.revoke_accessor(first["accessor"])
+        await broker.vault.check()  # 403, the token is gone: the broker logs in again
+        second = [e for e in audit_events(audit_path, "vault_login") if e["outcome"] == "ok"][-1]
+        assert second["accessor"] != first["accessor"]
+        assert lookup(openbao_tls, second["accessor"])["meta"]["serial_number"] == serial_of(cert)

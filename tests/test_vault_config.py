@@ -118,6 +118,10 @@ def test_address_list_namespace_and_approle(files: Path) -> None:
             "vault.auth: approle auth needs exactly one of role_id_file, role_id_env",
         ),
         (
+            {"address": "https://a", "auth": {"method": "jwt", "role": "r", "audience": "bao"}},
+            "vault.auth.audience: a JWT-SVID of the broker comes from the Workload API",
+        ),
+        (
             {"address": "https://a", "auth": {"method": "approle", "role_id_env": "R"}},
             "vault.auth.secret_id_file: required",
         ),
@@ -135,7 +139,10 @@ def test_address_list_namespace_and_approle(files: Path) -> None:
         ),
     ],
 )
-def test_errors_name_the_key(files: Path, vault: dict[str, Any], message: str) -> None:
+def test_errors_name_the_key(
+    files: Path, vault: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SPIFFE_ENDPOINT_SOCKET", raising=False)
     with pytest.raises(ConfigError) as err:
         load_vault(files, vault)
     assert message in str(err.value)

@@ -53,7 +53,13 @@ from .services import (
     check_unique,
     parse_service,
 )
-from .vault import VAULT_AUTH_METHODS, VaultAuthConfig, VaultConfig, parse_vault
+from .vault import (
+    VAULT_AUTH_METHODS,
+    VaultAuthConfig,
+    VaultConfig,
+    check_vault_identity,
+    parse_vault,
+)
 
 __all__ = [
     "CLIENT_AUTH_MODES",
@@ -166,6 +172,8 @@ def parse_config(raw: object, path: Path, environ: Mapping[str, str] | None = No
 
     vault = parse_vault(top.section("vault"), base) if top.has("vault") else None
     top.raw("vault", None)
+    if vault is not None:
+        check_vault_identity(vault, identity)
 
     admin = None
     if top.has("admin"):

@@ -20,6 +20,7 @@ from typing import Literal
 
 from broker.errors import ConfigError
 
+from .identity import IdentityConfig
 from .section import Section
 
 VAULT_AUTH_METHODS = ("token", "approle", "cert", "jwt", "kubernetes")
@@ -98,6 +99,16 @@ def parse_vault(section: Section, base: Path) -> VaultConfig:
     )
     section.finish()
     return vault
+
+
+def check_vault_identity(vault: VaultConfig, identity: IdentityConfig) -> None:
+    """A method that uses the broker's SPIFFE identity needs a source for it."""
+    auth = vault.auth
+    if auth.method == "jwt" and auth.token_file is None and identity.workload_api is None:
+        raise ConfigError(
+            "vault.auth.audience: a JWT-SVID of the broker comes from the Workload API: set "
+            "identity.workload_api (or SPIFFE_ENDPOINT_SOCKET), or give vault.auth.token_file"
+        )
 
 
 def _parse_addresses(section: Section) -> tuple[str, ...]:
