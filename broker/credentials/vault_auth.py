@@ -512,11 +512,18 @@ class MaterialJwt:
 
     async def fetch_jwt(self, audience: str) -> str:
         try:
-            return await self.material.fetch_jwt_svid(audience)
+            svid: Any = await self.material.fetch_jwt_svid(audience)
         except SidekeyError as exc:
             raise CredentialUnavailable(
                 f"vault: jwt auth: no JWT-SVID for audience {audience}: {exc}"
             ) from None
+        # The token itself, or an object that carries it (and its subject and expiry).
+        token = svid if isinstance(svid, str) else getattr(svid, "token", None)
+        if not isinstance(token, str) or not token:
+            raise CredentialUnavailable(
+                f"vault: jwt auth: the Workload API gave no JWT-SVID for audience {audience}"
+            )
+        return token
 
 
 @contextlib.contextmanager
