@@ -408,13 +408,13 @@ plugins {{
 
 
 def _run(cmd: list[str], uid: int | None = None) -> str:
-    kwargs: dict[str, object] = {}
+    """Run `cmd` as `uid`. The uid switch is setpriv's, not subprocess's ``user=``: with
+    ``user=`` CPython forks (no vfork), and a fork of this multi-threaded process (gRPC's
+    threads from py-spiffe) died of SIGBUS before exec under load in CI."""
     if uid is not None and uid != os.getuid():
-        kwargs = {"user": uid, "group": uid, "extra_groups": []}
+        cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *cmd]
     try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=CLI_SECONDS, check=False, **kwargs
-        )
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_SECONDS, check=False)
     except subprocess.TimeoutExpired:
         raise SpireError(f"{' '.join(cmd)}: no answer in {CLI_SECONDS}s") from None
     if done.returncode != 0:
