@@ -19,7 +19,8 @@ configured upstream; absolute-form targets and CONNECT are refused before any up
 
 Config (``services[i]``)::
 
-    upstream: {url: https://api.example.net, ca: certs/api-ca.pem, timeout: 60, connect_timeout: 10}
+    upstream: {url: https://api.example.net, ca: certs/api-ca.pem, timeout: 60, connect_timeout: 10,
+               stream_idle_timeout: 3600}
     inject: {headers: {Authorization: "Bearer {token}"}}
 """
 
@@ -59,9 +60,14 @@ from broker.session.context import ServiceContext
 from broker.session.net import describe_peer
 from broker.session.registry import Entry
 
-# nginx's proxy_read_timeout default: the longest an upstream may stay silent (before its
-# response headers or between body chunks) before the client gets a 504.
+# nginx's proxy_read_timeout default: the longest an upstream may stay silent before its
+# response head before the client gets a 504.
 DEFAULT_UPSTREAM_TIMEOUT_SECONDS = 60.0
+# Once a response body has started, silence is how server-sent events and long polls look
+# (a quiet SSE stream, a heartbeat every few minutes): an hour, and the stream is cut.
+DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS = 3600.0
+# A stream may be allowed a day of silence, no more: past that it is a leak, not a stream.
+MAX_STREAM_IDLE_TIMEOUT_SECONDS = 86400.0
 # Connecting (TCP and TLS) to a reachable upstream takes milliseconds; a slow-to-connect one
 # should fail fast with a 504 rather than hold the client for a full read timeout.
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
@@ -126,6 +132,7 @@ class HttpSettings:
     timeout: float
     connect_timeout: float
     headers: tuple[HeaderTemplate, ...]
+    stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS
 
 
 def parse_settings(ctx: ServiceContext) -> HttpSettings:
@@ -141,6 +148,12 @@ def parse_settings(ctx: ServiceContext) -> HttpSettings:
     )
     connect_timeout = up.number(
         "connect_timeout", MIN_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS, DEFAULT_CONNECT_TIMEOUT_SECONDS
+    )
+    stream_idle_timeout = up.number(
+        "stream_idle_timeout",
+        MIN_TIMEOUT_SECONDS,
+        MAX_STREAM_IDLE_TIMEOUT_SECONDS,
+        DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS,
     )
     up.finish()
     tls = client_context(ca=ca, where=up.where) if url.scheme == "https" else None
@@ -159,7 +172,7 @@ def parse_settings(ctx: ServiceContext) -> HttpSettings:
         if header.name.lower() in seen:
             raise ConfigError(f"{where}.{header.name}: named twice (header names ignore case)")
         seen.add(header.name.lower())
-    return HttpSettings(url, tls, timeout, connect_timeout, headers)
+    return HttpSettings(url, tls, timeout, connect_timeout, headers, stream_idle_timeout)
 
 
 def _parse_url(text: str, where: str) -> URL:
@@ -308,6 +321,7 @@ class HttpAdapter(Adapter):
             ssl_context=s.ssl,
             connect_timeout=s.connect_timeout,
             read_timeout=s.timeout,
+            stream_idle_timeout=s.stream_idle_timeout,
             # HTTP/1.1 carries one request at a time per client connection, so this never
             # makes a request wait for a pooled connection and bounds upstream sockets by
             # the same cap as client connections.
@@ -632,7 +646,7 @@ class HttpAdapter(Adapter):
             # it sees a truncated response instead of a complete-looking one.
             refusal = self._upstream_refusal(exc, ex)
             self._upstream_errors[refusal.kind].inc()
-            ex.error = f"upstream failed mid-response: {refusal.message}"
+            ex.error = f"upstream failed mid-response: {ex.error}"
             request.abort()
             return
         except ConnectionError:
@@ -651,7 +665,9 @@ class HttpAdapter(Adapter):
             name, upstream, type(exc).__name__, detail,
         )  # fmt: skip
         if isinstance(exc, (UpstreamTimeout, TimeoutError)):
-            ex.error = f"upstream timeout: {type(exc).__name__}"
+            # Our own words, naming the setting that ran out (upstream.timeout or
+            # upstream.stream_idle_timeout).
+            ex.error = f"upstream timeout: {detail or type(exc).__name__}"
             return _Refused(504, f"upstream {upstream} did not answer in time", "timeout")
         ex.error = f"upstream error: {type(exc).__name__}: {detail}"
         if isinstance(exc, UpstreamTLSError):

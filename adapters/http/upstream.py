@@ -11,7 +11,9 @@ nginx upstream). This client keeps only what the adapter uses:
   most `limit` connections open (idle or busy) at once;
 - the request head in one write; the body streamed with Content-Length when the client gave
   one, else chunked, with the transport's write backpressure;
-- one silence timer per exchange, re-armed lazily rather than per received chunk.
+- one silence timer per exchange, re-armed lazily rather than per received chunk: the
+  upstream may stay silent `read_timeout` before its response head, and `stream_idle_timeout`
+  between body bytes once the head has come (an SSE or long-poll stream is quiet for minutes).
 
 Retry rule: a request that fails on a *reused* connection before any response byte arrived
 (the upstream closed it while idle, racing our write) is retried once on a fresh connection,
@@ -253,18 +255,36 @@ class _UpstreamConnection(BaseProtocol):
         self._keep_alive = False
         self.abort()
 
+    def _silence_limit(self) -> float:
+        """How long the upstream may be silent now: before the head, or within the body."""
+        if self._head_pending:
+            return self._pool.read_timeout
+        return self._pool.stream_idle_timeout
+
+    @property
+    def _head_pending(self) -> bool:
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
+
     def _on_silence(self) -> None:
         self._timer = None
         if self._waiter is None and self._payload is None:
             return  # between exchanges: the next begin() arms it again
         if self._reading_paused:
             return  # our pause (slow client), not the upstream's silence; resume re-arms
-        timeout = self._pool.read_timeout
+        timeout = self._silence_limit()
         due = self._last + timeout
         if due > self._loop.time():
             self._timer = self._loop.call_at(due, self._on_silence)
             return
-        self.fail(UpstreamTimeout(f"upstream sent nothing for {timeout:g} s"))
+        if self._head_pending:
+            why = f"upstream sent nothing for {timeout:g} s (upstream.timeout)"
+        else:
+            why = (
+                f"upstream sent nothing for {timeout:g} s mid-body "
+                "(upstream.stream_idle_timeout)"
+            )
+        self.fail(UpstreamTimeout(why))
 
     # ------------------------------------------------------------------- asyncio.Protocol
 
@@ -315,6 +335,13 @@ class _UpstreamConnection(BaseProtocol):
             self._keep_alive = not message.should_close and message.version == (1, 1)
             self._payload = payload
             waiter.set_result((message, payload))
+            pool = self._pool
+            if pool.stream_idle_timeout < pool.read_timeout and self._timer is not None:
+                # The timer is due at the longer head limit; the body's is shorter.
+                self._timer.cancel()
+                self._timer = self._loop.call_at(
+                    self._last + pool.stream_idle_timeout, self._on_silence
+                )
 
     def eof_received(self) -> bool:
         return False  # close the transport: half-closed upstreams are not reused
@@ -351,7 +378,7 @@ class _UpstreamConnection(BaseProtocol):
         self._last = self._loop.time()
         super().resume_reading(resume_parser)
         if self._timer is None and self._payload is not None and self.transport is not None:
-            self._timer = self._loop.call_at(self._last + self._pool.read_timeout, self._on_silence)
+            self._timer = self._loop.call_at(self._last + self._silence_limit(), self._on_silence)
 
 
 def _head_size(message: object) -> int:
@@ -378,6 +405,7 @@ class UpstreamPool:
         connect_timeout: float,
         read_timeout: float,
         limit: int,
+        stream_idle_timeout: float | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._host = host
@@ -385,7 +413,11 @@ class UpstreamPool:
         self._ssl = ssl_context
         self._host_line = f"Host: {host_header}"
         self.connect_timeout = connect_timeout
+        # Silence allowed before the response head, and (default: the same) within a body.
         self.read_timeout = read_timeout
+        self.stream_idle_timeout = (
+            stream_idle_timeout if stream_idle_timeout is not None else read_timeout
+        )
         self.limit = limit
         # HTTP/1.1 carries one request per connection at a time; the adapter never has more
         # than max_connections requests in flight, so this bound rarely makes one wait.
