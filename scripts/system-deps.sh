@@ -18,6 +18,9 @@ for pkg in "${want[@]}"; do
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
+# One apt at a time on a shared machine (several worktrees' `make test` at once).
+exec 9>/tmp/sidekey-apt.lock
+flock 9
 echo "installing Debian packages: ${missing[*]}" >&2
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

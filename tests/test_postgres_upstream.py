@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from scramp import ScramMechanism
 
-from adapters.postgres._config import UpstreamConfig, parse_upstream
+from adapters.postgres._config import parse_upstream
 from adapters.postgres._scram import ScramKeyCache
 from adapters.postgres._upstream import (
     UpstreamRefused,
@@ -50,6 +50,7 @@ from broker.codecs.postgres import (
 )
 from broker.config import Section
 from broker.errors import ConfigError, UpstreamError, UpstreamTimeout
+from broker.session.upstream import UpstreamTarget
 
 PASSWORD = "s3cret-Password"
 USER = "app"
@@ -94,7 +95,7 @@ def scram_user_name(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @asynccontextmanager
-async def scripted_server(script: Script) -> AsyncIterator[tuple[UpstreamConfig, list[Peer]]]:
+async def scripted_server(script: Script) -> AsyncIterator[tuple[UpstreamTarget, list[Peer]]]:
     peers: list[Peer] = []
     tasks: set[asyncio.Task[None]] = set()
 
@@ -119,7 +120,7 @@ async def scripted_server(script: Script) -> AsyncIterator[tuple[UpstreamConfig,
             "upstream",
         ),
         Path("."),
-    )
+    ).target
     try:
         yield config, peers
     finally:
@@ -130,7 +131,7 @@ async def scripted_server(script: Script) -> AsyncIterator[tuple[UpstreamConfig,
         await server.wait_closed()
 
 
-async def login(config: UpstreamConfig, cache: ScramKeyCache | None = None) -> Any:
+async def login(config: UpstreamTarget, cache: ScramKeyCache | None = None) -> Any:
     deadline = asyncio.get_running_loop().time() + DEADLINE
     conduit, stream = await open_connection(config, deadline)
     try:
@@ -311,7 +312,7 @@ async def test_tls_required_but_not_offered() -> None:
             },
             "upstream",
         )
-        tls_config = parse_upstream(section, Path("."))
+        tls_config = parse_upstream(section, Path(".")).target
         deadline = asyncio.get_running_loop().time() + DEADLINE
         with pytest.raises(UpstreamError, match="does not offer TLS"):
             await open_connection(tls_config, deadline)
@@ -368,9 +369,10 @@ def test_config_errors_are_located(raw: dict[str, Any], error: str) -> None:
 
 
 def test_config_defaults() -> None:
-    config = parse_upstream(
+    parsed = parse_upstream(
         Section({"address": "db.internal", "database": ["a", "b"]}, "upstream"), Path(".")
     )
-    assert (config.host, config.port, config.databases) == ("db.internal", 5432, ("a", "b"))
+    config = parsed.target
+    assert (config.host, config.port, parsed.databases) == ("db.internal", 5432, ("a", "b"))
     assert config.tls_mode == "verify-full" and config.server_name == "db.internal"
     assert config.ssl_context is not None and config.ssl_context.check_hostname

@@ -26,9 +26,9 @@ from broker.codecs.mysql import (
     payload,
 )
 from broker.codecs.mysql import constants as c
-from broker.errors import UpstreamError, UpstreamTimeout
+from broker.errors import UpstreamError
 from broker.session.net import Conduit, connect
-from broker.session.upstream import UpstreamTarget
+from broker.session.upstream import LoginStream, UpstreamTarget
 
 from ._auth import (
     CACHING_SHA2,
@@ -91,30 +91,13 @@ class Authenticated:
     leftover: bytes
 
 
-class _Stream:
+class _Stream(LoginStream[ServerMessage]):
     def __init__(self, conduit: Conduit, deadline: float, where: str) -> None:
-        self.conduit = conduit
-        self.parser = ServerParser()
-        self.deadline = deadline
-        self.where = where
-
-    def remaining(self) -> float:
-        left = self.deadline - asyncio.get_running_loop().time()
-        if left <= 0:
-            raise UpstreamTimeout(f"upstream {self.where}: the login did not finish in time")
-        return left
-
-    async def next(self) -> ServerMessage:
-        while (message := self.parser.next_message()) is None:
-            data = await self.conduit.receive(self.remaining())
-            if not data:
-                why = f": {self.conduit.error}" if self.conduit.error else ""
-                raise UpstreamError(f"upstream {self.where} closed the connection{why}")
-            self.parser.feed(data)
-        return message
+        self.server = ServerParser()
+        super().__init__(conduit, self.server, deadline, where, "the login")
 
     def send(self, message: SSLRequest | HandshakeResponse41 | AuthData) -> None:
-        self.conduit.write(encode(message, self.parser.next_seq()))
+        self.conduit.write(encode(message, self.server.next_seq()))
 
 
 def upstream_capabilities(client: int, server: int, where: str) -> int:

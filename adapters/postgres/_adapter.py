@@ -207,7 +207,7 @@ class PostgresAdapter(TcpAdapter[Hello]):
         user, password = credential.fields["username"], credential.fields["password"]
         database = session.request["database"]
         try:
-            conduit, stream = await open_connection(self.upstream, deadline)
+            conduit, stream = await open_connection(self.upstream.target, deadline)
         except UpstreamError as exc:
             raise Refusal(
                 "upstream_connect",
@@ -242,7 +242,7 @@ class PostgresAdapter(TcpAdapter[Hello]):
             conduit.abort()
             raise
         login = _Login(greeting, stream.parser.leftover())
-        return Upstream(conduit, user, self.upstream.address, login)
+        return Upstream(conduit, user, self.upstream.target.address, login)
 
     def greet(self, session: Session[Hello], upstream: Upstream) -> None:
         """AuthenticationOk, the server's startup messages with a BackendKeyData of the
@@ -323,7 +323,7 @@ class PostgresAdapter(TcpAdapter[Hello]):
                 return
         deadline = asyncio.get_running_loop().time() + CANCEL_TIMEOUT
         try:
-            await send_cancel(self.upstream, target.process_id, target.secret_key, deadline)
+            await send_cancel(self.upstream.target, target.process_id, target.secret_key, deadline)
         except UpstreamError as exc:
             self.ctx.metrics.upstream_errors.labels(self.ctx.service.name, "cancel").inc()
             self.ctx.log.warning("forwarding a cancel failed: %s", exc)

@@ -38,8 +38,8 @@ from broker.codecs.postgres import (
 )
 from broker.errors import UpstreamError, UpstreamTimeout
 from broker.session.net import Conduit, connect
+from broker.session.upstream import LoginStream, UpstreamTarget
 
-from ._config import UpstreamConfig
 from ._scram import MECHANISM, ScramClient, ScramError, ScramKeyCache
 
 # A server that has received our CancelRequest closes the connection at once; waiting this
@@ -78,41 +78,21 @@ class Authenticated:
         return None
 
 
-class _Stream:
-    """A conduit plus the parser reading it, with every read bounded by one deadline."""
-
-    def __init__(self, conduit: Conduit, deadline: float, where: str) -> None:
-        self.conduit = conduit
-        self.parser = BackendParser()
-        self.deadline = deadline
-        self.where = where
-
-    def remaining(self) -> float:
-        left = self.deadline - asyncio.get_running_loop().time()
-        if left <= 0:
-            raise UpstreamTimeout(f"upstream {self.where}: startup did not finish in time")
-        return left
-
-    async def next(self) -> BackendMessage:
-        while (message := self.parser.next_message()) is None:
-            data = await self.conduit.receive(self.remaining())
-            if not data:
-                why = f": {self.conduit.error}" if self.conduit.error else ""
-                raise UpstreamError(f"upstream {self.where} closed the connection{why}")
-            self.parser.feed(data)
-        return message
-
-
-async def open_connection(config: UpstreamConfig, deadline: float) -> tuple[Conduit, _Stream]:
+async def open_connection(
+    config: UpstreamTarget, deadline: float
+) -> tuple[Conduit, LoginStream[BackendMessage]]:
     """Connect and, unless tls.mode is disable, negotiate TLS with an SSLRequest."""
     loop = asyncio.get_running_loop()
     timeout = min(config.connect_timeout, max(deadline - loop.time(), 0.001))
     conduit = await connect(config.host, config.port, timeout=timeout)
-    stream = _Stream(conduit, deadline, config.address)
+    parser = BackendParser()
+    stream: LoginStream[BackendMessage] = LoginStream(
+        conduit, parser, deadline, config.address, "startup"
+    )
     try:
         if config.ssl_context is not None:
             conduit.write(encode(SSLRequest()))
-            stream.parser.expect_ssl_answer()
+            parser.expect_ssl_answer()
             answer = await stream.next()
             if not (isinstance(answer, SSLAnswer) and answer.accepted):
                 raise UpstreamError(
@@ -132,7 +112,7 @@ async def open_connection(config: UpstreamConfig, deadline: float) -> tuple[Cond
 
 
 async def authenticate(
-    stream: _Stream,
+    stream: LoginStream[BackendMessage],
     startup: StartupMessage,
     password: str,
     scram_keys: ScramKeyCache,
@@ -226,7 +206,7 @@ async def authenticate(
 
 
 async def send_cancel(
-    config: UpstreamConfig, process_id: int, secret_key: bytes, deadline: float
+    config: UpstreamTarget, process_id: int, secret_key: bytes, deadline: float
 ) -> None:
     """Open a new connection (same TLS mode as sessions) and send one CancelRequest."""
     conduit, _ = await open_connection(config, deadline)

@@ -1,7 +1,6 @@
 """Where a TCP adapter's upstream is and how to reach it: address, TLS mode, timeout.
 
-Every TCP adapter other than PostgreSQL's (which predates it and keeps its own copy of the
-same rules) reads these keys of its ``upstream`` section with `parse_target`:
+Every TCP adapter reads these keys of its ``upstream`` section with `parse_target`:
 
 ```yaml
 upstream:
@@ -16,13 +15,16 @@ The TLS modes are libpq's: ``disable``, ``require`` (encrypted, not verified),
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from broker.config import Section
-from broker.errors import ConfigError
+from broker.errors import ConfigError, UpstreamError, UpstreamTimeout
 from broker.identity.tls import client_context
+from broker.session.net import Conduit
 
 TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
 # Secure unless told otherwise: a weaker default would let an active attacker strip or fake
@@ -94,3 +96,49 @@ def parse_address(value: str, where: str, default_port: int) -> tuple[str, int]:
     if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ConfigError(f"{where}: must be HOST:PORT (port 1-65535), got {value!r}")
     return host, int(port_text)
+
+
+Message = TypeVar("Message")
+Message_co = TypeVar("Message_co", covariant=True)
+
+
+class MessageParser(Protocol[Message_co]):
+    """What a protocol's sans-IO parser of the server's side offers the login stream."""
+
+    def feed(self, data: bytes) -> None: ...
+    def next_message(self) -> Message_co | None: ...
+    def leftover(self) -> bytes: ...
+
+
+class LoginStream(Generic[Message]):
+    """An upstream conduit plus the parser reading it during the adapter's login, every
+    read bounded by one deadline (`phase` names the step in the timeout's message)."""
+
+    def __init__(
+        self,
+        conduit: Conduit,
+        parser: MessageParser[Message],
+        deadline: float,
+        where: str,
+        phase: str,
+    ) -> None:
+        self.conduit = conduit
+        self.parser = parser
+        self.deadline = deadline
+        self.where = where
+        self.phase = phase
+
+    def remaining(self) -> float:
+        left = self.deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise UpstreamTimeout(f"upstream {self.where}: {self.phase} did not finish in time")
+        return left
+
+    async def next(self) -> Message:
+        while (message := self.parser.next_message()) is None:
+            data = await self.conduit.receive(self.remaining())
+            if not data:
+                why = f": {self.conduit.error}" if self.conduit.error else ""
+                raise UpstreamError(f"upstream {self.where} closed the connection{why}")
+            self.parser.feed(data)
+        return message
