@@ -264,6 +264,8 @@ class _Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     error: str | None = None
+    # The client broke off (mid-upload or mid-response): its fault, logged once at info.
+    client_gone: bool = False
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
@@ -532,6 +534,12 @@ class HttpAdapter(Adapter):
             self._outcomes[_outcome(ex)].inc()
             method, path = request.method, _audit_path(request)
             log = self.ctx.log
+            if ex.client_gone:
+                # Any client can do this at will: one info line, never a traceback.
+                log.info(
+                    "client error service=%s peer=%s method=%s path=%s: %s",
+                    name, peer, method, path, ex.error,
+                )  # fmt: skip
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "request service=%s spiffe_id=%s method=%s path=%s status=%s "
@@ -607,6 +615,7 @@ class HttpAdapter(Adapter):
             ):
                 # The client went away mid-upload: not the upstream's fault, nobody to tell.
                 ex.error = "client disconnected mid-request"
+                ex.client_gone = True
                 # nginx's 499 "client closed request": only the audit trail will see it.
                 raise _Refused(499, ex.error, "client") from None
             raise self._upstream_refusal(exc, ex) from None
@@ -639,6 +648,7 @@ class HttpAdapter(Adapter):
             # The client stopped uploading while the response streamed: its fault, not the
             # upstream's, and the connection to it is already gone.
             ex.error = "client disconnected mid-request"
+            ex.client_gone = True
             request.abort()
             return
         except UpstreamError as exc:
@@ -651,6 +661,7 @@ class HttpAdapter(Adapter):
             return
         except ConnectionError:
             ex.error = "client disconnected mid-response"
+            ex.client_gone = True
             request.abort()
             return
         await request.end()

@@ -428,7 +428,8 @@ class ClientConnection(BaseProtocol, Generic[T]):
                         self._resume_reading_for_buffer()
                     try:
                         await handler(request)
-                        if not request.started:
+                        if not request.started and not request.finished:
+                            # (An aborted request is finished: its client is gone.)
                             raise RuntimeError("the handler sent no response")
                     except ConnectionError:
                         request.abort()
