@@ -32,20 +32,20 @@ import re
 import ssl
 import string
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from multidict import MultiMapping
 from yarl import URL
 
-from adapters.http.server import HttpServer, InvalidResponseHead, Request, clock
+from adapters.http.exchange import ClientRequest, UpstreamClient, UpstreamReply
+from adapters.http.server import HttpServer, InvalidResponseHead, clock
 from adapters.http.upstream import (
     InvalidRequestHead,
     RequestBodyError,
     UpstreamConnectError,
     UpstreamPool,
-    UpstreamResponse,
     UpstreamTLSError,
 )
 from broker.config import Section
@@ -277,7 +277,7 @@ class HttpAdapter(Adapter):
         self.settings = parse_settings(ctx)
         self._server: HttpServer[_Connection] | None = None
         self._listener: asyncio.Server | None = None
-        self._pool: UpstreamPool | None = None
+        self._pool: UpstreamClient | None = None
         self._address = ""
         # The upstream's base path; request paths (origin-form, checked) are appended to it.
         self._base_path = self.settings.url.raw_path.rstrip("/")
@@ -377,7 +377,7 @@ class HttpAdapter(Adapter):
 
     # ----------------------------------------------------------------------- per request
 
-    async def _identify(self, request: Request[_Connection]) -> WorkloadIdentity:
+    async def _identify(self, request: ClientRequest[_Connection]) -> WorkloadIdentity:
         """The request's identity; raises IdentityError. `ServiceContext.identify` decides;
         what the connection itself proved (a certificate) is kept for its later requests."""
         conn = request.info
@@ -410,7 +410,7 @@ class HttpAdapter(Adapter):
             self.ctx.live.discard(conn.live)
             conn.live = None
 
-    async def _handle(self, request: Request[_Connection]) -> None:
+    async def _handle(self, request: ClientRequest[_Connection]) -> None:
         started = time.monotonic()
         conn = request.info
         identity, peer = conn.identity, conn.peer
@@ -457,7 +457,7 @@ class HttpAdapter(Adapter):
         await self._forward(request, identity, peer, decision, started)
 
     async def _unauthorized(
-        self, request: Request[_Connection], peer: str, exc: IdentityError, issuer: str | None
+        self, request: ClientRequest[_Connection], peer: str, exc: IdentityError, issuer: str | None
     ) -> None:
         """401 with a Bearer challenge (RFC 6750 section 3): the client may try again with
         another token on the same connection."""
@@ -471,7 +471,7 @@ class HttpAdapter(Adapter):
 
     async def _refuse(
         self,
-        request: Request[_Connection],
+        request: ClientRequest[_Connection],
         identity: WorkloadIdentity | None,
         peer: str,
         started: float,
@@ -493,7 +493,7 @@ class HttpAdapter(Adapter):
 
     async def _forward(
         self,
-        request: Request[_Connection],
+        request: ClientRequest[_Connection],
         identity: WorkloadIdentity,
         peer: str,
         decision: Decision,
@@ -516,6 +516,11 @@ class HttpAdapter(Adapter):
                     "the broker fails closed (see its audit log)",
                     "credential",
                 ) from None
+        except asyncio.CancelledError as exc:
+            # The client reset its HTTP/2 stream, or the broker is stopping: the message the
+            # canceller gave says which.
+            ex.error = ex.error or (str(exc.args[0]) if exc.args else "request cancelled")
+            raise
         except _Refused as refusal:
             ex.status = refusal.status
             ex.error = ex.error or refusal.message
@@ -587,7 +592,7 @@ class HttpAdapter(Adapter):
         return values
 
     async def _exchange(
-        self, request: Request[_Connection], credential: Credential, ex: _Exchange
+        self, request: ClientRequest[_Connection], credential: Credential, ex: _Exchange
     ) -> None:
         assert self._pool is not None
         # Origin-form only (checked in _handle); the fragment never goes on the wire.
@@ -625,7 +630,7 @@ class HttpAdapter(Adapter):
             upstream.release()
 
     async def _relay(
-        self, request: Request[_Connection], upstream: UpstreamResponse, ex: _Exchange
+        self, request: ClientRequest[_Connection], upstream: UpstreamReply, ex: _Exchange
     ) -> None:
         ex.upstream_status = upstream.status
         headers = _response_headers(upstream.headers, ex.secrets, self.ctx)
@@ -639,7 +644,7 @@ class HttpAdapter(Adapter):
             if body is not None:
                 # Head and whole body in one write (the common small response).
                 ex.bytes_out = len(body)
-                await request.end(body)
+                await request.end(body, self._trailers(upstream, ex))
                 return
             while chunk := await upstream.read_chunk():
                 await request.write(chunk)
@@ -664,7 +669,15 @@ class HttpAdapter(Adapter):
             ex.client_gone = True
             request.abort()
             return
-        await request.end()
+        await request.end(b"", self._trailers(upstream, ex))
+
+    def _trailers(self, upstream: UpstreamReply, ex: _Exchange) -> list[tuple[str, str]] | None:
+        """The upstream's trailers (gRPC's grpc-status, grpc-message), under the same rules
+        as its headers: nothing hop-by-hop, nothing carrying the credential."""
+        trailers = upstream.trailers
+        if not trailers:
+            return None
+        return _filter_fields(trailers, HOP_BY_HOP_HEADERS, ex.secrets, self.ctx)
 
     def _upstream_refusal(self, exc: BaseException, ex: _Exchange) -> _Refused:
         name, upstream = self.ctx.service.name, self.settings.url.origin()
@@ -695,7 +708,7 @@ def _redact(text: str, secrets: tuple[str, ...]) -> str:
     return text
 
 
-async def _counted(request: Request[_Connection], ex: _Exchange) -> AsyncIterator[bytes]:
+async def _counted(request: ClientRequest[_Connection], ex: _Exchange) -> AsyncIterator[bytes]:
     """The client's body, chunk by chunk as it arrives (backpressure comes from awaiting)."""
     async for chunk in request.payload.iter_chunked(STREAM_CHUNK_BYTES):
         ex.bytes_in += len(chunk)
@@ -738,18 +751,7 @@ def _response_headers(
         blob = "\0".join(incoming.values())
         if not any(secret in blob for secret in secrets):
             secrets = ()
-    out: list[tuple[str, str]] = []
-    for name, value in incoming.items():
-        if name.lower() in drop:
-            continue
-        if secrets and any(secret in value for secret in secrets):
-            # The upstream echoed the credential: it must never travel toward the client.
-            ctx.log.warning(
-                "dropped response header carrying the credential service=%s header=%s",
-                ctx.service.name, name,
-            )  # fmt: skip
-            continue
-        out.append((name, value))
+    out = _filter_fields(incoming.items(), drop, secrets, ctx)
     if "Date" not in incoming:
         # RFC 9110 6.6.1: a recipient with a clock that forwards a response without Date
         # must add one. Formatted once per second (`Clock`).
@@ -757,7 +759,30 @@ def _response_headers(
     return out
 
 
-def _bearer(request: Request[_Connection], header: str) -> str | None:
+def _filter_fields(
+    fields: Iterable[tuple[str, str]],
+    drop: frozenset[str],
+    secrets: tuple[str, ...],
+    ctx: ServiceContext,
+) -> list[tuple[str, str]]:
+    """Response header or trailer fields minus the names in `drop` and any that carry one
+    of `secrets` (already narrowed to those that occur at all)."""
+    out: list[tuple[str, str]] = []
+    for name, value in fields:
+        if name.lower() in drop:
+            continue
+        if secrets and any(secret in value for secret in secrets):
+            # The upstream echoed the credential: it must never travel toward the client.
+            ctx.log.warning(
+                "dropped response field carrying the credential service=%s field=%s",
+                ctx.service.name, name,
+            )  # fmt: skip
+            continue
+        out.append((name, value))
+    return out
+
+
+def _bearer(request: ClientRequest[_Connection], header: str) -> str | None:
     """The token in `header`: ``Bearer <token>`` (the scheme in any case), or a bare token
     in a header other than Authorization. None if there is none; IdentityError if the
     header is sent twice (which token would prove the caller?)."""
@@ -776,7 +801,7 @@ def _bearer(request: Request[_Connection], header: str) -> str | None:
 
 
 async def _error(
-    request: Request[_Connection],
+    request: ClientRequest[_Connection],
     status: int,
     message: str,
     *,
@@ -798,7 +823,7 @@ async def _error(
         request.abort()  # the client is gone; the audit line says what it would have got
 
 
-def _audit_path(request: Request[_Connection]) -> str:
+def _audit_path(request: ClientRequest[_Connection]) -> str:
     # The path only: query strings often carry client data that has no place in an audit log.
     return request.target.split("?", 1)[0]
 

@@ -201,8 +201,12 @@ class Request(Generic[T]):
             data = chunk
         await self._conn.send(data)
 
-    async def end(self, body: bytes = _EMPTY_BODY) -> None:
-        """Finish the response, with `body` as its last bytes."""
+    async def end(
+        self, body: bytes = _EMPTY_BODY, trailers: list[tuple[str, str]] | None = None
+    ) -> None:
+        """Finish the response, with `body` as its last bytes. `trailers` are dropped: an
+        HTTP/1.1 client has not asked for them (they would need TE: trailers and a chunked
+        body), and what gRPC puts there only works over HTTP/2 anyway."""
         head = self._take_head()
         if not self._with_body:
             body = _EMPTY_BODY

@@ -112,6 +112,11 @@ class UpstreamResponse:
         self._complete = False
         self._released = False
 
+    @property
+    def trailers(self) -> list[tuple[str, str]] | None:
+        """None: llhttp parses a chunked body's trailer section but does not keep it."""
+        return None
+
     async def read_chunk(self) -> bytes:
         """The next body chunk, or b"" at the end. Raises UpstreamError if the upstream fails."""
         chunk = await self._payload.readany()
