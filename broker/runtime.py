@@ -47,8 +47,14 @@ log = logging.getLogger("sidekey")
 PRIME_RETRY_SECONDS = 2.0
 # What each client_auth asks of a TLS client: a certificate always (mtls), a certificate if
 # it has one (mtls+jwt: certificate first, else a token), none (jwt: the token proves it).
+# mtls asks with CERT_OPTIONAL too: a certificate that is sent must still chain to the bundle
+# (OpenSSL ends the handshake otherwise), but a caller that sends none finishes the handshake
+# and is refused in its own protocol, with what is missing and how to present it (psql and
+# curl saw only "server closed the connection" / "empty reply" under CERT_REQUIRED, whose
+# alert asyncio never flushes). ServiceContext.identify refuses it: no certificate, no
+# identity (broker.identity.MissingCertificate).
 CLIENT_CERT_MODE = {
-    "mtls": ssl.CERT_REQUIRED,
+    "mtls": ssl.CERT_OPTIONAL,
     "mtls+jwt": ssl.CERT_OPTIONAL,
     "jwt": ssl.CERT_NONE,
 }

@@ -51,7 +51,7 @@ from adapters.http.upstream import (
 from broker.config import Section
 from broker.credentials import Credential
 from broker.errors import ConfigError, CredentialUnavailable, UpstreamError, UpstreamTimeout
-from broker.identity import IdentityError, WorkloadIdentity
+from broker.identity import IdentityError, MissingCertificate, WorkloadIdentity
 from broker.identity.jwt import TokenError
 from broker.identity.tls import client_context
 from broker.policy import Decision
@@ -60,6 +60,11 @@ from broker.session.context import ServiceContext
 from broker.session.net import describe_peer
 from broker.session.registry import Entry
 
+# Added to "no client certificate: ..." in the 401 of a TLS caller that sent none.
+CERTIFICATE_HINT = (
+    "present the SVID and its key as the TLS client certificate (curl --cert svid.pem --key "
+    "svid-key.pem --cacert bundle.pem; docs/drivers.md shows each client's settings)"
+)
 # nginx's proxy_read_timeout default: the longest an upstream may stay silent before its
 # response head before the client gets a 504.
 DEFAULT_UPSTREAM_TIMEOUT_SECONDS = 60.0
@@ -432,6 +437,12 @@ class HttpAdapter(Adapter):
                 identity = await self._identify(request)
             except TokenError as exc:
                 return await self._unauthorized(request, peer, exc, exc.issuer)
+            except MissingCertificate as exc:
+                # Said in HTTP, with how to present one (issue 21.1), not a bare handshake
+                # failure; the connection is refused for all its requests.
+                message = f"{exc}: {CERTIFICATE_HINT}"
+                self.ctx.refuse(peer, message)
+                return await _error(request, 401, f"identity refused: {message}", close=True)
             except IdentityError as exc:
                 if self._token_header is not None:
                     return await self._unauthorized(request, peer, exc, None)

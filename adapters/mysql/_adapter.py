@@ -111,6 +111,7 @@ class MysqlAdapter(TcpAdapter[Hello]):
     """One mysql service."""
 
     tls_required_message = MTLS_REQUIRED
+    certificate_hint = "use --ssl-cert and --ssl-key (PyMySQL: ssl={'cert': ..., 'key': ...})"
     tls_required_jwt_message = TLS_REQUIRED_JWT
     no_tls_reason = "connection is not TLS (no SSLRequest)"
 

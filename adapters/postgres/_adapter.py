@@ -84,6 +84,13 @@ MTLS_REQUIRED = (
     "this service requires TLS with a client certificate: use sslmode=verify-full with "
     "sslcert/sslkey"
 )
+# Added to "no client certificate: ..." for a TLS client that sent none (libpq's sslmode=require
+# without sslcert, asyncpg's ssl=True).
+CERTIFICATE_HINT = (
+    "set sslcert and sslkey (PGSSLCERT/PGSSLKEY) to the SVID and its key, with "
+    "sslmode=verify-full and sslrootcert set to the trust bundle; docs/drivers.md shows each "
+    "driver's settings"
+)
 TLS_REQUIRED_JWT = (
     "this service requires TLS: use sslmode=verify-full (or require) and your token as the "
     "password (PGPASSWORD)"
@@ -114,6 +121,7 @@ class PostgresAdapter(TcpAdapter[Hello]):
 
     tls_required_message = MTLS_REQUIRED
     tls_required_jwt_message = TLS_REQUIRED_JWT
+    certificate_hint = CERTIFICATE_HINT
     no_tls_reason = "connection is not TLS (no SSLRequest)"
 
     def __init__(self, ctx: ServiceContext) -> None:

@@ -87,6 +87,9 @@ class RedisAdapter(TcpAdapter[Hello]):
 
     tls_first = True
     tls_required_message = MTLS_REQUIRED
+    certificate_hint = (
+        "use redis-cli --tls --cert --key --cacert (redis-py: ssl_certfile, ssl_keyfile)"
+    )
     tls_required_jwt_message = TLS_REQUIRED_JWT
     # A server with only requirepass has no user names; an ACL user has both.
     credential_fields = ("password",)

@@ -6,12 +6,13 @@ broker serves and connects with; `ca` is the development-only CA. Every mapping 
 unproven caller is never mapped to an identity.
 """
 
-from .workload import IdentityError, Method, WorkloadIdentity, local_identity
+from .workload import IdentityError, Method, MissingCertificate, WorkloadIdentity, local_identity
 from .x509 import identity_from_certificate, identity_from_der
 
 __all__ = [
     "IdentityError",
     "Method",
+    "MissingCertificate",
     "WorkloadIdentity",
     "identity_from_certificate",
     "identity_from_der",

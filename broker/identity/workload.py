@@ -18,6 +18,11 @@ class IdentityError(ClientError):
     """The peer presented no identity, or one that does not meet the SPIFFE rules."""
 
 
+class MissingCertificate(IdentityError):
+    """A TLS caller presented no client certificate where one is required: each protocol
+    adds how its clients present one (libpq's sslcert/sslkey, curl's --cert/--key)."""
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadIdentity:
     """A proven SPIFFE ID and how it was proven."""

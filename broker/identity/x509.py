@@ -23,7 +23,7 @@ from spiffe.svid.x509_svid import (
 
 from broker.spiffeid import SpiffeIdError, parse_spiffe_id, printable
 
-from .workload import IdentityError, WorkloadIdentity
+from .workload import IdentityError, MissingCertificate, WorkloadIdentity
 
 # The trust domains an identity may come from: one name, or a set of them (federation).
 TrustDomains = str | frozenset[str]
@@ -32,7 +32,10 @@ TrustDomains = str | frozenset[str]
 def identity_from_der(leaf_der: bytes | None, trust_domain: TrustDomains) -> WorkloadIdentity:
     """Map a chain-verified TLS client certificate (DER) to an identity, or raise."""
     if not leaf_der:
-        raise IdentityError("no client certificate: present an X.509-SVID")
+        raise MissingCertificate(
+            "no client certificate: this service requires the caller's X.509-SVID as its TLS "
+            "client certificate"
+        )
     try:
         leaf = x509.load_der_x509_certificate(leaf_der)
     except ValueError:

@@ -51,7 +51,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from broker.credentials import Credential
 from broker.errors import ClientError, CredentialUnavailable, ProtocolViolation
-from broker.identity import IdentityError, WorkloadIdentity
+from broker.identity import IdentityError, MissingCertificate, WorkloadIdentity
 from broker.observe.metrics import Value
 from broker.policy import Decision
 
@@ -204,6 +204,9 @@ class TcpAdapter(Adapter, Generic[H]):
     tls_required_jwt_message = "this service requires TLS (and a token or certificate)"
     # Why such a client was refused, for the audit trail.
     no_tls_reason = "connection is not TLS"
+    # How this protocol's clients present a client certificate, added to the refusal of a
+    # TLS caller that sent none.
+    certificate_hint = "configure your client with the X.509-SVID and its key"
     # True for a protocol whose TLS starts with the first byte (no in-band negotiation): the
     # listener does the handshake before `hello` (client_auth mtls).
     tls_first = False
@@ -396,6 +399,10 @@ class TcpAdapter(Adapter, Generic[H]):
 
         try:
             return await ctx.identify(client.ssl_object, ask)
+        except MissingCertificate as exc:
+            message = f"{exc}: {self.certificate_hint}"
+            ctx.refuse(client.peer, message)
+            raise Refusal("identity", message) from None
         except IdentityError as exc:
             ctx.refuse(client.peer, str(exc), issuer=getattr(exc, "issuer", None))
             raise Refusal("identity", str(exc)) from None
