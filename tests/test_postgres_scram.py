@@ -131,15 +131,21 @@ def test_cancel_keys_map_only_their_own_session() -> None:
     keys = CancelKeys()
     target = CancelTarget(4242, b"\1\2\3\4", "spiffe://example.org/a")
     pid, secret = keys.issue(target)
-    assert len(secret) == 4 and (pid, secret) != (4242, b"\1\2\3\4")
+    assert pid == 4242, "the client sees the server's own pid"
+    assert len(secret) == 4 and secret != b"\1\2\3\4"
     assert keys.find(pid, secret) == target
     assert keys.find(pid, bytes(4)) is None or secret == bytes(4)
     assert keys.find(4242, b"\1\2\3\4") is None, "the upstream key is not a broker key"
     long_target = CancelTarget(7, b"k" * 32, "spiffe://example.org/b")
     pid2, secret2 = keys.issue(long_target)
-    assert len(secret2) == 32 and pid2 != pid
-    keys.forget(pid)
-    assert keys.find(pid, secret) is None and len(keys) == 1
+    assert len(secret2) == 32 and pid2 == 7
+    # Two servers behind one address may share a pid: each key leads to its own session.
+    twin = CancelTarget(4242, b"\5\6\7\x08", "spiffe://example.org/c")
+    pid3, secret3 = keys.issue(twin)
+    assert pid3 == 4242 and keys.find(pid3, secret3) == twin and keys.find(pid, secret) == target
+    keys.forget(pid, secret)
+    assert keys.find(pid, secret) is None and keys.find(pid3, secret3) == twin
+    assert len(keys) == 2
 
 
 def test_normalized_passwords_are_remembered_per_password() -> None:

@@ -14,7 +14,8 @@ credential, audit and the splice.
 3. Login: connect, TLS per ``upstream.tls.mode``, StartupMessage with the credential's user,
    SCRAM-SHA-256 / MD5 / cleartext (TLS only) authentication.
 4. Greet: the client gets AuthenticationOk, the server's ParameterStatus messages, a
-   BackendKeyData minted by the broker, and ReadyForQuery; then the core splices.
+   BackendKeyData with the server's process id and a secret minted by the broker
+   (`_cancel.py`), and ReadyForQuery; then the core splices.
 
 Every refusal reaches the client as an ErrorResponse with a SQLSTATE; the credential is only
 ever written to the upstream connection.
@@ -110,8 +111,8 @@ class _Login:
 
     greeting: Authenticated
     leftover: bytes
-    # The broker's BackendKeyData process id for this session, once greeted.
-    process_id: int | None = None
+    # The BackendKeyData this session's client got (the server's pid, the broker's secret).
+    cancel_key: tuple[int, bytes] | None = None
     # The password-change guard of this session, under guard.deny_password_change.
     guard: PasswordChangeGuard | None = None
 
@@ -253,8 +254,8 @@ class PostgresAdapter(TcpAdapter[Hello]):
         return Upstream(conduit, user, self.upstream.target.address, login)
 
     def greet(self, session: Session[Hello], upstream: Upstream) -> None:
-        """AuthenticationOk, the server's startup messages with a BackendKeyData of the
-        broker's own, and ReadyForQuery."""
+        """AuthenticationOk, the server's startup messages with a BackendKeyData carrying
+        the server's process id and the broker's own secret, and ReadyForQuery."""
         login: _Login = upstream.state
         greeting = login.greeting
         out = bytearray()
@@ -266,8 +267,8 @@ class PostgresAdapter(TcpAdapter[Hello]):
                 target = CancelTarget(
                     message.process_id, message.secret_key, session.identity.spiffe_id
                 )
-                login.process_id, secret_key = self.cancel_keys.issue(target)
-                out += encode(BackendKeyData(login.process_id, secret_key))
+                login.cancel_key = self.cancel_keys.issue(target)
+                out += encode(BackendKeyData(*login.cancel_key))
             else:
                 out += encode(message)
         session.client.write(bytes(out))
@@ -283,8 +284,8 @@ class PostgresAdapter(TcpAdapter[Hello]):
 
     def release(self, session: Session[Hello], upstream: Upstream) -> None:
         login: _Login = upstream.state
-        if login.process_id is not None:
-            self.cancel_keys.forget(login.process_id)
+        if login.cancel_key is not None:
+            self.cancel_keys.forget(*login.cancel_key)
         if login.guard is not None and login.guard.refused:
             session.end["password_changes_refused"] = login.guard.refused
 

@@ -1,10 +1,13 @@
-"""The broker's own cancel keys, and where each one leads upstream.
+"""The broker's own cancel secrets, and where each one leads upstream.
 
-A client gets a BackendKeyData minted here, never the upstream's: the upstream key belongs
-to a session authenticated with the broker's credential, and a client (or anyone who sniffs
-a plaintext CancelRequest) must not be able to cancel queries of sessions that are not its
-own. A CancelRequest names a broker key; if it matches a live session, the broker sends the
-upstream's key for that session, and only that one.
+A client gets the upstream server's real process id (so `pg_backend_pid()`, a NOTIFY's
+sender pid and the driver's `backend_pid` agree) with a secret key minted here, never the
+upstream's: the upstream key belongs to a session authenticated with the broker's
+credential, and a client (or anyone who sniffs a plaintext CancelRequest) must not be able
+to cancel queries of sessions that are not its own. A process id is public (anyone on the
+server can read pg_stat_activity), so the secret alone decides: a CancelRequest whose
+(process id, secret) matches a live session makes the broker send the upstream's key for
+that session, and only that one.
 """
 
 from __future__ import annotations
@@ -12,11 +15,6 @@ from __future__ import annotations
 import hmac
 import secrets
 from dataclasses import dataclass, field
-
-# Process ids are handed out at random rather than counted up, so a key's process id tells an
-# attacker nothing and guessing a live key means guessing both halves. PostgreSQL pids are
-# positive Int32s; clients store them as such.
-MAX_PROCESS_ID = 0x7FFF_FFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,33 +34,37 @@ class _Entry:
 
 
 class CancelKeys:
-    """Broker key -> upstream key, for the sessions of one adapter that are alive now."""
+    """Broker key -> upstream key, for the sessions of one adapter that are alive now.
+
+    Keyed by the upstream's process id; a list per id, since one address may lead to
+    several servers (a load balancer) whose pids can coincide."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, _Entry] = {}
+        self._entries: dict[int, list[_Entry]] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(entries) for entries in self._entries.values())
 
     def issue(self, target: CancelTarget) -> tuple[int, bytes]:
-        """Mint a fresh (process id, secret key) for a session and remember its target.
-
-        The secret has the upstream key's length, so a client that negotiated protocol 3.2
-        (longer keys) gets a key of the length it expects.
-        """
-        while True:
-            process_id = secrets.randbelow(MAX_PROCESS_ID) + 1
-            if process_id not in self._entries:
-                break
+        """The (process id, secret key) a session's client gets: the upstream's process id
+        and a fresh secret of the upstream key's length (a client that negotiated protocol
+        3.2, with longer keys, gets a key of the length it expects)."""
         secret_key = secrets.token_bytes(len(target.secret_key))
-        self._entries[process_id] = _Entry(secret_key, target)
-        return process_id, secret_key
+        self._entries.setdefault(target.process_id, []).append(_Entry(secret_key, target))
+        return target.process_id, secret_key
 
     def find(self, process_id: int, secret_key: bytes) -> CancelTarget | None:
-        entry = self._entries.get(process_id)
-        if entry is None or not hmac.compare_digest(entry.secret_key, secret_key):
-            return None
-        return entry.target
+        found = None
+        for entry in self._entries.get(process_id, ()):
+            # Every entry compared, in constant time each: no early exit to time.
+            if hmac.compare_digest(entry.secret_key, secret_key):
+                found = entry.target
+        return found
 
-    def forget(self, process_id: int) -> None:
-        self._entries.pop(process_id, None)
+    def forget(self, process_id: int, secret_key: bytes) -> None:
+        entries = self._entries.get(process_id)
+        if entries is None:
+            return
+        entries[:] = [e for e in entries if e.secret_key != secret_key]
+        if not entries:
+            del self._entries[process_id]
