@@ -3,11 +3,12 @@
 #   base:  PostgreSQL server and clients (psql, pgbench), MariaDB server and clients (mariadb,
 #          mysqlslap), Redis server and tools (redis-cli, redis-benchmark), curl, python3-venv,
 #          rsyslog (the audit syslog sink's tests start their own rsyslogd)
+#          nodejs with its npm (Node clients the tests install into ~/.cache/sidekey: scripts/install-*.sh)
 #   bench: base + pgbouncer, nginx-light, wrk, valgrind (make bench-callgrind), sysbench
 set -euo pipefail
 
 want=(postgresql postgresql-client mariadb-server mariadb-client redis-server redis-tools
-      curl python3-venv rsyslog)
+      curl python3-venv rsyslog nodejs)
 if [ "${1:-base}" = bench ]; then
   want+=(pgbouncer nginx-light wrk valgrind sysbench)
 fi

@@ -84,6 +84,11 @@ def test_valid_config_builds(tmp_path: Path, pki: Pki) -> None:
          "services[1].inject.headers.X-A: a header value cannot contain CR, LF or NUL"),
         ({"inject": {"headers": {"X-A": "{token}", "x-a": "{token}"}}},
          "services[1].inject.headers.x-a: named twice"),
+        ({"upstream": {"url": "https://api.example.net", "stream_idle_timeout": 0}},
+         "services[1].upstream.stream_idle_timeout: must be a number 0.1-86400"),
+        ({"websocket": "no"}, "services[1].websocket: must be true or false"),
+        ({"adapter": "postgres", "websocket": False},
+         "services[1].websocket: only applies to adapter: http"),
     ],
 )  # fmt: skip
 def test_config_errors_are_located(

@@ -40,12 +40,14 @@ from multidict import MultiMapping
 from yarl import URL
 
 from adapters.http.exchange import ClientRequest, UpstreamClient, UpstreamReply
-from adapters.http.server import HttpServer, InvalidResponseHead, clock
+from adapters.http.server import HttpServer, InvalidResponseHead, Request, clock
+from adapters.http.upgrade import splice_upgraded
 from adapters.http.upstream import (
     InvalidRequestHead,
     RequestBodyError,
     UpstreamConnectError,
     UpstreamPool,
+    UpstreamResponse,
     UpstreamTLSError,
 )
 from broker.config import Section
@@ -59,6 +61,7 @@ from broker.session.adapter import Adapter
 from broker.session.context import ServiceContext
 from broker.session.net import describe_peer
 from broker.session.registry import Entry
+from broker.session.splice import SpliceStats
 
 # Added to "no client certificate: ..." in the 401 of a TLS caller that sent none.
 CERTIFICATE_HINT = (
@@ -465,6 +468,13 @@ class HttpAdapter(Adapter):
         decision = self.ctx.authorize(identity, peer)
         if not decision.allow:
             return await _error(request, 403, decision.reason)
+        if _upgrade_of(request) is not None and not self.ctx.service.websocket:
+            return await self._refuse(
+                request, identity, peer, started,
+                _Refused(403, f"service {self.ctx.service.name} does not allow WebSocket "
+                         "upgrades (websocket: false in its config)", "websocket"),
+                close=True,
+            )  # fmt: skip
         await self._forward(request, identity, peer, decision, started)
 
     async def _unauthorized(
@@ -616,10 +626,19 @@ class HttpAdapter(Adapter):
             # client never uploads its body, and the upstream's 100 is not relayed.
             request.send_continue()
         body = _counted(request, ex) if request.body_exists else None
+        upgrade = _upgrade_of(request)
+        pool = self._pool
         try:
-            upstream = await self._pool.request(
-                request.method, target, headers, body, request.content_length
-            )
+            if upgrade is None:
+                upstream = await pool.request(
+                    request.method, target, headers, body, request.content_length
+                )
+            elif isinstance(pool, UpstreamPool):
+                upstream = await pool.upgrade(request.method, target, headers, upgrade)
+            else:
+                raise _Refused(
+                    502, "a WebSocket upgrade needs an HTTP/1.1 upstream (not http2)", "protocol"
+                )
         except InvalidRequestHead as exc:
             # llhttp already refuses CR, LF and NUL in a request; this is the last line of defence.
             raise _Refused(400, str(exc), "client") from None
@@ -636,9 +655,42 @@ class HttpAdapter(Adapter):
                 raise _Refused(499, ex.error, "client") from None
             raise self._upstream_refusal(exc, ex) from None
         try:
-            await self._relay(request, upstream, ex)
+            if upgrade is not None and upstream.status == 101:
+                assert isinstance(request, Request) and isinstance(upstream, UpstreamResponse)
+                await self._splice(request, upstream, ex)
+            else:
+                await self._relay(request, upstream, ex)
         finally:
             upstream.release()
+
+    async def _splice(
+        self, request: Request[_Connection], upstream: UpstreamResponse, ex: _Exchange
+    ) -> None:
+        """The upstream switched protocols: send its 101 on and splice the two connections."""
+        ex.upstream_status = upstream.status
+        headers = _response_headers(upstream.headers, ex.secrets, self.ctx)
+        stats = SpliceStats()
+        idle = self.settings.stream_idle_timeout
+        try:
+            result = await splice_upgraded(
+                request, upstream, headers, idle_timeout=idle, stats=stats
+            )
+        except InvalidResponseHead as exc:
+            raise _Refused(502, f"upstream response head is unusable: {exc}", "protocol") from None
+        except UpstreamError as exc:
+            raise self._upstream_refusal(exc, ex) from None
+        except ConnectionError:
+            ex.error = "client disconnected before the switch"
+            ex.client_gone = True
+            return
+        finally:
+            ex.bytes_in += stats.client_to_upstream
+            ex.bytes_out += stats.upstream_to_client
+        ex.status = 101
+        if result.ended_by == "idle":
+            ex.error = f"websocket quiet for {idle:g} s (upstream.stream_idle_timeout)"
+        elif result.ended_by == "error":
+            ex.error = f"websocket ended by an error: {_redact(result.error or '?', ex.secrets)}"
 
     async def _relay(
         self, request: ClientRequest[_Connection], upstream: UpstreamReply, ex: _Exchange
@@ -710,6 +762,11 @@ class HttpAdapter(Adapter):
         if isinstance(exc, UpstreamConnectError):
             return _Refused(502, f"upstream {upstream} is unreachable", "connect")
         return _Refused(502, f"upstream {upstream} failed: {type(exc).__name__}", "protocol")
+
+
+def _upgrade_of(request: ClientRequest[_Connection]) -> str | None:
+    """The protocol an HTTP/1.1 WebSocket upgrade request asks for, else None."""
+    return request.upgrade if isinstance(request, Request) else None
 
 
 def _redact(text: str, secrets: tuple[str, ...]) -> str:

@@ -15,7 +15,11 @@ much less, so this server keeps only that:
 - one coarse timer per connection: a connection with no request in progress is closed
   `idle_timeout` after its last request ended (nginx's keepalive_timeout), which also bounds
   a client that dribbles a request head;
-- request heads over `MAX_REQUEST_HEAD_BYTES` get a 431; malformed requests a 400; both close.
+- request heads over `MAX_REQUEST_HEAD_BYTES` get a 431; malformed requests a 400; both close;
+- a WebSocket upgrade request (``Connection: Upgrade``, ``Upgrade: websocket``) is the
+  connection's last: nothing after its head is parsed, and the handler may answer it with
+  `switch_protocols()`, which sends the 101 and hands it the connection (the bytes the client
+  sent after its head included) until the handler returns.
 
 The handler gets a `Request` and must answer it exactly once: `respond()` for a whole
 response, or `start()`, `write()`… and `end()` for a streamed one. Framing is this server's
@@ -91,7 +95,9 @@ class Request(Generic[T]):
         "method",
         "payload",
         "started",
+        "taken",
         "target",
+        "upgrade",
         "version",
     )
 
@@ -114,6 +120,11 @@ class Request(Generic[T]):
             length = int(raw) if raw is not None else None
         self.content_length: int | None = length
         self.keep_alive = not message.should_close and not message.upgrade
+        # The protocol a WebSocket upgrade request asks for ("websocket"), set by the
+        # connection when the parser stopped at it; None for every other request.
+        self.upgrade: str | None = None
+        # The handler took the connection over with `switch_protocols()`.
+        self.taken = False
         self.started = False
         self.finished = False
         self._chunked = False
@@ -234,6 +245,36 @@ class Request(Generic[T]):
         self.start(status, reason, [*headers, ("Content-Length", str(len(body)))], close=close)
         await self.end(body)
 
+    def switch_protocols(
+        self, headers: Iterable[tuple[str, str]]
+    ) -> tuple[asyncio.Transport, bytes]:
+        """Answer an upgrade request with 101 and hand its connection over.
+
+        `headers` (the upstream's 101 minus hop-by-hop fields: Sec-WebSocket-Accept, ...) go
+        out after ``Connection: Upgrade`` and ``Upgrade``. Returns the transport and the bytes
+        the client sent after its request head; from then on the server neither reads nor
+        writes the connection, the caller must set its own protocol on the transport before
+        it next yields to the loop, and the connection is forgotten when the handler returns.
+        Raises InvalidResponseHead like `start()`, ConnectionResetError if the client is gone.
+        """
+        assert self.upgrade is not None and not self.started, "not an upgrade, or answered"
+        conn = self._conn
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client disconnected")
+        try:
+            text = render_head(
+                "HTTP/1.1 101 Switching Protocols",
+                ("Connection: Upgrade", f"Upgrade: {self.upgrade}"),
+                headers,
+            )
+        except ValueError:
+            raise InvalidResponseHead("response header contains CR, LF or NUL") from None
+        transport.write(text.encode("latin-1", "replace"))
+        self.started = self.finished = self.taken = True
+        self.keep_alive = False
+        return transport, conn.hand_over()
+
     def _take_head(self) -> bytes:
         head = self._head
         if head is None:
@@ -296,6 +337,7 @@ class ClientConnection(BaseProtocol, Generic[T]):
 
     __slots__ = (
         "_busy",
+        "_handed_over",
         "_head_bytes",
         "_idle_since",
         "_next",
@@ -303,7 +345,9 @@ class ClientConnection(BaseProtocol, Generic[T]):
         "_receiving",
         "_request_parser",
         "_stopped",
+        "_tail",
         "_timer",
+        "_upgrading",
         "info",
         "server",
         "task",
@@ -332,6 +376,11 @@ class ClientConnection(BaseProtocol, Generic[T]):
         self._head_bytes = 0
         # No further requests are read: after an Upgrade request or an unparseable head.
         self._stopped = False
+        # Bytes after an upgrade request's head: the new protocol's, kept for whoever takes
+        # the connection over.
+        self._tail = b""
+        self._upgrading = False
+        self._handed_over = False
         # One serving task per connection, made by the first request. Between requests it
         # waits on `_next`; `_busy` is set while it works through the queue.
         self.task: asyncio.Task[None] | None = None
@@ -362,12 +411,15 @@ class ClientConnection(BaseProtocol, Generic[T]):
 
     def data_received(self, data: bytes) -> None:
         if self._stopped:
+            if self._upgrading:
+                # Reading is paused, but a read already under way still lands here.
+                self._tail += data
             return
         receiving = self._receiving
         if receiving is None or receiving.is_eof():
             self._head_bytes += len(data)
         try:
-            messages, upgraded, _tail = self._request_parser.feed_data(data)
+            messages, upgraded, tail = self._request_parser.feed_data(data)
         except HttpProcessingError as exc:
             # The parser's first line says what was wrong; later lines quote the request.
             reason = (str(exc.message).splitlines() or ["unparseable"])[0][:200]
@@ -387,8 +439,12 @@ class ClientConnection(BaseProtocol, Generic[T]):
             self._queue.append(Request(self, message, payload))
             self._receiving = payload if payload is not EMPTY_PAYLOAD else None
         if upgraded:
-            # Upgrade (WebSocket, h2c) is hop-by-hop and not proxied: the request is answered
-            # as a plain one and the connection closed; bytes after its head are ignored.
+            # aiohttp's parser stops only at a WebSocket upgrade (h2c and others are parsed
+            # on as plain requests, then the connection closes: keep_alive is False). What
+            # follows the head is the new protocol's, for the handler's switch_protocols().
+            self._queue[-1].upgrade = "websocket"
+            self._tail = bytes(tail)
+            self._upgrading = True
             self._stop_reading()
         elif len(self._queue) > MAX_PIPELINED_REQUESTS:
             self._pause_reading_for_buffer()
@@ -450,6 +506,8 @@ class ClientConnection(BaseProtocol, Generic[T]):
                                 500, "Internal Server Error", [], b"sidekey: internal error\n",
                                 close=True,
                             )  # fmt: skip
+                    if request.taken:
+                        return  # the handler had the connection and is done with it
                     if not request.finished:
                         request.abort()  # a handler that never ended its response
                     if not request.keep_alive or server.closing:
@@ -465,6 +523,10 @@ class ClientConnection(BaseProtocol, Generic[T]):
         except ConnectionError:
             pass  # the client went away while we answered it
         finally:
+            if self._handed_over:
+                # It ended under its new owner (a spliced WebSocket): nothing more comes
+                # through this protocol, and connection_lost never will.
+                self._forget()
             self.task = self._next = None
             self._busy = False
             self._idle_since = loop.time()
@@ -495,6 +557,23 @@ class ClientConnection(BaseProtocol, Generic[T]):
             self._queue.clear()
             task = self.task
             task.add_done_callback(lambda _: self._write_and_close(head + body))
+
+    def hand_over(self) -> bytes:
+        """Stop watching the connection for its new owner; the bytes read past the head."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._handed_over = True
+        tail, self._tail = self._tail, b""
+        return tail
+
+    def _forget(self) -> None:
+        """What connection_lost does, for a connection that ended under its new owner."""
+        self.server.connections.discard(self)
+        if self.server.connection_lost is not None:
+            self.server.connection_lost(self.info)
+        self.transport = None
+        self._queue.clear()
 
     def _stop_reading(self) -> None:
         self._stopped = True

@@ -15,6 +15,10 @@ nginx upstream). This client keeps only what the adapter uses:
   upstream may stay silent `read_timeout` before its response head, and `stream_idle_timeout`
   between body bytes once the head has come (an SSE or long-poll stream is quiet for minutes).
 
+An upgrade (`upgrade()`: a WebSocket handshake) is one exchange whose 101 ends HTTP on that
+connection: `UpstreamResponse.take_over()` hands its transport and the bytes after the 101 to
+the caller, and the connection never returns to the pool.
+
 Retry rule: a request that fails on a *reused* connection before any response byte arrived
 (the upstream closed it while idle, racing our write) is retried once on a fresh connection,
 but only if it has no body: idempotency is unknown, and a streamed body cannot be replayed.
@@ -31,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterable, Iterable
-from typing import cast
+from typing import Any, cast
 
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import HttpResponseParser
@@ -137,6 +141,19 @@ class UpstreamResponse:
         self._complete = True
         return payload.read_nowait()
 
+    def take_over(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101 to `UpstreamPool.upgrade()`: the transport and the bytes the upstream
+        sent after the 101's head. The caller must set its own protocol on the transport
+        before it next yields to the loop; `release()` afterwards, as always, only frees the
+        connection's slot (the transport is the caller's to close)."""
+        conn = self._conn
+        assert conn._switched, "take_over() needs the upstream's 101 to an upgrade"
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            raise UpstreamProtocolError("upstream closed the connection right after its 101")
+        tail, conn._tail = conn._tail, b""
+        return transport, tail
+
     def release(self) -> None:
         if self._released:
             return
@@ -157,7 +174,10 @@ class _UpstreamConnection(BaseProtocol):
         "_payload",
         "_pool",
         "_response_parser",
+        "_switched",
+        "_tail",
         "_timer",
+        "_upgrade_asked",
         "_upload",
         "_upload_done",
         "_waiter",
@@ -182,6 +202,11 @@ class _UpstreamConnection(BaseProtocol):
         self._got_bytes = False
         self._upload: asyncio.Task[None] | None = None
         self._upload_done = True
+        # The exchange asked to switch protocols, and the upstream did (its 101 arrived):
+        # what it sends next is the new protocol's, kept in `_tail` for `take_over()`.
+        self._upgrade_asked = False
+        self._switched = False
+        self._tail = b""
         self.idle_since = 0.0
 
     def _new_parser(self, with_body: bool) -> HttpResponseParser:
@@ -205,8 +230,11 @@ class _UpstreamConnection(BaseProtocol):
 
     # ------------------------------------------------------------------- one exchange
 
-    def begin(self, with_body: bool) -> asyncio.Future[tuple[object, StreamReader]]:
+    def begin(
+        self, with_body: bool, upgrade: bool = False
+    ) -> asyncio.Future[tuple[object, StreamReader]]:
         """Start an exchange: arm the silence timer and return the response-head future."""
+        self._upgrade_asked = upgrade
         if with_body is not self._with_body:
             # HEAD responses carry no body whatever their headers say; the parser must know.
             self._with_body = with_body
@@ -285,15 +313,16 @@ class _UpstreamConnection(BaseProtocol):
         if self._head_pending:
             why = f"upstream sent nothing for {timeout:g} s (upstream.timeout)"
         else:
-            why = (
-                f"upstream sent nothing for {timeout:g} s mid-body "
-                "(upstream.stream_idle_timeout)"
-            )
+            why = f"upstream sent nothing for {timeout:g} s mid-body (upstream.stream_idle_timeout)"
         self.fail(UpstreamTimeout(why))
 
     # ------------------------------------------------------------------- asyncio.Protocol
 
     def data_received(self, data: bytes) -> None:
+        if self._switched:
+            # The new protocol's bytes, arriving before the new owner set its protocol.
+            self._tail += data
+            return
         if data:
             self._got_bytes = True
             # One loop.time() per read (~0.08 us) instead of cancelling and re-arming a timer
@@ -307,7 +336,7 @@ class _UpstreamConnection(BaseProtocol):
                 self.abort()
             return
         try:
-            messages, upgraded, _tail = self._response_parser.feed_data(data)
+            messages, upgraded, tail = self._response_parser.feed_data(data)
         except Exception as exc:
             self.fail(UpstreamProtocolError(f"malformed response: {_short(exc)}"))
             return
@@ -317,7 +346,7 @@ class _UpstreamConnection(BaseProtocol):
                 self.fail(UpstreamProtocolError("response head exceeds 64 KiB"))
                 return
         if upgraded:
-            self.fail(UpstreamProtocolError("upstream switched protocols unasked"))
+            self._switch(messages, bytes(tail))
             return
         for message, payload in messages:
             code = message.code
@@ -347,6 +376,28 @@ class _UpstreamConnection(BaseProtocol):
                 self._timer = self._loop.call_at(
                     self._last + pool.stream_idle_timeout, self._on_silence
                 )
+
+    def _switch(self, messages: list[tuple[Any, StreamReader]], tail: bytes) -> None:
+        """The parser stopped at a 101: the exchange's answer if it asked to upgrade."""
+        waiter = self._waiter
+        final = [(m, p) for m, p in messages if m.code >= 200 or m.code == 101]
+        if (
+            not self._upgrade_asked
+            or waiter is None
+            or waiter.done()
+            or len(final) != 1
+            or final[0][0].code != 101
+        ):
+            self.fail(UpstreamProtocolError("upstream switched protocols unasked"))
+            return
+        self._switched = True
+        self._keep_alive = False
+        self._tail = tail
+        if self._timer is not None:
+            # Silence on the new protocol is the splice's to judge, not this timer's.
+            self._timer.cancel()
+            self._timer = None
+        waiter.set_result(final[0])
 
     def eof_received(self) -> bool:
         return False  # close the transport: half-closed upstreams are not reused
@@ -454,6 +505,27 @@ class UpstreamPool:
         `content_length` (if known) is sent as Content-Length, else the body is chunked.
         """
         head = self._head(method, target, headers, body is not None, content_length)
+        return await self._send(method, head, body, content_length, False)
+
+    async def upgrade(
+        self, method: str, target: str, headers: Iterable[tuple[str, str]], protocol: str
+    ) -> UpstreamResponse:
+        """Send a bodiless request asking to switch to `protocol` (``Connection: Upgrade``,
+        ``Upgrade: websocket``); return once the response head arrived. A 101 leaves the
+        connection to `UpstreamResponse.take_over()`; any other status is a plain response
+        (read and release it as usual)."""
+        extra = ("Connection: Upgrade", f"Upgrade: {protocol}")
+        head = self._head(method, target, headers, False, None, hop=extra)
+        return await self._send(method, head, None, None, True)
+
+    async def _send(
+        self,
+        method: str,
+        head: bytes,
+        body: AsyncIterable[bytes] | None,
+        content_length: int | None,
+        upgrade: bool,
+    ) -> UpstreamResponse:
         chunked = body is not None and content_length is None
         await self._slots.acquire()
         self.busy += 1
@@ -461,14 +533,14 @@ class UpstreamPool:
             conn = self._take_idle()
             if conn is not None:
                 try:
-                    return await self._exchange(conn, method, head, body, chunked)
+                    return await self._exchange(conn, method, head, body, chunked, upgrade=upgrade)
                 except _ClosedBeforeResponse:
                     if body is not None:
                         raise
                     # The upstream closed the idle connection as we reused it; see the
                     # module docstring for why only bodiless requests are retried.
             conn = await self._connect()
-            return await self._exchange(conn, method, head, body, chunked)
+            return await self._exchange(conn, method, head, body, chunked, upgrade=upgrade)
         except BaseException:
             self._release_slot()
             raise
@@ -484,8 +556,10 @@ class UpstreamPool:
         headers: Iterable[tuple[str, str]],
         has_body: bool,
         content_length: int | None,
+        *,
+        hop: Iterable[str] = (),
     ) -> bytes:
-        extra = [self._host_line]
+        extra = [self._host_line, *hop]
         if content_length is not None:
             extra.append(f"Content-Length: {content_length}")
         elif has_body:
@@ -538,8 +612,10 @@ class UpstreamPool:
         head: bytes,
         body: AsyncIterable[bytes] | None,
         chunked: bool,
+        *,
+        upgrade: bool = False,
     ) -> UpstreamResponse:
-        waiter = conn.begin(method != "HEAD")
+        waiter = conn.begin(method != "HEAD", upgrade)
         transport = conn.transport
         assert transport is not None
         transport.write(head)

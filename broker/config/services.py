@@ -78,6 +78,9 @@ class ServiceConfig:
     guard: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     # The token rules under client_auth jwt / mtls+jwt; None otherwise.
     jwt: ServiceJwtConfig | None = None
+    # HTTP only: whether a WebSocket upgrade may be spliced through (`websocket: false`
+    # answers it 403).
+    websocket: bool = True
 
     def __post_init__(self) -> None:
         if not self.rules and self.allow:
@@ -133,6 +136,9 @@ def parse_service(
         _check_allow_pattern(rule.id, where, allowed_domains)
     allow = tuple(rule.id for rule in rules)
     credentials = _parse_credentials(s.section("credentials"), base)
+    if s.has("websocket") and adapter != "http":
+        # A key that does nothing would look like a protection it is not.
+        raise ConfigError(f"{s.at('websocket')}: only applies to adapter: http")
     service = ServiceConfig(
         name=name,
         index=index,
@@ -151,6 +157,7 @@ def parse_service(
         purpose=s.text("purpose", None),
         labels=parse_labels(s),
         jwt=jwt,
+        websocket=s.boolean("websocket", True),
     )
     s.finish()
     return service

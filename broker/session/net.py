@@ -177,6 +177,18 @@ class Conduit(asyncio.Protocol):
         self._receive_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
 
+    @classmethod
+    def adopt(cls, side: Side, transport: asyncio.Transport, buffered: bytes = b"") -> Conduit:
+        """A conduit for a connection another protocol has spoken on until now (an HTTP
+        upgrade, before its splice): it becomes the transport's protocol at once, holding
+        `buffered`, the bytes that protocol read past its own messages."""
+        conduit = cls(side)
+        conduit.transport = transport
+        conduit.peer, conduit.credentials = describe_peer(transport)
+        conduit._buffer += buffered
+        transport.set_protocol(conduit)
+        return conduit
+
     # -- asyncio.Protocol callbacks ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
