@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -34,24 +35,33 @@ RELOAD_TIMEOUT_SECONDS = 60.0
 class JsonFormatter(logging.Formatter):
     """One JSON object per line on stderr, so log shippers need no parsing rules."""
 
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, separators=(",", ":"))
 
 
-def setup_logging(level: str, fmt: str) -> None:
+def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        who = f" worker={worker}" if worker is not None else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{who} %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -74,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DRAIN_SECONDS,
         help="seconds in-flight work gets to finish on SIGTERM/SIGINT",
     )
+    # Set by the parent of `workers: N` (broker.supervisor) for each worker it starts.
+    run.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-admin", type=Path, help=argparse.SUPPRESS)
+    run.add_argument("--worker-sockets", help=argparse.SUPPRESS)
+    run.add_argument("--worker-parent-fd", type=int, help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate a config and every file it references")
     check.add_argument("--config", required=True, type=Path)
@@ -162,8 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            setup_logging(args.log_level, args.log_format)
-            return run(args.config, args.drain_timeout)
+            setup_logging(args.log_level, args.log_format, worker=args.worker)
+            if args.worker is not None:
+                return run_worker(args)
+            return run(args.config, args.drain_timeout, [
+                "--log-level", args.log_level, "--log-format", args.log_format])  # fmt: skip
         if args.command == "check":
             return check(args.config)
         if args.command == "reload":
@@ -441,10 +459,40 @@ def explain_command(args: argparse.Namespace) -> int:
     return 0 if result["decision"] == "allow" else 1
 
 
-def run(path: Path, drain_timeout: float) -> int:
+def run(path: Path, drain_timeout: float, log_args: list[str] | None = None) -> int:
     config = load_config(path)
+    count = config.worker_count
+    if count > 1:
+        from broker.supervisor import Supervisor  # noqa: PLC0415
+
+        supervisor = Supervisor(
+            config, count=count, drain_timeout=drain_timeout, log_args=log_args or []
+        )
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(supervisor.run())
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve(config, drain_timeout))
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """One worker of `workers: N`, started by its parent (broker.supervisor): the broker of
+    the same config on the sockets the parent bound, with a private admin socket."""
+    import dataclasses  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    from broker.config import AdminConfig, ListenAddress  # noqa: PLC0415
+
+    config = load_config(args.config)
+    config = dataclasses.replace(config, admin=AdminConfig(ListenAddress(path=args.worker_admin)))
+    fds: dict[str, int] = json.loads(args.worker_sockets or "{}")
+    sockets = {name: socket.socket(fileno=fd) for name, fd in fds.items()}
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(
+            _serve(
+                config, args.drain_timeout, worker=args.worker, sockets=sockets,
+                parent_fd=args.worker_parent_fd,
+            )
+        )  # fmt: skip
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -456,15 +504,33 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _serve(config: Config, drain_timeout: float) -> int:
+async def _serve(
+    config: Config,
+    drain_timeout: float,
+    *,
+    worker: int | None = None,
+    sockets: dict[str, socket.socket] | None = None,
+    parent_fd: int | None = None,
+) -> int:
     from broker.observe.metrics import platform_info  # noqa: PLC0415
     from broker.runtime import Broker  # noqa: PLC0415
 
-    broker: Broker = Broker(config, drain_timeout=drain_timeout)
+    broker: Broker = Broker(
+        config, drain_timeout=drain_timeout, worker=worker, sockets=sockets or {}
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if parent_fd is not None:
+        # The parent holds the write end and never writes: EOF means it is gone, and a
+        # worker without its parent drains and exits like on SIGTERM.
+        def parent_gone() -> None:
+            loop.remove_reader(parent_fd)
+            log.warning("the parent process is gone: stopping")
+            stop.set()
+
+        loop.add_reader(parent_fd, parent_gone)
     reloads: set[asyncio.Task[None]] = set()
 
     def on_sighup() -> None:

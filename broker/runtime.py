@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -108,10 +109,18 @@ class Broker:
     services: dict[str, Service] = field(init=False, default_factory=dict)
     # How long a stop (and a reload's replaced services) lets open work finish.
     drain_timeout: float = DEFAULT_DRAIN_SECONDS
+    # Under `workers: N` (broker.supervisor): this worker's number (1..N), carried by its
+    # audit lines, and the listening sockets its parent bound, by service name. None: the
+    # broker is the whole process and binds its own listeners.
+    worker: int | None = None
+    sockets: dict[str, socket.socket] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg = self.config
-        self.audit = AuditLog(cfg.audit.file, chain=cfg.audit.chain)
+        self.audit = AuditLog(cfg.audit.file, chain=cfg.audit.chain, worker=self.worker)
+        # Which address each inherited socket was bound for: a reload that moves a service
+        # elsewhere binds a socket of its own (a TCP port shared with the other workers).
+        self._socket_for = {s.name: s.listen for s in cfg.services if s.name in self.sockets}
         # Started here, not in start(): they open no connection until the first line.
         self._sinks: list[SyslogSink | OtlpSink] = []
         if cfg.audit.syslog is not None:
@@ -168,6 +177,11 @@ class Broker:
             stop_following = self.identity.subscribe(server_tls.update)
             server_ssl = server_tls.context
         source: CredentialSource = make_source(service, self.vault, self.metrics)
+        inherited = (
+            self.sockets[service.name]
+            if self._socket_for.get(service.name) == service.listen
+            else None
+        )
         ctx = ServiceContext(
             config=cfg,
             service=service,
@@ -179,6 +193,8 @@ class Broker:
             live=self.live,
             material=self.identity,
             tokens=self.tokens if service.jwt is not None else None,
+            listen_socket=inherited,
+            shared_listen=self.worker is not None,
         )
         return Service(ctx, adapter_cls(ctx), stop_following=stop_following)
 
@@ -364,6 +380,9 @@ class Broker:
                 else:
                     rebuilt[service.name] = self._build(new, service)
             removed = [n for n in self.services if n not in {s.name for s in new.services}]
+            if self.worker is not None:
+                # A worker's admin is its parent's private socket, never the file's.
+                new = dataclasses.replace(new, admin=old.admin, workers=old.workers)
             restart = [k for k in RESTART_SECTIONS if getattr(old, k) != getattr(new, k)]
             for section in restart:
                 log.warning("reload: the %s section changed; it takes effect at restart", section)
@@ -378,6 +397,7 @@ class Broker:
                 old_svc = self.services.pop(name, None)
                 if old_svc is not None:
                     self._retire(old_svc)
+            self._drop_inherited(new)
             await asyncio.sleep(0)  # the retiring listeners close their sockets first
             for name, svc in rebuilt.items():
                 self.services[name] = svc
@@ -400,6 +420,16 @@ class Broker:
             }
             log.info("reloaded %s: %s", new.path, summary)
             return summary
+
+    def _drop_inherited(self, config: Config) -> None:
+        """Close the sockets inherited for services a reload removed or moved: the retiring
+        listener's dup is then the last, and closing it stops the old address accepting."""
+        now = {s.name: s.listen for s in config.services}
+        for name in [n for n, at in self._socket_for.items() if now.get(n) != at]:
+            del self._socket_for[name]
+            sock = self.sockets.pop(name, None)
+            if sock is not None:
+                sock.close()
 
     def _policy(self) -> dict[str, Any]:
         return {**effective_policy(self.config), "denied": sorted(self.live.denied)}
@@ -530,6 +560,10 @@ class Broker:
         and close the audit trail with a `stop` event."""
         drain_timeout = self.drain_timeout if drain_timeout is None else drain_timeout
         started = time.monotonic()
+        for sock in self.sockets.values():
+            # Each listener serves a dup: with these closed, closing the listeners below
+            # closes the sockets, and new connections are refused while open ones drain.
+            sock.close()
         for task in list(self._prime_tasks):
             task.cancel()
         if self.deny is not None:

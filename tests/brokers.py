@@ -37,6 +37,9 @@ def base_config(
         "identity": {"trust_domain": pki.trust_domain, "x509_bundle": str(pki.bundle)},
         "tls": {"cert": str(pki.server.cert), "key": str(pki.server.key)},
         "services": services,
+        # One process: these tests count one broker's events and read its pid; several
+        # workers (the default: one per CPU) are tests/test_workers.py's.
+        "workers": 1,
     }
     if vault is not None:
         config["vault"] = {

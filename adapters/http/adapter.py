@@ -59,7 +59,7 @@ from broker.identity.tls import client_context
 from broker.policy import Decision
 from broker.session.adapter import Adapter
 from broker.session.context import ServiceContext
-from broker.session.net import describe_peer
+from broker.session.net import describe_peer, open_server
 from broker.session.registry import Entry
 from broker.session.splice import SpliceStats
 
@@ -348,7 +348,15 @@ class HttpAdapter(Adapter):
         listen = service.listen
         handshake = TLS_HANDSHAKE_TIMEOUT_SECONDS if self.ctx.server_ssl else None
         try:
-            if listen.path is not None:
+            if self.ctx.listen_socket is not None or self.ctx.shared_listen:
+                # A worker of several (broker.supervisor): the parent's socket, or a port
+                # shared with the sibling workers.
+                self._listener, address, _ = await open_server(
+                    self._server, listen, sock=self.ctx.listen_socket, shared=True,
+                    ssl=self.ctx.server_ssl, ssl_handshake_timeout=handshake,
+                )  # fmt: skip
+                self._address = str(address)
+            elif listen.path is not None:
                 self._listener = await loop.create_unix_server(
                     self._server,
                     str(listen.path),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ __all__ = [
     "DEFAULT_LEASE_IDLE_SECONDS",
     "DEFAULT_MAX_CONNECTIONS",
     "MAX_CREDENTIAL_TTL_SECONDS",
+    "MAX_WORKERS",
     "SPIFFE_ENDPOINT_SOCKET",
     "TOKEN_AUTH_MODES",
     "VAULT_AUTH_METHODS",
@@ -93,6 +95,7 @@ __all__ = [
     "TimeWindow",
     "VaultAuthConfig",
     "VaultConfig",
+    "default_workers",
     "load_config",
     "parse_config",
     "parse_listen",
@@ -105,6 +108,29 @@ __all__ = [
 DEFAULT_DRAIN_SECONDS = 10.0
 # A config file larger than this is a mistake (or an attack on the parser).
 MAX_CONFIG_BYTES = 1024 * 1024
+# More worker processes than this is a typo: each one holds its own vault token and leases.
+MAX_WORKERS = 256
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on: its affinity mask (a container's cpuset), and no
+    more than a cgroup v2 CPU quota allows (a Kubernetes CPU limit of 1.5 gives 2); at least
+    1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+# The CPU quota of this process's cgroup (v2): "QUOTA PERIOD" or "max PERIOD".
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +160,13 @@ class Config:
     governance: GovernanceConfig = field(default_factory=GovernanceConfig)
     # SHA-256 of the config file's bytes (hex), as the audit trail's `policy` events name it.
     digest: str = ""
+    # Worker processes sharing every listener (broker.workers); None: one per usable CPU
+    # (`default_workers()`). 1 runs the broker in this one process, as before workers existed.
+    workers: int | None = None
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers if self.workers is not None else default_workers()
 
     @property
     def base_dir(self) -> Path:
@@ -203,6 +236,7 @@ def parse_config(raw: object, path: Path, environ: Mapping[str, str] | None = No
     for info in identities:
         _check_identity_pattern(info, (*identity.trust_domains, *sorted(token_domains)))
     governance = parse_governance(top)
+    workers = top.integer("workers", 1, MAX_WORKERS, None)
 
     services = tuple(
         parse_service(s, i, base, identity.trust_domains, token_domains)
@@ -221,7 +255,10 @@ def parse_config(raw: object, path: Path, environ: Mapping[str, str] | None = No
                 "top-level vault section"
             )
     top.finish()
-    return Config(path, identity, tls, services, vault, admin, audit, identities, governance)
+    return Config(
+        path, identity, tls, services, vault, admin, audit, identities, governance,
+        workers=workers,
+    )  # fmt: skip
 
 
 def _check_identity_pattern(info: IdentityInfo, trust_domains: tuple[str, ...]) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.observe.audit import CHAIN_HEX
+from broker.observe.audit import CHAIN_HEX, worker_of
 
 _TAIL = re.compile(rb',"seq":(\d+),"chain":"([0-9a-f]{%d})"}$' % CHAIN_HEX)
 _PREV = re.compile(rb',"chain_prev":"([0-9a-f]{%d}|)"$' % CHAIN_HEX)
@@ -62,15 +62,11 @@ class Report:
 
 
 def verify(paths: Iterable[Path]) -> Report:
+    """Check every line; a trail written by several workers (`workers: N`) holds one chain
+    per worker (the line's ``worker`` field), each checked on its own."""
     report = Report()
-    # Hashes of recent lines by sequence number: reordering is local, so a window suffices
-    # and a 10-million-line trail verifies in constant memory.
-    recent: OrderedDict[int, bytes] = OrderedDict()
-    # Lines whose predecessor (seq - 1) has not been seen yet, by that predecessor's seq.
-    waiting: dict[int, _Line] = {}
-    high = 0  # the highest sequence number so far
-    first = True
-    last_hash = b""
+    chains: dict[int | None, _Chain] = {}
+    last: _Chain | None = None
     for path in paths:
         where = str(path)
         with path.open("rb") as f:
@@ -83,47 +79,77 @@ def verify(paths: Iterable[Path]) -> Report:
                 if tail is None:
                     report.add(Problem(where, number, "unchained", "no seq/chain fields"))
                     continue
-                seq, digest = int(tail.group(1)), tail.group(2)
-                # What was hashed: the line up to its seq field (`,"chain":"` H `"}` off).
-                item = _Line(where, number, seq, digest, line[: len(line) - CHAIN_HEX - 12])
-                link = _PREV.search(line, 0, tail.start())
-                if seq <= high:
-                    report.add(Problem(where, number, "reordered",
-                                       f"line {seq} comes after line {high}"))  # fmt: skip
-                if link is not None:
-                    named = link.group(1)
-                    known = recent.get(seq - 1)
-                    if seq > 1 and known is None and not first:
-                        _removed(report, item, high)
-                    elif known is not None and known != named:
-                        report.add(Problem(where, number, "changed",
-                                           "names a predecessor hash that is not the line "
-                                           "before it"))  # fmt: skip
-                    _check(report, item, named)
-                elif first:
-                    report.add(Problem(where, number, "truncated-start",
-                                       f"the trail starts at line {seq} and its first line "
-                                       "names no predecessor: its beginning was cut"))  # fmt: skip
-                elif (base := recent.get(seq - 1)) is not None:
-                    _check(report, item, base)
-                else:
-                    waiting[seq - 1] = item
-                first = False
-                high = max(high, seq)
-                recent[seq] = digest
-                while len(recent) > WINDOW:
-                    recent.popitem(last=False)
-                later = waiting.pop(seq, None)
-                if later is not None:
-                    _check(report, later, digest)
-                last_hash = digest
-                for stale in [k for k in waiting if k < high - WINDOW]:
-                    _removed(report, waiting.pop(stale), stale)
-    for item in waiting.values():
-        _removed(report, item, max((k for k in recent if k < item.seq), default=0))
+                worker = worker_of(line)
+                chain = chains.get(worker)
+                if chain is None:
+                    chain = chains[worker] = _Chain()
+                chain.line(report, where, number, line, tail)
+                last = chain
+    for chain in chains.values():
+        chain.finish(report)
     report.problems.sort(key=lambda p: (p.path, p.line))
-    report.last_seq, report.last_hash = high, last_hash.decode()
+    if last is not None:
+        report.last_seq, report.last_hash = last.high, last.last_hash.decode()
     return report
+
+
+class _Chain:
+    """One writer's chain (the one process's, or one worker's) as its lines are read."""
+
+    def __init__(self) -> None:
+        # Hashes of recent lines by sequence number: reordering is local, so a window
+        # suffices and a 10-million-line trail verifies in constant memory.
+        self.recent: OrderedDict[int, bytes] = OrderedDict()
+        # Lines whose predecessor (seq - 1) has not been seen yet, by that predecessor's seq.
+        self.waiting: dict[int, _Line] = {}
+        self.high = 0  # the highest sequence number so far
+        self.first = True
+        self.last_hash = b""
+
+    def line(
+        self, report: Report, where: str, number: int, line: bytes, tail: re.Match[bytes]
+    ) -> None:
+        recent, waiting = self.recent, self.waiting
+        seq, digest = int(tail.group(1)), tail.group(2)
+        # What was hashed: the line up to its seq field (`,"chain":"` H `"}` off).
+        item = _Line(where, number, seq, digest, line[: len(line) - CHAIN_HEX - 12])
+        link = _PREV.search(line, 0, tail.start())
+        if seq <= self.high:
+            report.add(Problem(where, number, "reordered",
+                               f"line {seq} comes after line {self.high}"))  # fmt: skip
+        if link is not None:
+            named = link.group(1)
+            known = recent.get(seq - 1)
+            if seq > 1 and known is None and not self.first:
+                _removed(report, item, self.high)
+            elif known is not None and known != named:
+                report.add(Problem(where, number, "changed",
+                                   "names a predecessor hash that is not the line "
+                                   "before it"))  # fmt: skip
+            _check(report, item, named)
+        elif self.first:
+            report.add(Problem(where, number, "truncated-start",
+                               f"the trail starts at line {seq} and its first line "
+                               "names no predecessor: its beginning was cut"))  # fmt: skip
+        elif (base := recent.get(seq - 1)) is not None:
+            _check(report, item, base)
+        else:
+            waiting[seq - 1] = item
+        self.first = False
+        self.high = max(self.high, seq)
+        recent[seq] = digest
+        while len(recent) > WINDOW:
+            recent.popitem(last=False)
+        later = waiting.pop(seq, None)
+        if later is not None:
+            _check(report, later, digest)
+        self.last_hash = digest
+        for stale in [k for k in waiting if k < self.high - WINDOW]:
+            _removed(report, waiting.pop(stale), stale)
+
+    def finish(self, report: Report) -> None:
+        for item in self.waiting.values():
+            _removed(report, item, max((k for k in self.recent if k < item.seq), default=0))
 
 
 # Lines a reordering may move by and still be matched with their predecessor.

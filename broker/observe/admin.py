@@ -6,8 +6,10 @@ Bind it to loopback or a private interface: it reveals identities and credential
 
 from __future__ import annotations
 
+import inspect
 import json
-from typing import Any, Protocol
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -17,16 +19,21 @@ from broker.errors import SidekeyError
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class AdminView(Protocol):
-    """What the admin server shows, handed to it by the runtime (it never imports one)."""
+T = TypeVar("T")
 
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
+
+class AdminView(Protocol):
+    """What the admin server shows, handed to it by the runtime (it never imports one), or
+    by the parent of several workers (broker.supervisor), which asks them: its answers are
+    awaitables."""
+
+    def readiness(self) -> tuple[bool, dict[str, Any]] | Awaitable[tuple[bool, dict[str, Any]]]:
         """Whether the broker is ready, and a JSON-able body that says why (not)."""
 
-    def metrics_text(self) -> bytes:
+    def metrics_text(self) -> bytes | Awaitable[bytes]:
         """The Prometheus text exposition."""
 
-    def inventory(self) -> dict[str, Any]:
+    def inventory(self) -> dict[str, Any] | Awaitable[dict[str, Any]]:
         """Services, listeners, rules and credential references (never a value)."""
 
     async def reload(self) -> dict[str, Any]:
@@ -71,12 +78,13 @@ class AdminServer:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ready, body = self.view.readiness()
+        ready, body = await _answer(self.view.readiness())
         return web.json_response(body, status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=self.view.metrics_text(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE}
+            body=await _answer(self.view.metrics_text()),
+            headers={"Content-Type": PROMETHEUS_CONTENT_TYPE},
         )
 
     async def reload(self, request: web.Request) -> web.Response:
@@ -87,5 +95,15 @@ class AdminServer:
         return web.json_response({"ok": True, **summary})
 
     async def inventory(self, request: web.Request) -> web.Response:
-        body = json.dumps(self.view.inventory(), indent=2)
+        try:
+            inventory = await _answer(self.view.inventory())
+        except SidekeyError as exc:
+            return web.json_response({"error": str(exc)}, status=503)
+        body = json.dumps(inventory, indent=2)
         return web.Response(text=body, content_type="application/json")
+
+
+async def _answer(value: T | Awaitable[T]) -> T:
+    if inspect.isawaitable(value):
+        return await value
+    return value

@@ -33,8 +33,12 @@ class AuditLog:
     Without a file, lines go to standard output, flushed per line. Lines are UTF-8 JSON.
     """
 
-    def __init__(self, path: Path | None, *, chain: bool = True) -> None:
+    def __init__(self, path: Path | None, *, chain: bool = True, worker: int | None = None) -> None:
         self.path = path
+        # Under `workers: N`, every worker appends to the one file: each line names its
+        # worker (right after "event"), and each worker keeps a chain of its own, which
+        # `sidekey audit verify` follows per worker. None: the one process's one chain.
+        self.worker = worker
         # Opened on first use, so building a broker to validate a config (`sidekey check`)
         # creates no file.
         self._fd: int | None = None
@@ -54,7 +58,7 @@ class AuditLog:
         if self.chain and self._link:
             # Continue the chain of what the file already holds (a restart appends to it);
             # a new, empty file (rotated away) continues this writer's own chain.
-            found = last_link(fd)
+            found = last_link(fd, self.worker)
             if found[1] or os.fstat(fd).st_size:
                 self._prev, self._seq = found
         return fd
@@ -64,7 +68,9 @@ class AuditLog:
 
     def emit_record(self, event: str, fields: dict[str, Any]) -> None:
         """`emit` for a caller that already has the fields in a dict (None values are left out)."""
-        record = {"time": _clock.now(), "event": event}
+        record: dict[str, Any] = {"time": _clock.now(), "event": event}
+        if self.worker is not None:
+            record["worker"] = self.worker
         for key, value in fields.items():
             if value is not None:
                 record[key] = value
@@ -176,16 +182,43 @@ def chain_line(line: bytes, prev: bytes, seq: int, link: bool) -> bytes:
     return head + b',"chain":"' + digest + b'"}\n'
 
 
-def last_link(fd: int) -> tuple[bytes, int]:
-    """The hash and sequence number of the last chained line of an open file; ("", 0) for an
-    empty file, or one whose last line is not chained (the chain starts afresh)."""
+def last_link(fd: int, worker: int | None = None) -> tuple[bytes, int]:
+    """The hash and sequence number of the last chained line of an open file (of `worker`'s
+    chain, when given); ("", 0) for an empty file, or one whose last such line is not chained
+    (the chain starts afresh). A worker's last line is looked for up to WORKER_SCAN_BYTES
+    back: the other workers' lines may follow it."""
     size = os.fstat(fd).st_size
     if size == 0:
         return b"", 0
-    start = max(0, size - TAIL_BYTES)
-    tail = os.pread(fd, size - start, start).rstrip(b"\n")
-    last = tail.rsplit(b"\n", 1)[-1]
-    match = _LAST_LINE.search(last)
-    if match is None:
-        return b"", 0
-    return match.group(2), int(match.group(1))
+    if worker is None:
+        start = max(0, size - TAIL_BYTES)
+        tail = os.pread(fd, size - start, start).rstrip(b"\n")
+        last = tail.rsplit(b"\n", 1)[-1]
+        match = _LAST_LINE.search(last)
+        if match is None:
+            return b"", 0
+        return match.group(2), int(match.group(1))
+    end, carry = size, b""
+    while end > 0 and size - end < WORKER_SCAN_BYTES:
+        start = max(0, end - TAIL_BYTES)
+        block = os.pread(fd, end - start, start) + carry
+        lines = block.split(b"\n")
+        # The first piece may be a line cut by the block's start: keep it for the next block.
+        carry, lines = (lines[0], lines[1:]) if start > 0 else (b"", lines)
+        for line in reversed(lines):
+            if worker_of(line) == worker:
+                match = _LAST_LINE.search(line)
+                return (match.group(2), int(match.group(1))) if match else (b"", 0)
+        end = start
+    return b"", 0
+
+
+# How far back a restarted worker looks for its own chain's last line.
+WORKER_SCAN_BYTES = 16 * 1024 * 1024
+_WORKER = re.compile(rb'^\{"time":"[^"]*","event":"[^"\\]*","worker":(\d+)[,}]')
+
+
+def worker_of(line: bytes) -> int | None:
+    """The worker a line names (the field right after "event"), or None."""
+    match = _WORKER.match(line)
+    return int(match.group(1)) if match else None

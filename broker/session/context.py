@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,11 @@ class ServiceContext:
     live: Registry = field(default_factory=Registry, repr=False, compare=False)
     # Verifies tokens under client_auth jwt / mtls+jwt (shared by all services); else None.
     tokens: JwtAuthority | None = field(default=None, repr=False, compare=False)
+    # Under `workers: N` (broker.supervisor): the listening socket the parent bound for this
+    # service, shared by every worker (each listener serves a dup of it), and whether a
+    # listener the worker binds itself must share its TCP port (SO_REUSEPORT).
+    listen_socket: socket.socket | None = field(default=None, repr=False, compare=False)
+    shared_listen: bool = field(default=False, repr=False, compare=False)
     # Counters bound to this service once: Counter.labels() costs ~1 us per call, and the
     # HTTP adapter would call it on every request.
     _allowed: Any = field(init=False, repr=False, compare=False)

@@ -337,6 +337,8 @@ class TcpAdapter(Adapter, Generic[H]):
             on_overload=self._overloaded if self.overload_reply(1) is not None else None,
             ssl=self.ctx.server_ssl if self.tls_first else None,
             ssl_handshake_timeout=self.hello_timeout,
+            sock=self.ctx.listen_socket,
+            shared=self.ctx.shared_listen,
         )
 
     async def _overloaded(self, client: Conduit) -> None:

@@ -663,6 +663,8 @@ async def serve(
     ssl_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT,
     on_reject: Callable[[], None] | None = None,
     on_overload: Handler | None = None,
+    sock: socket.socket | None = None,
+    shared: bool = False,
 ) -> Listener:
     """Bind `listen` (TCP host/port, or unix path) and run `handler(conduit)` per connection.
 
@@ -671,44 +673,122 @@ async def serve(
     to it to be told so in its protocol (up to MAX_OVERLOAD_ANSWERS at once, each within
     OVERLOAD_TIMEOUT), else closed at once. Handler exceptions are logged; the conduit is
     always closed when the handler returns. With `ssl`, the TLS handshake completes before
-    the handler runs.
+    the handler runs. `sock` and `shared`: see `open_server`.
     """
     if max_connections < 1:
         raise ValueError("max_connections must be at least 1")
-    loop = asyncio.get_running_loop()
     listener = Listener(handler, max_connections, on_reject, on_overload)
     tls_timeout = ssl_handshake_timeout if ssl is not None else None
+    server, address, owned = await open_server(
+        listener._conduit, listen, sock=sock, shared=shared, ssl=ssl,
+        ssl_handshake_timeout=tls_timeout,
+    )  # fmt: skip
+    listener._unix_path = owned
+    listener.address = address
+    listener._server = server
+    return listener
+
+
+async def open_server(
+    factory: Callable[[], asyncio.BaseProtocol],
+    listen: ListenAddress,
+    *,
+    sock: socket.socket | None = None,
+    shared: bool = False,
+    ssl: ssl.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
+) -> tuple[asyncio.Server, ListenAddress, Path | None]:
+    """Start serving `factory` on `listen`: (server, the address bound, the unix socket
+    path this call created and its closer must remove, else None).
+
+    `sock`: an already bound, listening socket (a worker's, from its parent: see
+    broker.supervisor); the server gets a dup of it, so closing one listener (a reload's
+    retired service) leaves the socket to the next, and the parent owns the unix path.
+    `shared`: a TCP port this process binds itself is shared with sibling workers
+    (SO_REUSEPORT; the kernel spreads connections over them)."""
+    loop = asyncio.get_running_loop()
+    if sock is not None:
+        own = sock.dup()
+        own.setblocking(False)
+        try:
+            if own.family == socket.AF_UNIX:
+                server = await loop.create_unix_server(
+                    factory, sock=own, backlog=LISTEN_BACKLOG, ssl=ssl,
+                    ssl_handshake_timeout=ssl_handshake_timeout,
+                )  # fmt: skip
+            else:
+                server = await loop.create_server(
+                    factory, sock=own, backlog=LISTEN_BACKLOG, ssl=ssl,
+                    ssl_handshake_timeout=ssl_handshake_timeout,
+                )  # fmt: skip
+        except BaseException:
+            own.close()
+            raise
+        return server, _bound_address(own), None
     if listen.path is not None:
-        sock = _bind_unix(listen.path)
+        unix = _bind_unix(listen.path)
         try:
             server = await loop.create_unix_server(
-                listener._conduit,
-                sock=sock,
+                factory,
+                sock=unix,
                 backlog=LISTEN_BACKLOG,
                 ssl=ssl,
-                ssl_handshake_timeout=tls_timeout,
+                ssl_handshake_timeout=ssl_handshake_timeout,
             )
         except BaseException:
-            sock.close()
+            unix.close()
             with contextlib.suppress(FileNotFoundError):
                 listen.path.unlink()
             raise
-        listener._unix_path = listen.path
-        listener.address = ListenAddress(path=listen.path)
+        return server, ListenAddress(path=listen.path), listen.path
+    server = await loop.create_server(
+        factory,
+        listen.host,
+        listen.port or 0,
+        backlog=LISTEN_BACKLOG,
+        ssl=ssl,
+        ssl_handshake_timeout=ssl_handshake_timeout,
+        reuse_address=True,
+        reuse_port=shared or None,
+    )
+    return server, _bound_address(server.sockets[0]), None
+
+
+def _bound_address(sock: socket.socket | Any) -> ListenAddress:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return ListenAddress(path=Path(name))
+    return ListenAddress(host=name[0], port=name[1])
+
+
+def bind_shared(listen: ListenAddress) -> socket.socket:
+    """A listening socket for `listen` that worker processes can share (broker.supervisor):
+    a unix socket (one for all workers, inherited), or a TCP one with SO_REUSEPORT, so more
+    can be bound to its port (port 0 becomes the port the kernel chose)."""
+    if listen.path is not None:
+        sock = _bind_unix(listen.path)
     else:
-        server = await loop.create_server(
-            listener._conduit,
-            listen.host,
-            listen.port or 0,
-            backlog=LISTEN_BACKLOG,
-            ssl=ssl,
-            ssl_handshake_timeout=tls_timeout,
-            reuse_address=True,
-        )
-        host, port = server.sockets[0].getsockname()[:2]
-        listener.address = ListenAddress(host=host, port=port)
-    listener._server = server
-    return listener
+        infos = socket.getaddrinfo(
+            listen.host or None, listen.port or 0, type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )  # fmt: skip
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+        except BaseException:
+            sock.close()
+            raise
+    try:
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _bind_unix(path: Path) -> socket.socket:
