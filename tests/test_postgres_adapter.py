@@ -206,8 +206,9 @@ async def test_asyncpg_identities_get_their_own_reused_users(
             assert users[0] != users[2], "another identity gets its own user"
             # The upstream session is TLS (verify-full against the cluster's CA).
             assert await first.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-            # The client sees the broker's cancel key, not the upstream's.
-            assert first.get_server_pid() != await first.fetchval("SELECT pg_backend_pid()")
+            # The client sees the server's own pid (with the broker's cancel secret:
+            # tests/test_postgres_pid.py).
+            assert first.get_server_pid() == await first.fetchval("SELECT pg_backend_pid()")
             assert (
                 b.metrics.registry.get_sample_value("sidekey_sessions_active", {"service": SERVICE})
                 == 3
