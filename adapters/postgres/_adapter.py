@@ -30,6 +30,7 @@ from broker.codecs.postgres import (
     AuthenticationCleartextPassword,
     AuthenticationOk,
     BackendKeyData,
+    BackendMessage,
     CancelRequest,
     ErrorResponse,
     FrontendParser,
@@ -50,6 +51,7 @@ from broker.session.context import ServiceContext
 from broker.session.lifecycle import Refusal, Session, Step, TcpAdapter, Upstream
 from broker.session.net import Conduit
 from broker.session.splice import StreamFilter
+from broker.session.upstream import LoginStream
 
 from ._cancel import CancelKeys, CancelTarget
 from ._config import UpstreamConfig, parse_upstream
@@ -60,6 +62,7 @@ from ._upstream import (
     authenticate,
     open_connection,
     send_cancel,
+    set_role,
     startup_for_upstream,
 )
 
@@ -250,8 +253,44 @@ class PostgresAdapter(TcpAdapter[Hello]):
         except BaseException:
             conduit.abort()
             raise
+        role = self.upstream.set_role
+        if role is not None:
+            await self._set_role(conduit, stream, greeting, role)
         login = _Login(greeting, stream.parser.leftover())
         return Upstream(conduit, user, self.upstream.target.address, login)
+
+    async def _set_role(
+        self,
+        conduit: Conduit,
+        stream: LoginStream[BackendMessage],
+        greeting: Authenticated,
+        role: str,
+    ) -> None:
+        """upstream.set_role: SET ROLE before the client's first message; what the server
+        said to it joins the greeting, in place of the login's ReadyForQuery."""
+        try:
+            said = await set_role(stream, role)
+        except UpstreamRefused as exc:
+            conduit.abort()
+            raise Refusal(
+                "upstream_login",
+                f"service {self.ctx.service.name}: SET ROLE {role} (upstream.set_role) failed: "
+                f"{exc.response.message}; the vault's creation statements must grant "
+                f"{role} to each dynamic user (docs/adapters/postgres.md)",
+                metric="set_role",
+                audit={"upstream_sqlstate": exc.response.sqlstate},
+            ) from None
+        except UpstreamError as exc:
+            conduit.abort()
+            raise Refusal(
+                "upstream_login",
+                f"service {self.ctx.service.name}: SET ROLE {role} failed: {exc}",
+                metric="set_role",
+            ) from None
+        except BaseException:
+            conduit.abort()
+            raise
+        greeting.messages[-1:] = said
 
     def greet(self, session: Session[Hello], upstream: Upstream) -> None:
         """AuthenticationOk, the server's startup messages with a BackendKeyData carrying

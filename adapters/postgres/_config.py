@@ -6,6 +6,9 @@ upstream:
   database: orders                   # or a list: the databases clients may ask for
   tls: {mode: verify-full, ca: certs/db-ca.pem, server_name: db.internal}
   connect_timeout: 5                 # seconds, TCP connect plus TLS handshake
+  set_role: orders_owner             # SET ROLE after the login, before the client's first
+                                     # message: objects belong to this group role, not to
+                                     # the lease's dynamic user (docs/adapters/postgres.md)
 ```
 
 `address`, `tls` and `connect_timeout` are the core's (broker.session.upstream), as for every
@@ -23,8 +26,8 @@ from broker.session.upstream import UpstreamTarget, parse_target
 
 # PostgreSQL's default port.
 DEFAULT_PORT = 5432
-# PostgreSQL truncates identifiers to NAMEDATALEN - 1 = 63 bytes; a longer database name in
-# the config cannot match anything the server has.
+# PostgreSQL truncates identifiers to NAMEDATALEN - 1 = 63 bytes; a longer database (or role)
+# name in the config cannot match anything the server has.
 MAX_DATABASE_NAME_BYTES = 63
 
 
@@ -33,6 +36,8 @@ class UpstreamConfig:
     target: UpstreamTarget
     # Databases clients may ask for; the first is used when a client names none.
     databases: tuple[str, ...]
+    # The role every session switches to right after the upstream login, or None.
+    set_role: str | None = None
 
 
 def parse_upstream(section: Section, base: Path) -> UpstreamConfig:
@@ -45,5 +50,13 @@ def parse_upstream(section: Section, base: Path) -> UpstreamConfig:
             raise ConfigError(
                 f"{section.at('database')}[{i}]: longer than {MAX_DATABASE_NAME_BYTES} bytes"
             )
+    set_role: str | None = section.text("set_role", None)
+    if set_role is not None and (
+        len(set_role.encode()) > MAX_DATABASE_NAME_BYTES or "\0" in set_role
+    ):
+        raise ConfigError(
+            f"{section.at('set_role')}: must be a role name of at most "
+            f"{MAX_DATABASE_NAME_BYTES} bytes"
+        )
     section.finish()
-    return UpstreamConfig(target, databases)
+    return UpstreamConfig(target, databases, set_role)

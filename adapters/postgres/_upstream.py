@@ -33,6 +33,7 @@ from broker.codecs.postgres import (
     SSLAnswer,
     SSLRequest,
     StartupMessage,
+    Unknown,
     encode,
     md5_password,
 )
@@ -234,3 +235,45 @@ def startup_for_upstream(client: StartupMessage, user: str, database: str) -> St
     rest = tuple((k, v) for k, v in client.parameters if k not in ("user", "database"))
     version = client.protocol_version if client.protocol_major == 3 else PROTOCOL_VERSION_3_0
     return StartupMessage(version, (("user", user), ("database", database), *rest))
+
+
+def set_role_query(role: str) -> bytes:
+    """The simple Query ``SET ROLE "role"`` (the name quoted as an identifier)."""
+    quoted = '"' + role.replace('"', '""') + '"'
+    return encode(Unknown(b"Q", f"SET ROLE {quoted}".encode() + b"\0"))
+
+
+async def set_role(stream: LoginStream[BackendMessage], role: str) -> list[BackendMessage]:
+    """Switch the logged-in session to `role` before the client says anything, so what it
+    creates belongs to that stable group role and not to the lease's short-lived user.
+
+    Returns what the server said on the way that the client should see too (ParameterStatus,
+    NoticeResponse), followed by its ReadyForQuery. Raises UpstreamRefused with the server's
+    error (the dynamic user is not a member of the role, or it does not exist)."""
+    leftover = stream.parser.leftover()
+    stream.conduit.write(set_role_query(role))
+    parser = BackendParser()
+    parser.feed(leftover)
+    stream.parser = parser
+    stream.phase = f"SET ROLE {role}"
+    said: list[BackendMessage] = []
+    error: ErrorResponse | None = None
+    while True:
+        message = await stream.next()
+        if isinstance(message, ErrorResponse):
+            error = message
+        elif isinstance(message, ReadyForQuery):
+            if error is not None:
+                raise UpstreamRefused(error, stream.where)
+            said.append(message)
+            return said
+        elif isinstance(message, ParameterStatus | NoticeResponse):
+            said.append(message)
+        elif not (isinstance(message, Unknown) and message.type == b"C"):
+            raise UpstreamError(
+                f"upstream {stream.where} answered SET ROLE with {type(message).__name__}"
+            )
+        if len(said) > MAX_STARTUP_MESSAGES:
+            raise UpstreamError(
+                f"upstream {stream.where} sent over {MAX_STARTUP_MESSAGES} messages"
+            )
