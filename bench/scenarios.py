@@ -1111,4 +1111,177 @@ SCENARIOS = (
     ),
 )
 
+# --------------------------------------------------------------------------- streaming
+
+# Bytes each way of the transfer row: the issue's 1 GB, smaller with BENCH_TRANSFER_MB.
+TRANSFER_BYTES = int(os.environ.get("BENCH_TRANSFER_MB", "1024")) * 1024 * 1024
+# The broker's memory may grow by less than this over a 1 GB upload and a 1 GB download.
+TRANSFER_RSS_GOAL_MB = 50.0
+# Time to first byte through the broker within 2 ms of direct (issue 17).
+TTFB_ADDED_P50_GOAL_US = 2000.0
+TTFB_ADDED_P99_GOAL_US = 5000.0
+MIB = 1024 * 1024
+
+
+def _streambench(
+    env: Env, mode: str, port: int, *, credential: bool, duration: float = 0.0
+) -> dict[str, Any]:
+    cmd = [
+        str(servers.VENV_BIN / "python"), "-m", "bench.streambench", mode,
+        "--port", str(port), "--cert", str(env.pki.loadgen.cert),
+        "--key", str(env.pki.loadgen.key), "--ca", str(env.pki.bundle),
+        "--duration", str(duration), "--bytes", str(TRANSFER_BYTES),
+    ]  # fmt: skip
+    if credential:
+        cmd += ["--header", f"Authorization: Bearer {env.http_token}"]
+    proc = subprocess.run(
+        cmd, cwd=servers.REPO, capture_output=True, text=True,
+        timeout=duration + TOOL_GRACE_SECONDS * 5, check=False,
+        preexec_fn=_pin(env.settings.other_cpus),
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise servers.BenchError(f"streambench {mode} :{port} failed: {proc.stderr[-1500:]}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def ttfb_variant(
+    name: str, label: str, proxy: str | None, port: Callable[[Env], int], *, credential: bool
+) -> Variant:
+    """Fresh mTLS connections one after another from a client with Nagle on: the time from
+    its request to the first response byte (bench/streambench.py says why Nagle matters)."""
+
+    def run(env: Env, probe: Probe, duration: float) -> Measurement:
+        probe.start()
+        r = _streambench(env, "ttfb", port(env), credential=credential, duration=duration)
+        probe.stop()
+        first = r["first_byte_us"]
+        m = Measurement(
+            ops=len(first), seconds=duration, rate=len(first) / duration,
+            p50_us=_quantile(first, 0.50), p99_us=_quantile(first, 0.99),
+            connections=len(first), errors=r["errors"],
+        )  # fmt: skip
+        m.extra["handshake_p50_us"] = _quantile(r["handshake_us"], 0.50)
+        return probe.fill(m)
+
+    return Variant(name, label, proxy, run)
+
+
+def _rss_kib(pid: int, field_name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise servers.BenchError(f"no {field_name} in /proc/{pid}/status")
+
+
+def transfer_variant(
+    name: str, label: str, proxy: str | None, port: Callable[[Env], int], *, credential: bool
+) -> Variant:
+    """TRANSFER_BYTES up (POST /sink), then down (GET /bytes/N), on one connection; for the
+    broker, how much its resident memory grew: the peak (VmHWM, reset through clear_refs
+    before the transfer) over the resident size before it."""
+
+    def run(env: Env, probe: Probe, duration: float) -> Measurement:
+        del duration  # one transfer of a fixed size
+        pid = env.broker.proc.pid if proxy == "broker" else None
+        before = 0
+        if pid is not None:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+            before = _rss_kib(pid, "VmRSS")
+        probe.start()
+        r = _streambench(env, "transfer", port(env), credential=credential)
+        probe.stop()
+        if r["statuses"] != [200, 200] or r["downloaded"] != r["bytes"]:
+            raise servers.BenchError(f"transfer through {name} failed: {r}")
+        seconds = r["upload_s"] + r["download_s"]
+        moved = 2 * r["bytes"]
+        m = Measurement(ops=moved // MIB, seconds=seconds, rate=moved / seconds / 1e6)
+        m.extra["upload_MBps"] = round(r["bytes"] / r["upload_s"] / 1e6, 1)
+        m.extra["download_MBps"] = round(r["bytes"] / r["download_s"] / 1e6, 1)
+        if pid is not None:
+            peak = _rss_kib(pid, "VmHWM")
+            m.extra["broker_rss_before_mb"] = round(before / 1024, 1)
+            m.extra["broker_rss_added_mb"] = round((peak - before) / 1024, 1)
+        return probe.fill(m)
+
+    return Variant(name, label, proxy, run)
+
+
+def transfer_verdict(s: Mapping[str, Summary]) -> Verdict:
+    added = [m.extra["broker_rss_added_mb"] for m in s["broker"].runs]
+    worst = max(added) if added else None
+    r = s["broker"].rate / s["direct"].rate if s["direct"].rate else None
+    text = f"+{worst:.1f} MB" if worst is not None else "n/a"
+    if r is not None:
+        text += f"; broker/direct {r:.3f}"
+    return Verdict(
+        figure="broker RSS added over 1 GB up + 1 GB down (worst run)",
+        value=worst,
+        text=text,
+        goal=f"< {TRANSFER_RSS_GOAL_MB:.0f} MB",
+        passed=worst is not None and worst < TRANSFER_RSS_GOAL_MB,
+        notes=[f"MiB each way: {TRANSFER_BYTES // MIB}"],
+        extra={"broker_over_direct_rate": r, "broker_rss_added_mb": added},
+    )
+
+
+SCENARIOS = (
+    *SCENARIOS,
+    Scenario(
+        key="http-ttfb",
+        title="HTTP first byte on a fresh mTLS connection, client with Nagle on (aiohttp upstream)",
+        tool="bench/streambench.py ttfb (one connection at a time)",
+        goal=f"added p50 <= +{TTFB_ADDED_P50_GOAL_US:.0f} us",
+        variants=(
+            ttfb_variant(
+                "broker",
+                "sidekey -> aiohttp upstream",
+                "broker",
+                _broker("http-slow"),
+                credential=False,
+            ),
+            ttfb_variant(
+                "direct",
+                "aiohttp upstream over mTLS",
+                None,
+                lambda env: env.upstream.tls_port,
+                credential=True,
+            ),
+        ),
+        verdict=added_latency(TTFB_ADDED_P50_GOAL_US, TTFB_ADDED_P99_GOAL_US),
+        unit="conn/s",
+    ),
+    Scenario(
+        key="http-transfer",
+        title="HTTP 1 GB upload then 1 GB download on one keep-alive connection",
+        tool="bench/streambench.py transfer",
+        goal=f"broker RSS added < {TRANSFER_RSS_GOAL_MB:.0f} MB",
+        variants=(
+            transfer_variant(
+                "broker",
+                "sidekey -> aiohttp upstream",
+                "broker",
+                _broker("http-slow"),
+                credential=False,
+            ),
+            transfer_variant(
+                "direct",
+                "aiohttp upstream over mTLS",
+                None,
+                lambda env: env.upstream.tls_port,
+                credential=True,
+            ),
+        ),
+        verdict=transfer_verdict,
+        unit="MB/s",
+    ),
+)
+
 SCENARIOS_BY_KEY: dict[str, Scenario] = {s.key: s for s in SCENARIOS}

@@ -1,5 +1,7 @@
 """An aiohttp upstream for the HTTP rows: 200 "ok" after `--delay` seconds, 401 without the
 expected ``Authorization: Bearer <token>`` header (so a row that forgot to inject fails loudly).
+The streaming rows' routes answer without the delay: ``GET /ttfb`` (a small body at once),
+``POST /sink`` (reads the body, answers its size) and ``GET /bytes/N`` (N bytes, streamed).
 
 Plain HTTP on ``--plain-port`` (what the broker and nginx proxy to) and HTTPS with required
 client certificates on ``--tls-port`` (what the direct baseline talks to).
@@ -27,7 +29,38 @@ def make_app(token: str, delay: float) -> web.Application:
             await asyncio.sleep(delay)
         return web.Response(text="ok\n")
 
+    async def ttfb(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != expected:
+            return web.Response(status=401, text="no credential\n")
+        return web.Response(text="ok\n")
+
+    async def sink(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != expected:
+            return web.Response(status=401, text="no credential\n")
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+        return web.Response(text=f"{size}\n")
+
+    async def source(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != expected:
+            return web.Response(status=401, text="no credential\n")
+        size = int(request.match_info["size"])
+        response = web.StreamResponse()
+        response.content_length = size
+        await response.prepare(request)
+        block = bytes(256 * 1024)
+        while size:
+            n = min(size, len(block))
+            await response.write(block[:n] if n < len(block) else block)
+            size -= n
+        await response.write_eof()
+        return response
+
     app = web.Application()
+    app.router.add_get("/ttfb", ttfb)
+    app.router.add_post("/sink", sink)
+    app.router.add_get("/bytes/{size:[0-9]+}", source)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
