@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from adapters.http.upstream import (
     UpstreamResponse,
 )
 from broker.errors import UpstreamTimeout
+from tests.loops import Run
 from tests.servers import free_port
 from tests.test_http_adapter import (  # the adapter's end-to-end fixtures
     Env,
@@ -207,6 +209,25 @@ async def test_sequential_requests_reuse_one_connection() -> None:
     assert pool.opened == 1
     assert len(set(up.peers)) == 1 and len(up.peers) == 5
     assert up.seen_headers[0]["Host"] == f"127.0.0.1:{up.port}"
+
+
+def test_upstream_connections_have_nagle_off(run: Run) -> None:
+    """One SSE event or a small request body is one small write: with Nagle on it could wait
+    for the upstream's delayed ACK. The loops set TCP_NODELAY on every connected socket and
+    the pool relies on that, under asyncio and uvloop."""
+
+    async def main() -> None:
+        async with aio_upstream() as up:
+            pool = make_pool(up.port)
+            response, _ = await fetch(pool)
+            assert response.status == 200
+            [conn] = pool._idle
+            assert conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            await pool.close()
+
+    run(main())
 
 
 async def test_pool_never_opens_more_than_its_limit() -> None:
