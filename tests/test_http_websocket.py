@@ -27,10 +27,12 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
 
+from tests.brokers import base_config, write_config
 from tests.pki import Pki
 from tests.servers import OpenBao
 from tests.test_http_adapter import (  # the adapter's end-to-end helpers
     DEADLINE_SECONDS,
+    OTHER_ID,
     Env,
     Proxy,
     Upstream,
@@ -183,6 +185,25 @@ async def test_plain_requests_still_work_beside_websockets(env: Env) -> None:
         async with connect(url + "/", ssl=env.client(), open_timeout=DEADLINE_SECONDS) as ws:
             await ws.send("again")
             assert await ws.recv() == "again"
+
+
+async def test_a_reload_that_denies_the_caller_cuts_its_websocket(env: Env) -> None:
+    async with echo_proxy(env) as (echo, p, url):
+        async with connect(url + "/", ssl=env.client(), open_timeout=DEADLINE_SECONDS) as ws:
+            await ws.send("before")
+            assert await ws.recv() == "before"
+            service = http_service(echo.url, env.kv.path, allow=[OTHER_ID])
+            config = base_config(
+                env.pki, services=[service], vault=env.openbao, audit=p.audit_path
+            )
+            write_config(env.tmp_path, config)
+            summary = await p.broker.reload()
+            assert summary["sessions_closed"] == 1
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), DEADLINE_SECONDS)
+        [closed] = p.events("session_closed")
+        assert closed["kind"] == "connection" and closed["reason"].startswith("policy reload")
+        assert (await audited(p))["status"] == 101
 
 
 # --------------------------------------------------------------------------- Node's ws
