@@ -193,9 +193,7 @@ async def test_a_reload_that_denies_the_caller_cuts_its_websocket(env: Env) -> N
             await ws.send("before")
             assert await ws.recv() == "before"
             service = http_service(echo.url, env.kv.path, allow=[OTHER_ID])
-            config = base_config(
-                env.pki, services=[service], vault=env.openbao, audit=p.audit_path
-            )
+            config = base_config(env.pki, services=[service], vault=env.openbao, audit=p.audit_path)
             write_config(env.tmp_path, config)
             summary = await p.broker.reload()
             assert summary["sessions_closed"] == 1
