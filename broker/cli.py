@@ -468,9 +468,9 @@ def run(path: Path, drain_timeout: float, log_args: list[str] | None = None) -> 
         supervisor = Supervisor(
             config, count=count, drain_timeout=drain_timeout, log_args=log_args or []
         )
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
             return runner.run(supervisor.run())
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
         return runner.run(_serve(config, drain_timeout))
 
 
@@ -486,7 +486,7 @@ def run_worker(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, admin=AdminConfig(ListenAddress(path=args.worker_admin)))
     fds: dict[str, int] = json.loads(args.worker_sockets or "{}")
     sockets = {name: socket.socket(fileno=fd) for name, fd in fds.items()}
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
         return runner.run(
             _serve(
                 config, args.drain_timeout, worker=args.worker, sockets=sockets,
@@ -495,11 +495,19 @@ def run_worker(args: argparse.Namespace) -> int:
         )  # fmt: skip
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed (the `fast` extra): it roughly halves the relay's CPU per byte."""
+def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `event_loop` names. auto: uvloop where installed (a dependency on
+    Linux): it roughly halves the relay's CPU per byte. None is asyncio's own loop."""
+    if choice == "asyncio":
+        return None
     try:
-        import uvloop  # noqa: PLC0415 - optional
+        import uvloop  # noqa: PLC0415 - not installed off Linux
     except ImportError:
+        if choice == "uvloop":
+            raise SidekeyError(
+                "event_loop: uvloop is not installed (pip install uvloop, or event_loop: auto "
+                "to use asyncio's loop where it is missing)"
+            ) from None
         return None
     return uvloop.new_event_loop
 
@@ -539,8 +547,9 @@ async def _serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    await broker.start()
     info = platform_info()
+    log.info("event loop: %s (event_loop: %s)", info["event_loop"], config.event_loop)
+    await broker.start()
     log.info(
         "sidekey %s running with %d services (Python %s, %s, %s)",
         __version__, len(config.services), info["python"], info["openssl"], info["event_loop"],

@@ -97,7 +97,7 @@ POLICY_FIELDS: dict[str, Any] = {
 }
 # Top-level sections a reload cannot apply to a running broker: a change is logged, and it
 # takes effect at the next start.
-RESTART_SECTIONS = ("identity", "tls", "vault", "admin")
+RESTART_SECTIONS = ("identity", "tls", "vault", "admin", "event_loop")
 
 
 @dataclass
@@ -173,7 +173,10 @@ class Broker:
         cert_mode = CLIENT_CERT_MODE.get(service.client_auth)
         if cert_mode is not None:
             # One stable context for the listener, following the identity material.
-            server_tls = ServerTLS(self.identity.snapshot, verify=cert_mode, where="tls")
+            server_tls = ServerTLS(
+                self.identity.snapshot, verify=cert_mode, where="tls",
+                resumption=service.tls_resumption,
+            )  # fmt: skip
             stop_following = self.identity.subscribe(server_tls.update)
             server_ssl = server_tls.context
         source: CredentialSource = make_source(service, self.vault, self.metrics)

@@ -114,7 +114,7 @@ class Supervisor:
         for service in self.config.services:
             listen = service.listen
             if listen.path is not None:
-                self._unix[service.name] = bind_shared(listen)
+                self._unix[service.name] = bind_shared(listen, service.socket_mode)
                 self._bound[service.name] = listen
             else:
                 first = bind_shared(listen)

@@ -167,3 +167,84 @@ def test_not_yaml_and_not_a_mapping(files: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(files / "absent.yaml")
+
+
+LOCAL_RULES = [
+    {"uid": 1000, "id": "spiffe://example.org/ns/prod/sa/orders"},
+    {"gid": 2000, "exe": "/usr/local/bin/report", "id": "spiffe://example.org/ns/prod/sa/report"},
+    {"pod_uid": "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", "id": "spiffe://example.org/ns/k/sa/p"},
+    {"cgroup": "/kubepods/*", "id": "spiffe://example.org/ns/k/sa/any"},
+]
+
+
+def test_local_rules_and_socket_mode(files: Path) -> None:
+    config = service_with(
+        listen="unix:run/pg.sock", client_auth="local", local=LOCAL_RULES, socket_mode="0600"
+    )
+    (service,) = load(files, config).services
+    assert service.local_identity is None
+    assert [r.id for r in service.local] == [r["id"] for r in LOCAL_RULES]
+    orders, report, pod, anyone = service.local
+    assert (orders.uid, orders.gid, orders.needs_process) == (1000, None, False)
+    assert (report.gid, report.exe, report.needs_process) == (2000, "/usr/local/bin/report", True)
+    assert pod.pod_uid == LOCAL_RULES[2]["pod_uid"] and anyone.cgroup == "/kubepods/*"
+    assert report.where == "services[0].local[1]"
+    assert service.socket_mode == 0o600
+    assert service.tls_resumption is True  # the default
+
+
+LOCAL = {"listen": "unix:run/pg.sock", "client_auth": "local"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {**LOCAL, "local": LOCAL_RULES, "local_identity": LOCAL_RULES[0]["id"]},
+            "services[0].local_identity: not together with services[0].local",
+        ),
+        ({**LOCAL, "local": []}, "services[0].local: must be a non-empty list"),
+        (
+            {**LOCAL, "local": [{"id": "spiffe://example.org/a"}]},
+            "services[0].local[0]: needs at least one selector",
+        ),
+        (
+            {**LOCAL, "local": [{"uid": -1, "id": "spiffe://example.org/a"}]},
+            "services[0].local[0].uid: must be an integer",
+        ),
+        (
+            {**LOCAL, "local": [{"uid": 1, "id": "spiffe://other.org/a"}]},
+            "services[0].local[0].id: 'spiffe://other.org/a' is outside",
+        ),
+        (
+            {**LOCAL, "local": [{"exe": "bin/app", "id": "spiffe://example.org/a"}]},
+            "services[0].local[0].exe: must be an absolute path",
+        ),
+        (
+            {**LOCAL, "local": [{"user": "app", "id": "spiffe://example.org/a"}]},
+            "services[0].local[0].user: unknown key",
+        ),
+        (
+            {"client_auth": "local", "local": [{"uid": 1, "id": "spiffe://example.org/a"}]},
+            "services[0].local: needs a unix listener",
+        ),
+        (
+            {"local": [{"uid": 1, "id": "spiffe://example.org/a"}]},
+            "services[0].local: only allowed with client_auth: local",
+        ),
+        (
+            {**LOCAL, "local_identity": "spiffe://example.org/a", "socket_mode": 0o660},
+            'services[0].socket_mode: must be an octal string such as "0660"',
+        ),
+        (
+            {**LOCAL, "local_identity": "spiffe://example.org/a", "socket_mode": "0460"},
+            "services[0].socket_mode: the owner (the broker) must keep read and write",
+        ),
+        ({"socket_mode": "0660"}, "services[0].socket_mode: only for a unix listener"),
+        ({"tls_resumption": "yes"}, "services[0].tls_resumption: must be"),
+    ],
+)
+def test_local_errors_name_the_key(files: Path, overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(files, service_with(**overrides))
+    assert message in str(err.value)

@@ -15,6 +15,7 @@ import logging
 import re
 import secrets
 import ssl
+import tempfile
 import time
 import tracemalloc
 import uuid
@@ -899,6 +900,43 @@ async def test_local_client_auth_over_a_unix_socket(env: Env) -> None:
         [event] = p.events("request")
     assert env.upstream.seen[-1].headers["Authorization"] == f"Bearer {env.kv.token}"
     assert event["spiffe_id"] == DEFAULT_CLIENT_ID and event["auth_method"] == "local"
+
+
+async def test_local_rules_attest_curl_by_uid_over_a_unix_socket(env: Env) -> None:
+    """`local:` rules (issue 18.2): curl as uid 41000 is the first rule's ID; as another
+    uid it is answered 403, naming the uid. The socket gets its socket_mode."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="sk-"))  # traversable by the test's uids
+    sock_dir.chmod(0o755)
+    other = "spiffe://example.org/ns/prod/sa/other"
+    service = env.service(
+        listen=f"unix:{sock_dir}/api.sock", client_auth="local", socket_mode="0666",
+        local=[{"uid": 41000, "id": DEFAULT_CLIENT_ID}, {"uid": 41001, "id": other}],
+    )  # fmt: skip
+    try:
+        async with env.proxy(service) as p:
+            assert (sock_dir / "api.sock").stat().st_mode & 0o777 == 0o666
+            statuses = []
+            for uid in (41000, 41001, 43000):
+                proc = await asyncio.create_subprocess_exec(
+                    "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",
+                    "curl", "-sS", "--unix-socket", f"{sock_dir}/api.sock",
+                    "-w", "\\n%{http_code}", "http://localhost/local",
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                out, err = await asyncio.wait_for(proc.communicate(), DEADLINE_SECONDS)
+                body, _, status = out.decode().rpartition("\n")
+                statuses.append(status)
+                if uid == 43000:
+                    assert "uid 43000" in body, (body, err)
+            assert statuses == ["200", "403", "403"]  # 41001's ID is not in `allow`
+            events = p.events("request") + p.events("deny")
+    finally:
+        for child in sock_dir.iterdir():
+            child.unlink()
+        sock_dir.rmdir()
+    assert env.upstream.seen[-1].headers["Authorization"] == f"Bearer {env.kv.token}"
+    ids = {e.get("spiffe_id") for e in events}
+    assert DEFAULT_CLIENT_ID in ids and other in ids
 
 
 def test_upstream_error_text_is_redacted_before_log_and_audit() -> None:

@@ -17,10 +17,12 @@ from broker.identity.tls import server_context
 from tests.pki import SERVER_DNS, SERVER_ID, Pki, client_ssl_context
 
 
-def test_serving_context_requires_a_client_certificate_and_mints_no_tickets(pki: Pki) -> None:
+def test_serving_context_requires_a_client_certificate_and_mints_one_ticket(pki: Pki) -> None:
     ctx = server_context(pki.server.cert, pki.server.key, pki.bundle)
     assert ctx.verify_mode == ssl.CERT_REQUIRED
-    assert ctx.num_tickets == 0
+    assert ctx.num_tickets == 1 and not ctx.options & ssl.OP_NO_TICKET
+    off = server_context(pki.server.cert, pki.server.key, pki.bundle, resumption=False)
+    assert off.num_tickets == 0 and off.options & ssl.OP_NO_TICKET
 
 
 def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> ssl.SSLSession | None:
@@ -50,9 +52,13 @@ def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> ssl.SSL
         listener.close()
 
 
-def test_no_session_to_resume_after_a_full_handshake(pki: Pki) -> None:
-    """Every connection proves its client certificate again: nothing to resume from."""
+def test_a_ticket_to_resume_only_with_resumption_on(pki: Pki) -> None:
+    """tls_resumption (default on) sends a TLS 1.3 ticket; off, nothing to resume from
+    (tests/test_tls_resumption.py: resumed callers are identified correctly)."""
     server_ctx = server_context(pki.server.cert, pki.server.key, pki.bundle)
+    session = handshake(server_ctx, client_ssl_context(pki, pki.client()))
+    assert session is not None and session.has_ticket
+    server_ctx = server_context(pki.server.cert, pki.server.key, pki.bundle, resumption=False)
     session = handshake(server_ctx, client_ssl_context(pki, pki.client()))
     assert session is None or not session.has_ticket
 

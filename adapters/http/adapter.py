@@ -59,7 +59,7 @@ from broker.identity.tls import client_context
 from broker.policy import Decision
 from broker.session.adapter import Adapter
 from broker.session.context import ServiceContext
-from broker.session.net import describe_peer, open_server
+from broker.session.net import bind_unix, describe_peer, open_server
 from broker.session.registry import Entry
 from broker.session.splice import SpliceStats
 
@@ -357,12 +357,18 @@ class HttpAdapter(Adapter):
                 )  # fmt: skip
                 self._address = str(address)
             elif listen.path is not None:
-                self._listener = await loop.create_unix_server(
-                    self._server,
-                    str(listen.path),
-                    ssl=self.ctx.server_ssl,
-                    ssl_handshake_timeout=handshake,
-                )
+                # Bound with the service's socket_mode before listen(), as TCP services are.
+                sock = bind_unix(listen.path, service.socket_mode)
+                try:
+                    self._listener = await loop.create_unix_server(
+                        self._server,
+                        sock=sock,
+                        ssl=self.ctx.server_ssl,
+                        ssl_handshake_timeout=handshake,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
                 self._address = f"unix:{listen.path}"
             else:
                 self._listener = await loop.create_server(
@@ -403,7 +409,8 @@ class HttpAdapter(Adapter):
         ssl_object = transport.get_extra_info("ssl_object") if transport else None
         token = _bearer(request, self._token_header) if self._token_header else None
         try:
-            identity = await self.ctx.identify(ssl_object, token)
+            sock = transport.get_extra_info("socket") if transport else None
+            identity = await self.ctx.identify(ssl_object, token, sock)
         except IdentityError as exc:
             if self._token_header is None:
                 conn.error = exc  # no token could change it: the connection is refused

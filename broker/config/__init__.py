@@ -47,9 +47,12 @@ from .services import (
     DEFAULT_CREDENTIAL_TTL_SECONDS,
     DEFAULT_LEASE_IDLE_SECONDS,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_SOCKET_MODE,
+    LOCAL_SELECTORS,
     MAX_CREDENTIAL_TTL_SECONDS,
     TOKEN_AUTH_MODES,
     CredentialsConfig,
+    LocalRule,
     ServiceConfig,
     check_unique,
     parse_service,
@@ -69,6 +72,9 @@ __all__ = [
     "DEFAULT_DRAIN_SECONDS",
     "DEFAULT_LEASE_IDLE_SECONDS",
     "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_SOCKET_MODE",
+    "EVENT_LOOPS",
+    "LOCAL_SELECTORS",
     "MAX_CREDENTIAL_TTL_SECONDS",
     "MAX_WORKERS",
     "SPIFFE_ENDPOINT_SOCKET",
@@ -87,6 +93,7 @@ __all__ = [
     "JwtConfig",
     "JwtIssuerConfig",
     "ListenAddress",
+    "LocalRule",
     "Section",
     "ServiceConfig",
     "ServiceJwtConfig",
@@ -108,6 +115,8 @@ __all__ = [
 DEFAULT_DRAIN_SECONDS = 10.0
 # A config file larger than this is a mistake (or an attack on the parser).
 MAX_CONFIG_BYTES = 1024 * 1024
+# `event_loop`: auto is uvloop where it is installed (a dependency on Linux), else asyncio's.
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 # More worker processes than this is a typo: each one holds its own vault token and leases.
 MAX_WORKERS = 256
 
@@ -160,6 +169,8 @@ class Config:
     governance: GovernanceConfig = field(default_factory=GovernanceConfig)
     # SHA-256 of the config file's bytes (hex), as the audit trail's `policy` events name it.
     digest: str = ""
+    # Which event loop `sidekey run` starts: auto, uvloop or asyncio (EVENT_LOOPS).
+    event_loop: str = "auto"
     # Worker processes sharing every listener (broker.workers); None: one per usable CPU
     # (`default_workers()`). 1 runs the broker in this one process, as before workers existed.
     workers: int | None = None
@@ -199,6 +210,7 @@ def parse_config(raw: object, path: Path, environ: Mapping[str, str] | None = No
     version = top.raw("version")
     if version != 1:
         raise ConfigError(f"version: must be 1 (the only config version so far), got {version!r}")
+    event_loop = top.choice("event_loop", EVENT_LOOPS, "auto")
 
     tls = parse_tls(top.section("tls"), base) if top.raw("tls", None) is not None else None
     identity = parse_identity(top.section("identity"), base, tls=tls, environ=environ)
@@ -258,6 +270,7 @@ def parse_config(raw: object, path: Path, environ: Mapping[str, str] | None = No
     return Config(
         path, identity, tls, services, vault, admin, audit, identities, governance,
         workers=workers,
+        event_loop=event_loop,
     )  # fmt: skip
 
 

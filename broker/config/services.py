@@ -31,6 +31,32 @@ DEFAULT_CREDENTIAL_TTL_SECONDS = 60.0
 DEFAULT_LEASE_IDLE_SECONDS = 300.0
 # Per-service cap on concurrent client connections: bounds memory under a connection flood.
 DEFAULT_MAX_CONNECTIONS = 1024
+# What a `local:` entry may select on (SPIRE's unix attestor has uid, gid and path; pod_uid
+# and cgroup are what a pod's cgroup says).
+LOCAL_SELECTORS = ("uid", "gid", "exe", "pod_uid", "cgroup")
+# A `local:` list longer than this is a config generator's mistake: each caller walks it.
+MAX_LOCAL_RULES = 1000
+# A unix listener's mode when `socket_mode` is not given: owner and group may connect.
+DEFAULT_SOCKET_MODE = 0o660
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRule:
+    """One `local:` entry: the SPIFFE ID a local caller gets when every selector given
+    matches its kernel-reported credentials (broker.identity.local)."""
+
+    id: str
+    where: str
+    uid: int | None = None
+    gid: int | None = None
+    exe: str | None = None
+    pod_uid: str | None = None
+    cgroup: str | None = None
+
+    @property
+    def needs_process(self) -> bool:
+        """Whether matching reads the peer process (/proc), not only SO_PEERCRED."""
+        return self.exe is not None or self.pod_uid is not None or self.cgroup is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +94,12 @@ class ServiceConfig:
     upstream: Mapping[str, Any]
     inject: Mapping[str, Any]
     local_identity: str | None = None
+    # client_auth local: the callers' selectors, first match wins (empty: local_identity).
+    local: tuple[LocalRule, ...] = ()
+    # Unix listeners: the socket file's mode (DEFAULT_SOCKET_MODE when not given).
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    # TLS listeners: TLS 1.3 session tickets and TLS 1.2 session resumption for callers.
+    tls_resumption: bool = True
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     # The allow rules with their conditions and owners; `allow` is their IDs (patterns).
     rules: tuple[AllowRule, ...] = ()
@@ -113,15 +145,35 @@ def parse_service(
     elif s.has("jwt"):
         raise ConfigError(f"{s.at('jwt')}: only used with client_auth: jwt or mtls+jwt")
     local_identity = s.text("local_identity", None)
-    if client_auth == "local" and local_identity is None:
+    local = _parse_local(s, domains[:1]) if s.has("local") else ()
+    if client_auth == "local" and local_identity is None and not local:
         raise ConfigError(
-            f"{s.at('local_identity')}: required with client_auth: local (the SPIFFE ID "
-            "every local caller is treated as)"
+            f"{s.at('local_identity')}: required with client_auth: local (the one SPIFFE ID "
+            f"every local caller is treated as), or {s.at('local')}: the callers' selectors "
+            "and their SPIFFE IDs ([{uid: 1000, id: spiffe://...}])"
+        )
+    if local_identity is not None and local:
+        raise ConfigError(
+            f"{s.at('local_identity')}: not together with {s.at('local')}: local_identity "
+            "gives every caller one ID, local: maps callers to IDs by their uid, gid, exe or "
+            "pod; keep one"
+        )
+    for key in ("local_identity", "local"):
+        if s.has(key) and client_auth != "local":
+            raise ConfigError(f"{s.at(key)}: only allowed with client_auth: local")
+    if local and listen.path is None:
+        raise ConfigError(
+            f"{s.at('local')}: needs a unix listener (listen: unix:/path): the kernel names "
+            "the caller of a unix socket only"
         )
     if local_identity is not None:
-        if client_auth != "local":
-            raise ConfigError(f"{s.at('local_identity')}: only allowed with client_auth: local")
         _check_spiffe_id(local_identity, s.at("local_identity"), domains[:1])
+    socket_mode = DEFAULT_SOCKET_MODE
+    if s.has("socket_mode"):
+        if listen.path is None:
+            raise ConfigError(f"{s.at('socket_mode')}: only for a unix listener (listen: unix:...)")
+        socket_mode = _parse_mode(s.raw("socket_mode"), s.at("socket_mode"))
+    tls_resumption = s.boolean("tls_resumption", True)
     raw_allow = s.raw("allow", [])
     if isinstance(raw_allow, str | Mapping):
         raw_allow = [raw_allow]
@@ -151,6 +203,9 @@ def parse_service(
         inject=s.frozen("inject"),
         guard=s.frozen("guard"),
         local_identity=local_identity,
+        local=local,
+        socket_mode=socket_mode,
+        tls_resumption=tls_resumption,
         max_connections=s.integer("max_connections", 1, 1_000_000, DEFAULT_MAX_CONNECTIONS),
         rules=rules,
         owner=s.text("owner", None),
@@ -161,6 +216,56 @@ def parse_service(
     )
     s.finish()
     return service
+
+
+def _parse_local(s: Section, trust_domains: tuple[str, ...]) -> tuple[LocalRule, ...]:
+    raw = s.raw("local")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(
+            f"{s.at('local')}: must be a non-empty list of {{selectors..., id: spiffe://...}}"
+        )
+    if len(raw) > MAX_LOCAL_RULES:
+        raise ConfigError(f"{s.at('local')}: at most {MAX_LOCAL_RULES} entries")
+    rules = []
+    for i, entry in enumerate(raw):
+        e = Section(entry, f"{s.at('local')}[{i}]")
+        spiffe_id = e.text("id")
+        _check_spiffe_id(spiffe_id, e.at("id"), trust_domains)
+        uid = e.integer("uid", 0, 2**32 - 2, None)
+        gid = e.integer("gid", 0, 2**32 - 2, None)
+        exe = e.text("exe", None)
+        if exe is not None and not exe.startswith("/"):
+            raise ConfigError(f"{e.at('exe')}: must be an absolute path, got {exe!r}")
+        pod_uid = e.text("pod_uid", None)
+        cgroup = e.text("cgroup", None)
+        if cgroup is not None and not cgroup.startswith("/"):
+            raise ConfigError(
+                f"{e.at('cgroup')}: must be a cgroup path starting with / (a * matches any "
+                f"characters), got {cgroup!r}"
+            )
+        e.finish()
+        rule = LocalRule(spiffe_id, e.where, uid, gid, exe, pod_uid, cgroup)
+        if all(getattr(rule, k) is None for k in LOCAL_SELECTORS):
+            raise ConfigError(
+                f"{e.where}: needs at least one selector ({', '.join(LOCAL_SELECTORS)}); "
+                "for one ID for every caller use local_identity instead of local"
+            )
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _parse_mode(value: object, where: str) -> int:
+    # A YAML 0660 is the integer 432 and 660 is not octal at all: only a string is clear.
+    if not isinstance(value, str) or not value.isdigit() or set(value) - set("01234567"):
+        raise ConfigError(f'{where}: must be an octal string such as "0660", got {value!r}')
+    mode = int(value, 8)
+    if mode > 0o777:
+        raise ConfigError(f"{where}: only permission bits (at most 0777), got {value!r}")
+    if not mode & 0o600 == 0o600:
+        raise ConfigError(
+            f"{where}: the owner (the broker) must keep read and write (0600), got {value!r}"
+        )
+    return mode
 
 
 def _parse_credentials(c: Section, base: Path) -> CredentialsConfig:

@@ -26,11 +26,14 @@ class SvidCache:
     """`identity(der, trust_domain)`: `identity_from_der` with its successes remembered
     (least recently used out, expired certificates never returned)."""
 
-    __slots__ = ("_entries", "_max", "hits", "misses")
+    __slots__ = ("_anchors", "_entries", "_max", "hits", "misses")
 
     def __init__(self, max_entries: int = MAX_CACHED_SVIDS) -> None:
         self._max = max_entries
         self._entries: OrderedDict[tuple[bytes, TrustDomains], WorkloadIdentity] = OrderedDict()
+        # Certificate DER -> the trust anchor OpenSSL verified its chain to in a full
+        # handshake: what a resumed TLS session (no chain verified) is identified by.
+        self._anchors: OrderedDict[bytes, bytes] = OrderedDict()
         # For tests and benchmarks.
         self.hits = 0
         self.misses = 0
@@ -56,3 +59,18 @@ class SvidCache:
         if len(self._entries) > self._max:
             self._entries.popitem(last=False)
         return identity
+
+    def remember_anchor(self, der: bytes, anchor: bytes) -> None:
+        """Note that a full handshake verified `der`'s chain to the trust anchor `anchor`."""
+        self._anchors[der] = anchor
+        self._anchors.move_to_end(der)
+        if len(self._anchors) > self._max:
+            self._anchors.popitem(last=False)
+
+    def anchor(self, der: bytes) -> bytes | None:
+        """The trust anchor a full handshake verified `der` to, or None if none did (or it
+        has been forgotten since)."""
+        found = self._anchors.get(der)
+        if found is not None:
+            self._anchors.move_to_end(der)
+        return found

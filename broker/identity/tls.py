@@ -41,13 +41,15 @@ log = logging.getLogger("sidekey.identity")
 
 # TLS 1.2 is the oldest version without known protocol-level breaks; 1.3 is preferred.
 MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2
-# TLS 1.3 session tickets the server sends after each full handshake. OpenSSL's default is 2,
-# and minting them (resumption secret, then the session, client certificate included,
-# encrypted) is a third of a mutual-TLS handshake: server CPU 2.4 -> 1.7 ms per handshake
-# without them (in-memory, P-256 SVIDs, OpenSSL 3.0.19, median of 280). Nobody redeems them:
-# libpq never resumes a session, and a resumed session would skip the client certificate's
-# chain and validity checks, which we want on every connection.
-SERVER_SESSION_TICKETS = 0
+# TLS 1.3 session tickets the server sends after each full handshake, with resumption on
+# (a service's `tls_resumption`, default on). OpenSSL's default is 2; minting one (resumption
+# secret, then the session, client certificate included, encrypted) was measured at a third
+# of a mutual-TLS handshake with 2 (server CPU 2.4 -> 1.7 ms without them, in-memory, P-256,
+# OpenSSL 3.0.19), which is why 0 was the setting before. One is what a reconnecting client
+# redeems (each resumption brings a fresh one); bench/README.md has the full and resumed
+# handshake rates. A resumed session skips OpenSSL's chain and validity checks, so the broker
+# identifies it only from what a full handshake verified (ServiceContext.identify_tls).
+SERVER_SESSION_TICKETS = 1
 # Issuers followed from the serving certificate into the trust bundle (OpenSSL's default
 # verification depth is 100; real chains are leaf, one or two intermediates, root).
 MAX_CHAIN_DEPTH = 8
@@ -61,6 +63,7 @@ def server_context(
     where: str = "tls",
     alpn: list[str] | None = None,
     client_cert: ssl.VerifyMode = ssl.CERT_REQUIRED,
+    resumption: bool = True,
 ) -> ssl.SSLContext:
     """A serving context from files. With `bundle`, a client certificate chaining to it is
     asked for as `client_cert` says: CERT_REQUIRED (mtls), CERT_OPTIONAL (mtls+jwt: one, if
@@ -70,7 +73,7 @@ def server_context(
     svid = read_svid(cert, key, where)
     bundles = [read_bundle("", bundle, "identity.x509_bundle")] if bundle is not None else []
     verify = client_cert if bundle is not None else ssl.CERT_NONE
-    return context_for(svid, bundles, verify=verify, alpn=alpn, where=where)
+    return context_for(svid, bundles, verify=verify, alpn=alpn, where=where, resumption=resumption)
 
 
 def context_for(
@@ -80,13 +83,19 @@ def context_for(
     verify: ssl.VerifyMode = ssl.CERT_REQUIRED,
     alpn: Sequence[str] | None = None,
     where: str = "tls",
+    resumption: bool = True,
 ) -> ssl.SSLContext:
     """A serving context for `svid` (none yet: handshakes fail until one arrives) that
-    verifies client certificates against every bundle in `bundles` under `verify`."""
+    verifies client certificates against every bundle in `bundles` under `verify`. With
+    `resumption`, TLS 1.3 tickets and TLS 1.2 tickets are issued; without, neither (TLS 1.2
+    session IDs stay in OpenSSL's server cache, which Python cannot turn off; a session
+    resumed through one is identified under the same rules)."""
     bundles = list(bundles)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = MIN_TLS_VERSION
-    ctx.num_tickets = SERVER_SESSION_TICKETS
+    ctx.num_tickets = SERVER_SESSION_TICKETS if resumption else 0
+    if not resumption:
+        ctx.options |= ssl.OP_NO_TICKET
     if svid is not None:
         pool = [c for b in bundles for c in b.authorities]
         _load_svid(ctx, svid, pool, where)
@@ -115,7 +124,7 @@ class ServerTLS:
     `context` is the stable context to hand the listener; `update(snapshot)` makes new
     handshakes use the snapshot's certificate and bundles (see the module docstring)."""
 
-    __slots__ = ("_alpn", "_verify", "_where", "context", "current")
+    __slots__ = ("_alpn", "_resumption", "_verify", "_where", "context", "current")
 
     def __init__(
         self,
@@ -124,13 +133,16 @@ class ServerTLS:
         verify: ssl.VerifyMode = ssl.CERT_REQUIRED,
         alpn: Sequence[str] | None = None,
         where: str = "tls",
+        resumption: bool = True,
     ) -> None:
         self._verify = verify
         self._alpn = tuple(alpn) if alpn else None
         self._where = where
+        self._resumption = resumption
         self.context = context_for(
-            snapshot.svid, snapshot.bundles.values(), verify=verify, alpn=alpn, where=where
-        )
+            snapshot.svid, snapshot.bundles.values(), verify=verify, alpn=alpn, where=where,
+            resumption=resumption,
+        )  # fmt: skip
         self.current = self.context
         if snapshot.svid is None:
             # Nothing to serve yet: every handshake goes to whatever arrives first.
@@ -146,6 +158,7 @@ class ServerTLS:
                 verify=self._verify,
                 alpn=self._alpn,
                 where=self._where,
+                resumption=self._resumption,
             )
         except ConfigError as exc:
             log.error("%s: kept the current TLS context: %s", self._where, exc)
@@ -263,11 +276,65 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+class ResumingContext(ssl.SSLContext):
+    """An upstream client context that offers each new connection the TLS session of the
+    last one to the same server name, so a reconnect to an upstream that issues tickets (or
+    keeps a session cache) resumes instead of paying a full handshake.
+
+    asyncio's and uvloop's TLS layers both create a connection's `SSLObject` through
+    `wrap_bio`, which is where the session is handed over: no adapter takes part. The session
+    is read from the previous connection's object when the next one starts, since a TLS 1.3
+    ticket arrives after the handshake (one object per server name is kept for that).
+    PostgreSQL servers issue neither tickets nor session IDs, so nothing resumes there;
+    HTTPS upstreams, MariaDB and Redis with TLS do."""
+
+    # Not __slots__: ssl.SSLContext instances already carry a __dict__.
+    _last: dict[str | None, ssl.SSLObject]
+
+    def __new__(
+        cls, protocol: int = ssl.PROTOCOL_TLS_CLIENT, *args: Any, **kwargs: Any
+    ) -> ResumingContext:
+        self: ResumingContext = super().__new__(cls, protocol, *args, **kwargs)
+        self._last = {}
+        return self
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        key = server_hostname.decode() if isinstance(server_hostname, bytes) else server_hostname
+        if session is None and not server_side:
+            session = self.session_for(key)
+        obj = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        if not server_side:
+            self._last[key] = obj
+        return obj
+
+    def session_for(self, server_name: str | None) -> ssl.SSLSession | None:
+        """The session the last connection to `server_name` left, if it can be resumed."""
+        last = self._last.get(server_name)
+        if last is None:
+            return None
+        try:
+            session = last.session
+        except (ValueError, ssl.SSLError):  # handshake never completed
+            return None
+        if session is None or not (session.has_ticket or session.id):
+            return None
+        found: ssl.SSLSession = session
+        return found
+
+
 def client_context(
     *, verify: bool = True, ca: Path | None = None, where: str = "upstream.tls"
 ) -> ssl.SSLContext:
-    """A context for connecting upstream: verifies against `ca` or the system store."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    """A context for connecting upstream: verifies against `ca` or the system store, and
+    resumes TLS sessions per server name (`ResumingContext`)."""
+    ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = MIN_TLS_VERSION
     if not verify:
         ctx.check_hostname = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import platform
 import ssl
 from collections.abc import Iterator
@@ -23,16 +25,27 @@ def platform_info() -> dict[str, str]:
 
     The OpenSSL version matters to operators twice: for its advisories, and for cost: Debian
     12's 3.0 spends ~30 % more CPU per mutual-TLS handshake than 3.5 (`make bench-openssl`)."""
-    try:
-        loop = f"uvloop {version('uvloop')}"  # what cli.run uses when it is installed
-    except PackageNotFoundError:
-        loop = "asyncio"
     return {
         "version": __version__,
         "python": platform.python_version(),
         "openssl": ssl.OPENSSL_VERSION,
-        "event_loop": loop,
+        "event_loop": running_loop(),
     }
+
+
+def running_loop() -> str:
+    """The event loop this thread runs (``uvloop 0.21.0`` or ``asyncio``); outside a loop,
+    what `sidekey run` would pick by default."""
+    try:
+        module = type(asyncio.get_running_loop()).__module__
+    except RuntimeError:
+        module = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    if module.startswith("uvloop"):
+        try:
+            return f"uvloop {version('uvloop')}"
+        except PackageNotFoundError:  # pragma: no cover - importable but not installed
+            return "uvloop"
+    return "asyncio"
 
 
 class Value:

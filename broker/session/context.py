@@ -16,12 +16,14 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from broker.config import Config, ServiceConfig
 from broker.credentials import CredentialSource
 from broker.identity import IdentityError, WorkloadIdentity, local_identity
 from broker.identity.jwks import JwtAuthority
+from broker.identity.local import attest_socket
 from broker.identity.material import IdentityMaterial
 from broker.identity.svid_cache import SvidCache
 from broker.identity.tls import verified_anchor
@@ -92,12 +94,17 @@ class ServiceContext:
         return self.service.jwt is not None
 
     async def identify(
-        self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None, token: TokenSource = None
+        self,
+        ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
+        token: TokenSource = None,
+        sock: socket.socket | None = None,
     ) -> WorkloadIdentity:
         """The identity of a caller under the service's `client_auth`; raises IdentityError.
         The one place that decides how a caller is proven:
 
-        - local: the configured identity; mtls: the client certificate;
+        - local: the first `local:` rule the peer of the unix socket `sock` matches (its
+          SO_PEERCRED uid, gid, process), or the one `local_identity`;
+        - mtls: the client certificate;
         - mtls+jwt: the client certificate if one was presented (certificate first), else
           the token; jwt: the token. A token is only ever taken over TLS.
 
@@ -105,7 +112,7 @@ class ServiceContext:
         one (called only when no certificate proved the caller)."""
         mode = self.service.client_auth
         if mode == "local":
-            return self.identify_local()
+            return self.identify_local(sock)
         if mode == "mtls":
             return self.identify_tls(ssl_object)
         if ssl_object is None:
@@ -146,16 +153,43 @@ class ServiceContext:
         if ssl_object is None:
             raise IdentityError("connection is not TLS: present an X.509-SVID over TLS")
         der = ssl_object.getpeercert(binary_form=True)
+        if ssl_object.session_reused:
+            return self._identify_resumed(der)
         identity = self.svids.identity(der, self._trust_domains)
         if not isinstance(self._trust_domains, str):
             # Federation: OpenSSL verified the chain against every domain's bundle; it must
             # end in the bundle of the ID's own domain (broker.identity.trust).
             bundles = self.material.bundles if self.material is not None else {}
             check_anchor(identity, verified_anchor(ssl_object), bundles)
+        if self.service.tls_resumption and der:
+            anchor = verified_anchor(ssl_object)
+            if anchor is not None:
+                self.svids.remember_anchor(der, anchor)
         return identity
 
-    def identify_local(self) -> WorkloadIdentity:
-        """The operator-configured identity of a `client_auth: local` service."""
+    def _identify_resumed(self, der: bytes | None) -> WorkloadIdentity:
+        """A resumed TLS session: OpenSSL verified no chain and checked no validity in this
+        handshake, only that the session is one it issued. The certificate is the one the
+        session was made with; it counts only if a full handshake here verified it (its
+        trust anchor remembered), the anchor is still in the bundle of the ID's trust domain
+        (a CA removed from a bundle since ends its sessions), and it has not expired."""
+        anchor = self.svids.anchor(der) if der else None
+        if anchor is None or self.material is None:
+            raise IdentityError(
+                "resumed TLS session of a client certificate this broker has not verified "
+                "(or no longer remembers): connect again without the saved session"
+            )
+        identity = self.svids.identity(der, self._trust_domains)
+        if identity.expires is not None and identity.expires <= datetime.now(UTC):
+            raise IdentityError("client certificate has expired (resumed TLS session)")
+        check_anchor(identity, anchor, self.material.bundles)
+        return identity
+
+    def identify_local(self, sock: socket.socket | None = None) -> WorkloadIdentity:
+        """The identity of a `client_auth: local` caller: attested from the kernel's peer
+        credentials by the `local:` rules, or the one configured `local_identity`."""
+        if self.service.local:
+            return attest_socket(self.service.local, sock)
         assert self.service.local_identity is not None  # enforced by config parsing
         return local_identity(self.service.local_identity)
 

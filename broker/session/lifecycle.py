@@ -339,6 +339,7 @@ class TcpAdapter(Adapter, Generic[H]):
             ssl_handshake_timeout=self.hello_timeout,
             sock=self.ctx.listen_socket,
             shared=self.ctx.shared_listen,
+            socket_mode=service.socket_mode,
         )
 
     async def _overloaded(self, client: Conduit) -> None:
@@ -400,7 +401,7 @@ class TcpAdapter(Adapter, Generic[H]):
             return await self.ask_token(client, hello, deadline)
 
         try:
-            return await ctx.identify(client.ssl_object, ask)
+            return await ctx.identify(client.ssl_object, ask, client.socket)
         except MissingCertificate as exc:
             message = f"{exc}: {self.certificate_hint}"
             ctx.refuse(client.peer, message)

@@ -24,15 +24,14 @@ import os
 import socket
 import ssl
 import stat
-import struct
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from broker.config import ListenAddress
+from broker.config import DEFAULT_SOCKET_MODE, ListenAddress
 from broker.errors import ClientError, SidekeyError, UpstreamError, UpstreamTimeout
+from broker.identity.local import PeerCredentials, peer_credentials
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,9 @@ CLOSE_LINGER_TIMEOUT = 5.0
 # Listen backlog: the value nginx and Redis use (511); asyncio's default of 100 drops SYNs
 # under a connection burst before max_connections can answer them.
 LISTEN_BACKLOG = 511
-# Unix socket mode: owner and group may connect (the app's group), others may not.
-UNIX_SOCKET_MODE = 0o660
+# Unix socket mode: owner and group may connect (the app's group), others may not
+# (a service's `socket_mode` changes it).
+UNIX_SOCKET_MODE = DEFAULT_SOCKET_MODE
 # A connection over max_connections is told so in its protocol by the `on_overload` handler,
 # which may need the client's hello (and a TLS handshake) first: it gets this long.
 OVERLOAD_TIMEOUT = 5.0
@@ -112,15 +112,6 @@ class BufferedReads(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.protocol.resume_writing()
-
-
-@dataclass(frozen=True, slots=True)
-class PeerCredentials:
-    """The kernel-verified identity of a unix socket peer (SO_PEERCRED)."""
-
-    pid: int
-    uid: int
-    gid: int
 
 
 def close_with_linger(transport: asyncio.Transport, linger: float = CLOSE_LINGER_TIMEOUT) -> None:
@@ -251,6 +242,13 @@ class Conduit(asyncio.Protocol):
         if self.transport is None:
             return None
         return cast(ssl.SSLObject | None, self.transport.get_extra_info("ssl_object"))
+
+    @property
+    def socket(self) -> socket.socket | None:
+        """The connection's socket (for its peer's credentials), or None once gone."""
+        if self.transport is None:
+            return None
+        return cast(socket.socket | None, self.transport.get_extra_info("socket"))
 
     @property
     def buffered(self) -> int:
@@ -485,7 +483,7 @@ def describe_peer(transport: asyncio.BaseTransport) -> tuple[str, PeerCredential
     peername = transport.get_extra_info("peername")
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family == socket.AF_UNIX:
-        creds = _peer_credentials(sock)
+        creds = peer_credentials(sock)
         if creds is None:
             return "unix", None
         return f"unix:pid={creds.pid},uid={creds.uid},gid={creds.gid}", creds
@@ -493,20 +491,6 @@ def describe_peer(transport: asyncio.BaseTransport) -> tuple[str, PeerCredential
         host = peername[0]
         return (f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"), None
     return str(peername), None
-
-
-_UCRED = struct.Struct("3i")
-
-
-def _peer_credentials(sock: socket.socket) -> PeerCredentials | None:
-    if not hasattr(socket, "SO_PEERCRED"):  # pragma: no cover - Linux only
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    except OSError:
-        return None
-    pid, uid, gid = _UCRED.unpack(raw)
-    return PeerCredentials(pid, uid, gid)
 
 
 async def connect(
@@ -666,7 +650,8 @@ async def serve(
     sock: socket.socket | None = None,
     shared: bool = False,
 ) -> Listener:
-    """Bind `listen` (TCP host/port, or unix path) and run `handler(conduit)` per connection.
+    """Bind `listen` (TCP host/port, or unix path with `socket_mode`) and run
+    `handler(conduit)` per connection.
 
     Connections over `max_connections` are refused, counted in `Listener.rejected` and
     reported to `on_reject` (for a metric). With `on_overload`, a refused connection is handed
@@ -681,7 +666,7 @@ async def serve(
     tls_timeout = ssl_handshake_timeout if ssl is not None else None
     server, address, owned = await open_server(
         listener._conduit, listen, sock=sock, shared=shared, ssl=ssl,
-        ssl_handshake_timeout=tls_timeout,
+        ssl_handshake_timeout=tls_timeout, socket_mode=socket_mode,
     )  # fmt: skip
     listener._unix_path = owned
     listener.address = address
@@ -697,6 +682,7 @@ async def open_server(
     shared: bool = False,
     ssl: ssl.SSLContext | None = None,
     ssl_handshake_timeout: float | None = None,
+    socket_mode: int = UNIX_SOCKET_MODE,
 ) -> tuple[asyncio.Server, ListenAddress, Path | None]:
     """Start serving `factory` on `listen`: (server, the address bound, the unix socket
     path this call created and its closer must remove, else None).
@@ -726,7 +712,7 @@ async def open_server(
             raise
         return server, _bound_address(own), None
     if listen.path is not None:
-        unix = _bind_unix(listen.path)
+        unix = bind_unix(listen.path, socket_mode)
         try:
             server = await loop.create_unix_server(
                 factory,
@@ -761,12 +747,12 @@ def _bound_address(sock: socket.socket | Any) -> ListenAddress:
     return ListenAddress(host=name[0], port=name[1])
 
 
-def bind_shared(listen: ListenAddress) -> socket.socket:
+def bind_shared(listen: ListenAddress, socket_mode: int = UNIX_SOCKET_MODE) -> socket.socket:
     """A listening socket for `listen` that worker processes can share (broker.supervisor):
     a unix socket (one for all workers, inherited), or a TCP one with SO_REUSEPORT, so more
     can be bound to its port (port 0 becomes the port the kernel chose)."""
     if listen.path is not None:
-        sock = _bind_unix(listen.path)
+        sock = bind_unix(listen.path, socket_mode)
     else:
         infos = socket.getaddrinfo(
             listen.host or None, listen.port or 0, type=socket.SOCK_STREAM,
@@ -791,8 +777,8 @@ def bind_shared(listen: ListenAddress) -> socket.socket:
     return sock
 
 
-def _bind_unix(path: Path) -> socket.socket:
-    """Bind a unix socket at `path` with UNIX_SOCKET_MODE, replacing a stale socket file.
+def bind_unix(path: Path, mode: int = UNIX_SOCKET_MODE) -> socket.socket:
+    """Bind a unix socket at `path` with `mode`, replacing a stale socket file.
 
     The mode is set between bind() and listen(), so no one can connect in the window where
     the umask's mode applies (connect() to a bound, unlistened socket is refused).
@@ -801,7 +787,7 @@ def _bind_unix(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(path))
-        os.chmod(path, UNIX_SOCKET_MODE)
+        os.chmod(path, mode)
         sock.setblocking(False)
     except BaseException:
         sock.close()

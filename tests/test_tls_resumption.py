@@ -1,0 +1,170 @@
+"""TLS session resumption (issue 18.5): callers resume TLS 1.3 (tickets) and TLS 1.2 sessions
+with the broker and are identified as on their full handshake; an upstream context resumes
+the session of its last connection, under asyncio and uvloop.
+
+Clients: `openssl s_client -sess_out/-sess_in` and Python's ssl with a saved session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from broker.identity.tls import ResumingContext, client_context
+from tests import test_http_adapter as http_tests
+from tests.loops import Run
+from tests.loops import server_context as trustme_server_context
+from tests.pki import DEFAULT_CLIENT_ID, Pki, client_ssl_context
+from tests.test_http_adapter import SERVICE, Env
+
+# The HTTP adapter tests' fixtures: a real aiohttp upstream, OpenBao, a secret.
+env = http_tests.env
+upstream = http_tests.upstream
+
+OPENSSL_SECONDS = 30
+REQUEST = b"GET /resume HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+
+def s_client(pki: Pki, address: str, *args: str) -> str:
+    """One request through `openssl s_client` with the default client's SVID; its output."""
+    host, _, port = address.rpartition(":")
+    client = pki.client()
+    done = subprocess.run(
+        ["openssl", "s_client", "-connect", f"{host}:{port}", "-servername", "localhost",
+         "-CAfile", str(pki.bundle), "-cert", str(client.cert), "-key", str(client.key),
+         "-ign_eof", *args],
+        input=REQUEST, capture_output=True, timeout=OPENSSL_SECONDS, check=False,
+    )  # fmt: skip
+    return done.stdout.decode(errors="replace")
+
+
+def statuses(out: str) -> list[str]:
+    # s_client's own lines and the reply interleave on stdout.
+    return re.findall(r"HTTP/1\.1 (\d{3}) ", out)
+
+
+@pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
+async def test_openssl_client_resumes_and_is_identified(
+    env: Env, tmp_path: Path, version: str
+) -> None:
+    sess = tmp_path / "session.pem"
+    async with env.proxy() as p:
+        address = p.broker.address(SERVICE)
+        first = await asyncio.to_thread(s_client, env.pki, address, version, "-sess_out", str(sess))
+        second = await asyncio.to_thread(s_client, env.pki, address, version, "-sess_in", str(sess))
+        events = p.events("request")
+    assert "New, TLSv1." in first and statuses(first) == ["200"], first
+    assert "Reused, TLSv1." in second and statuses(second) == ["200"], second
+    assert [e["spiffe_id"] for e in events] == [DEFAULT_CLIENT_ID] * 2
+    assert events[0]["auth_method"] == events[1]["auth_method"] == "x509-svid"
+
+
+async def test_resumption_off_means_a_full_handshake_every_time(env: Env, tmp_path: Path) -> None:
+    sess = tmp_path / "session.pem"
+    async with env.proxy(env.service(tls_resumption=False)) as p:
+        address = p.broker.address(SERVICE)
+        first = await asyncio.to_thread(
+            s_client, env.pki, address, "-tls1_3", "-sess_out", str(sess)
+        )
+        assert statuses(first) == ["200"] and "TLS session ticket:" not in first, first
+        if sess.exists():  # s_client writes a session only if the server sent a ticket
+            second = await asyncio.to_thread(
+                s_client, env.pki, address, "-tls1_3", "-sess_in", str(sess)
+            )
+            assert "New, TLSv1.3" in second and statuses(second) == ["200"], second
+
+
+async def python_request(
+    address: str, ctx: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[bytes, ssl.SSLObject]:
+    host, _, port = address.rpartition(":")
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    sslobj: dict[str, Any] = {}
+
+    # asyncio's create_connection takes no session: hand it over where the SSLObject is made.
+    original = ctx.wrap_bio
+
+    def wrap_bio(*args: Any, **kwargs: Any) -> ssl.SSLObject:
+        obj = original(*args, **kwargs, session=session)
+        sslobj["obj"] = obj
+        return obj
+
+    ctx.wrap_bio = wrap_bio  # type: ignore[method-assign]
+    try:
+        transport, _ = await loop.create_connection(
+            lambda: protocol, host, int(port), ssl=ctx, server_hostname="localhost"
+        )
+    finally:
+        del ctx.wrap_bio
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    writer.write(REQUEST)
+    reply = await asyncio.wait_for(reader.read(), OPENSSL_SECONDS)
+    writer.close()
+    return reply, sslobj["obj"]
+
+
+async def test_python_client_resumes_and_a_forgotten_certificate_is_refused(env: Env) -> None:
+    ctx = client_ssl_context(env.pki, env.pki.client())
+    async with env.proxy() as p:
+        address = p.broker.address(SERVICE)
+        reply, first = await python_request(address, ctx, None)
+        assert reply.startswith(b"HTTP/1.1 200") and not first.session_reused
+        session = first.session
+        assert session is not None and session.has_ticket
+        reply, second = await python_request(address, ctx, session)
+        assert reply.startswith(b"HTTP/1.1 200") and second.session_reused
+        # The broker identifies a resumed session only by what a full handshake verified:
+        # once it no longer remembers the certificate, the resumed caller is refused.
+        p.broker.services[SERVICE].context.svids._anchors.clear()
+        reply, third = await python_request(address, ctx, second.session or session)
+        assert third.session_reused and reply.startswith(b"HTTP/1.1 403"), reply
+        assert b"resumed TLS session" in reply
+        # A full handshake is identified again.
+        reply, fourth = await python_request(address, ctx, None)
+        assert reply.startswith(b"HTTP/1.1 200") and not fourth.session_reused
+        events = p.events("request") + p.events("deny")
+    assert sum(e.get("spiffe_id") == DEFAULT_CLIENT_ID for e in events) >= 3
+
+
+# --------------------------------------------------------------------------- upstream side
+
+
+def test_upstream_context_resumes_the_last_session(run: Run, ca: trustme.CA) -> None:
+    async def body() -> list[bool]:
+        server_ctx = trustme_server_context(ca)  # OpenSSL's defaults: two TLS 1.3 tickets
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(5)
+            writer.write(b"pong\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        ctx = client_context(verify=True)
+        assert isinstance(ctx, ResumingContext)
+        ca.configure_trust(ctx)
+        reused = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1"
+            )
+            writer.write(b"ping\n")
+            assert await reader.readline() == b"pong\n"
+            reused.append(writer.get_extra_info("ssl_object").session_reused)
+            writer.close()
+            await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return reused
+
+    assert run(body()) == [False, True, True]
