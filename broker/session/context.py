@@ -173,7 +173,9 @@ class ServiceContext:
         session was made with; it counts only if a full handshake here verified it (its
         trust anchor remembered), the anchor is still in the bundle of the ID's trust domain
         (a CA removed from a bundle since ends its sessions), and it has not expired."""
-        anchor = self.svids.anchor(der) if der else None
+        if not der:
+            return self.svids.identity(der, self._trust_domains)  # raises MissingCertificate
+        anchor = self.svids.anchor(der)
         if anchor is None or self.material is None:
             raise IdentityError(
                 "resumed TLS session of a client certificate this broker has not verified "
