@@ -649,6 +649,7 @@ async def serve(
     on_overload: Handler | None = None,
     sock: socket.socket | None = None,
     shared: bool = False,
+    socket_mode: int = UNIX_SOCKET_MODE,
 ) -> Listener:
     """Bind `listen` (TCP host/port, or unix path with `socket_mode`) and run
     `handler(conduit)` per connection.
