@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.image",
     "tests.tokens",
     "tests.oidc",
+    "tests.oauth_server",
     "tests.syslog",
     "tests.openbao_tls",
     "tests.bao_cluster",

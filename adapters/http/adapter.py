@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
-import string
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -40,7 +38,16 @@ from multidict import MultiMapping
 from yarl import URL
 
 from adapters.http.exchange import ClientRequest, UpstreamClient, UpstreamReply
+from adapters.http.inject import (
+    HOP_BY_HOP_HEADERS,
+    HeaderTemplate,
+    Injector,
+    InjectRefused,
+    Outgoing,
+    parse_headers,
+)
 from adapters.http.server import HttpServer, InvalidResponseHead, Request, clock
+from adapters.http.sigv4 import parse_sigv4
 from adapters.http.upgrade import splice_upgraded
 from adapters.http.upstream import (
     InvalidRequestHead,
@@ -93,44 +100,14 @@ KEEPALIVE_TIMEOUT_SECONDS = 75.0
 # Bodies are copied in chunks of this size: the client reader's buffer size (2**16), so one
 # chunk is one buffer; larger chunks add memory per connection and no throughput.
 STREAM_CHUNK_BYTES = 64 * 1024
-# A credential field value shorter than this is not scrubbed from response headers: short
-# values match unrelated headers by chance, and real tokens and passwords are longer.
-MIN_SCRUB_VALUE_LENGTH = 8
-
-# RFC 9110 section 7.6.1: connection-specific headers, meaningful for one hop only.
-HOP_BY_HOP_HEADERS = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "Proxy-Connection",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-    )
-)
-# Headers the broker sets for the upstream hop itself; injecting them would break framing or
-# routing, so config may not name them.
-NOT_INJECTABLE = HOP_BY_HOP_HEADERS | {"host", "content-length", "expect"}
+# Methods RFC 9110 section 9.2.2 calls idempotent: a request with one of these and no body
+# may be sent again after the upstream refused its access token.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Set by the upstream client for its hop (Content-Length is re-sent from the parsed value).
 _HOP_FRAMING = frozenset({"host", "expect", "content-length"})
-# An HTTP header name (RFC 9110 section 5.1: a token).
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 # --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderTemplate:
-    """One injected header: its name and a template over the credential's fields."""
-
-    name: str
-    template: str
-    fields: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +117,8 @@ class HttpSettings:
     timeout: float
     connect_timeout: float
     headers: tuple[HeaderTemplate, ...]
+    # What puts the credential into each request (inject.headers, inject.aws_sigv4).
+    injector: Injector
     stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS
 
 
@@ -167,20 +146,12 @@ def parse_settings(ctx: ServiceContext) -> HttpSettings:
     tls = client_context(ca=ca, where=up.where) if url.scheme == "https" else None
 
     inject = Section(service.inject, f"{service.where}.inject")
-    raw_headers: Mapping[str, str] = inject.string_map("headers")
-    where = inject.at("headers")
-    if not raw_headers:
-        raise ConfigError(f"{where}: name at least one header to inject the credential into")
+    header_injector = parse_headers(inject, required=not inject.has("aws_sigv4"))
+    injector: Injector | None = parse_sigv4(inject, url, header_injector) or header_injector
     inject.finish()
-    headers = tuple(
-        _parse_template(name, template, f"{where}.{name}") for name, template in raw_headers.items()
-    )
-    seen: set[str] = set()
-    for header in headers:
-        if header.name.lower() in seen:
-            raise ConfigError(f"{where}.{header.name}: named twice (header names ignore case)")
-        seen.add(header.name.lower())
-    return HttpSettings(url, tls, timeout, connect_timeout, headers, stream_idle_timeout)
+    assert injector is not None  # headers are required without aws_sigv4
+    headers = header_injector.headers if header_injector is not None else ()
+    return HttpSettings(url, tls, timeout, connect_timeout, headers, injector, stream_idle_timeout)
 
 
 def _parse_url(text: str, where: str) -> URL:
@@ -196,33 +167,6 @@ def _parse_url(text: str, where: str) -> URL:
     if url.query_string or url.fragment:
         raise ConfigError(f"{where}: must not have a query or fragment")
     return url
-
-
-def _parse_template(name: str, template: str, where: str) -> HeaderTemplate:
-    if not _TOKEN.match(name):
-        raise ConfigError(f"{where}: not a valid HTTP header name")
-    if name.lower() in NOT_INJECTABLE:
-        raise ConfigError(f"{where}: the broker sets this header itself; it cannot be injected")
-    if any(c in template for c in "\r\n\0"):
-        raise ConfigError(f"{where}: a header value cannot contain CR, LF or NUL")
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ConfigError(f"{where}: not a valid template: {exc}") from None
-    fields: list[str] = []
-    for _literal, field_name, spec, conversion in parts:
-        if field_name is None:
-            continue
-        # Only plain {field}: attribute, index, conversion and format spec syntax would let a
-        # template reach beyond the string values of the secret's fields.
-        if not field_name.isidentifier() or spec or conversion:
-            raise ConfigError(
-                f"{where}: template fields must be plain names like {{token}}, got "
-                f"{{{field_name}{'!' + conversion if conversion else ''}"
-                f"{':' + spec if spec else ''}}}"
-            )
-        fields.append(field_name)
-    return HeaderTemplate(name, template, tuple(dict.fromkeys(fields)))
 
 
 # --------------------------------------------------------------------------- listener
@@ -291,8 +235,8 @@ class HttpAdapter(Adapter):
         self._base_path = self.settings.url.raw_path.rstrip("/")
         # Worked out once, not per request (measured on a loaded 2-core host: the set unions
         # ~1 us, each Counter.labels() ~1 us).
-        injected = frozenset(h.name.lower() for h in self.settings.headers)
-        self._drop_request = HOP_BY_HOP_HEADERS | injected | _HOP_FRAMING
+        self._injector = self.settings.injector
+        self._drop_request = HOP_BY_HOP_HEADERS | self._injector.drop | _HOP_FRAMING
         # The header a token comes in: never forwarded, so the injected credential is the
         # only one the upstream sees.
         jwt = ctx.service.jwt
@@ -309,10 +253,6 @@ class HttpAdapter(Adapter):
             k: metrics.upstream_errors.labels(name, k)
             for k in ("connect", "timeout", "tls", "protocol")
         }
-        # The last credential and the headers rendered from it: rendering and checking the
-        # templates cost ~3 us per request, and a cached credential is the same object
-        # until it is refreshed.
-        self._rendered: tuple[Credential, list[tuple[str, str]], tuple[str, ...]] | None = None
 
     @property
     def address(self) -> str:
@@ -542,7 +482,11 @@ class HttpAdapter(Adapter):
             try:
                 async with self.ctx.credentials.use(identity) as credential:
                     ex.credential = credential
-                    await self._exchange(request, credential, ex)
+                    retry = await self._exchange(request, identity, credential, ex)
+                if retry:
+                    async with self.ctx.credentials.use(identity) as credential:
+                        ex.credential = credential
+                        await self._exchange(request, identity, credential, ex, retry=False)
             except CredentialUnavailable as exc:
                 ex.error = f"credential unavailable: {exc}"
                 self.ctx.log.warning("credential unavailable service=%s error=%s", name, exc)
@@ -604,49 +548,41 @@ class HttpAdapter(Adapter):
                 error=ex.error,
             )
 
-    def _inject(self, credential: Credential, ex: _Exchange) -> list[tuple[str, str]]:
-        rendered = self._rendered
-        if rendered is not None and rendered[0] is credential:
-            ex.secrets = rendered[2]
-            return rendered[1]
-        values: list[tuple[str, str]] = []
-        used: list[str] = []
-        for header in self.settings.headers:
-            for field_name in header.fields:
-                if field_name not in credential.fields:
-                    raise _Refused(503, f"credential has no field {field_name}", "template")
-                value = credential.fields[field_name]
-                if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
-                    raise _Refused(
-                        503, f"credential field {field_name} is not a valid header value",
-                        "template",
-                    )  # fmt: skip
-                used.append(value)
-            values.append((header.name, header.template.format_map(credential.fields)))
-        ex.secrets = tuple(v for v in used if len(v) >= MIN_SCRUB_VALUE_LENGTH)
-        self._rendered = (credential, values, ex.secrets)
-        return values
-
     async def _exchange(
-        self, request: ClientRequest[_Connection], credential: Credential, ex: _Exchange
-    ) -> None:
+        self,
+        request: ClientRequest[_Connection],
+        identity: WorkloadIdentity,
+        credential: Credential,
+        ex: _Exchange,
+        *,
+        retry: bool = True,
+    ) -> bool:
+        """Forward the request with `credential` and relay the answer. True instead when the
+        upstream refused the credential (401), the source got a new one and the request can
+        be sent again: the caller then calls again with the new one."""
         assert self._pool is not None
         # Origin-form only (checked in _handle); the fragment never goes on the wire.
         target = self._base_path + request.target.partition("#")[0]
-        injected = self._inject(credential, ex)
         headers = _forward_headers(request.headers, self._drop_request)
-        headers += injected
         if request.headers.get("Expect", "").lower() == "100-continue":
             # Answer the client's Expect ourselves, after policy and credential: a refused
             # client never uploads its body, and the upstream's 100 is not relayed.
             request.send_continue()
         body = _counted(request, ex) if request.body_exists else None
+        out = Outgoing(request.method, target, headers, body, request.content_length)
+        try:
+            await self._injector.apply(credential, out)
+        except InjectRefused as exc:
+            raise _Refused(exc.status, exc.message, exc.kind) from None
+        finally:
+            ex.secrets = out.secrets
+        target, headers, body = out.target, out.headers, out.body
         upgrade = _upgrade_of(request)
         pool = self._pool
         try:
             if upgrade is None:
                 upstream = await pool.request(
-                    request.method, target, headers, body, request.content_length
+                    request.method, target, headers, body, out.content_length
                 )
             elif isinstance(pool, UpstreamPool):
                 upstream = await pool.upgrade(request.method, target, headers, upgrade)
@@ -669,6 +605,20 @@ class HttpAdapter(Adapter):
                 # nginx's 499 "client closed request": only the audit trail will see it.
                 raise _Refused(499, ex.error, "client") from None
             raise self._upstream_refusal(exc, ex) from None
+        # A refused access token: the next request gets a new one (refresh), and this one
+        # is sent again with it, once, and only when it can be replayed.
+        if (
+            upstream.status == 401
+            and await self.ctx.credentials.refresh(identity, credential)
+            and retry
+            and body is None
+            and upgrade is None
+            and request.method in IDEMPOTENT_METHODS
+        ):
+            ex.upstream_status = upstream.status
+            upstream.read_buffered()  # a short 401 read whole keeps the connection
+            upstream.release()
+            return True
         try:
             if upgrade is not None and upstream.status == 101:
                 assert isinstance(request, Request) and isinstance(upstream, UpstreamResponse)
@@ -677,6 +627,7 @@ class HttpAdapter(Adapter):
                 await self._relay(request, upstream, ex)
         finally:
             upstream.release()
+        return False
 
     async def _splice(
         self, request: Request[_Connection], upstream: UpstreamResponse, ex: _Exchange

@@ -40,6 +40,7 @@ from .identity import (
     parse_tls,
 )
 from .jwt import JwtConfig, JwtIssuerConfig, ServiceJwtConfig, SpiffeIdTemplate
+from .oauth2 import OAUTH2_AUTH_METHODS, OAuth2Config
 from .section import ListenAddress, Section, parse_listen
 from .services import (
     CLIENT_AUTH_MODES,
@@ -77,6 +78,7 @@ __all__ = [
     "LOCAL_SELECTORS",
     "MAX_CREDENTIAL_TTL_SECONDS",
     "MAX_WORKERS",
+    "OAUTH2_AUTH_METHODS",
     "SPIFFE_ENDPOINT_SOCKET",
     "TOKEN_AUTH_MODES",
     "VAULT_AUTH_METHODS",
@@ -94,6 +96,7 @@ __all__ = [
     "JwtIssuerConfig",
     "ListenAddress",
     "LocalRule",
+    "OAuth2Config",
     "Section",
     "ServiceConfig",
     "ServiceJwtConfig",

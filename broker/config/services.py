@@ -17,12 +17,13 @@ from broker.spiffeid import SpiffeIdError, parse_spiffe_id
 
 from .governance import AllowRule, parse_labels, parse_rule
 from .jwt import ServiceJwtConfig, parse_service_jwt
+from .oauth2 import DEFAULT_TOKEN_MAX_LIFETIME_SECONDS, OAuth2Config, parse_oauth2
 from .section import ListenAddress, Section, parse_listen
 
 CLIENT_AUTH_MODES = ("mtls", "jwt", "mtls+jwt", "local")
 # The modes in which a caller may prove itself with a token (JWT-SVID or OIDC).
 TOKEN_AUTH_MODES = ("jwt", "mtls+jwt")
-CREDENTIAL_PROVIDERS = ("vault-kv", "vault-database", "env", "file")
+CREDENTIAL_PROVIDERS = ("vault-kv", "vault-database", "env", "file", "oauth2")
 
 # A credential cached for longer than this is a standing secret, not a just-in-time one.
 MAX_CREDENTIAL_TTL_SECONDS = 24 * 3600
@@ -64,7 +65,8 @@ class CredentialsConfig:
     """Where a service's credential comes from.
 
     `provider` picks which of the other fields apply: vault-kv (mount, path), vault-database
-    (mount, role), env (fields: name -> variable), file (file: a YAML/JSON mapping).
+    (mount, role), env (fields: name -> variable), file (file: a YAML/JSON mapping), oauth2
+    (oauth2: the token endpoint and the client credentials, themselves one of the first ones).
     """
 
     provider: str
@@ -75,9 +77,12 @@ class CredentialsConfig:
     file: Path | None = None
     ttl: float = DEFAULT_CREDENTIAL_TTL_SECONDS
     idle_timeout: float = DEFAULT_LEASE_IDLE_SECONDS
+    oauth2: OAuth2Config | None = None
 
     def describe(self) -> str:
         """A reference safe for logs and audit: provider and location, never a value."""
+        if self.oauth2 is not None:
+            return f"oauth2:{self.oauth2.endpoint}"
         where = self.path or self.role or (str(self.file) if self.file else ",".join(self.fields))
         return f"{self.provider}:{self.mount + '/' if self.mount else ''}{where}"
 
@@ -270,8 +275,17 @@ def _parse_mode(value: object, where: str) -> int:
 
 def _parse_credentials(c: Section, base: Path) -> CredentialsConfig:
     provider = c.choice("from", CREDENTIAL_PROVIDERS)
-    ttl = c.number("ttl", 1, MAX_CREDENTIAL_TTL_SECONDS, DEFAULT_CREDENTIAL_TTL_SECONDS)
-    if provider == "vault-kv":
+    # An access token is used until shortly before its expires_in, and never longer than ttl.
+    default_ttl = (
+        DEFAULT_TOKEN_MAX_LIFETIME_SECONDS
+        if provider == "oauth2"
+        else DEFAULT_CREDENTIAL_TTL_SECONDS
+    )
+    ttl = c.number("ttl", 1, MAX_CREDENTIAL_TTL_SECONDS, default_ttl)
+    if provider == "oauth2":
+        client = _parse_credentials(c.section("client"), base)
+        creds = CredentialsConfig(provider, "", ttl=ttl, oauth2=parse_oauth2(c, base, client))
+    elif provider == "vault-kv":
         creds = CredentialsConfig(provider, c.text("mount", "secret"), path=c.text("path"), ttl=ttl)
     elif provider == "vault-database":
         creds = CredentialsConfig(

@@ -97,6 +97,13 @@ class CredentialSource(abc.ABC):
         has (a static secret is the same on the next fetch)."""
         return None
 
+    async def refresh(self, identity: WorkloadIdentity, credential: Credential) -> bool:
+        """The upstream refused `credential` as no longer valid (an HTTP 401): drop it so
+        the next `use()` fetches a new one, and return True, when this source can (an OAuth2
+        access token); the caller may then retry a request that can be sent again. The
+        default can get nothing newer and returns False."""
+        return False
+
     def status(self) -> dict[str, Any]:
         """What /readyz shows of this source right now: whether a credential is held, for how
         long it stays valid, the last error. Never a value; no IO."""

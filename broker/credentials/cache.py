@@ -157,6 +157,16 @@ class CachedSource(CredentialSource):
             await asyncio.gather(task, return_exceptions=True)
         self._credential = None
 
+    def holds(self, credential: Credential) -> bool:
+        """`credential` is the one being served right now."""
+        return self._credential is credential
+
+    def drop(self, credential: Credential) -> None:
+        """Stop serving `credential` (if it is the current one): the next `use()` fetches."""
+        if self._credential is credential:
+            self._credential = None
+            self._expires = self._refresh_at = 0.0
+
     # ------------------------------------------------------------------ internals
 
     async def _get_slow(self) -> Credential:
@@ -213,9 +223,14 @@ class CachedSource(CredentialSource):
         self._fetch_seconds.observe(time.perf_counter() - started)
         self._fetch_ok.inc()
         now = self._clock()
+        # A credential that says how long it lives (an access token's expires_in) is served
+        # no longer than that, nor than the configured ttl.
+        ttl = self.ttl
+        if credential.lease_duration is not None:
+            ttl = min(ttl, credential.lease_duration)
         self._credential = credential
-        self._expires = now + self.ttl
-        self._refresh_at = now + self.ttl * self.refresh_ahead
+        self._expires = now + ttl
+        self._refresh_at = now + ttl * self.refresh_ahead
         self._failure = None
         self._last_error = None
         return credential
