@@ -1181,20 +1181,35 @@ def _rss_kib(pid: int, field_name: str) -> int:
     raise servers.BenchError(f"no {field_name} in /proc/{pid}/status")
 
 
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its children: under `workers: N` the broker's connections live in workers."""
+    tree = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+                tree.append(int(entry.name))
+    return tree
+
+
 def transfer_variant(
     name: str, label: str, proxy: str | None, port: Callable[[Env], int], *, credential: bool
 ) -> Variant:
     """TRANSFER_BYTES up (POST /sink), then down (GET /bytes/N), on one connection; for the
-    broker, how much its resident memory grew: the peak (VmHWM, reset through clear_refs
-    before the transfer) over the resident size before it."""
+    broker, how much its resident memory grew: each process's peak (VmHWM, reset through
+    clear_refs before the transfer) over its resident size before it, the largest growth of
+    the broker and its workers (one of them carries the connection)."""
 
     def run(env: Env, probe: Probe, duration: float) -> Measurement:
         del duration  # one transfer of a fixed size
-        pid = env.broker.proc.pid if proxy == "broker" else None
-        before = 0
-        if pid is not None:
+        pids = _process_tree(env.broker.proc.pid) if proxy == "broker" else []
+        before: dict[int, int] = {}
+        for pid in pids:
             Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
-            before = _rss_kib(pid, "VmRSS")
+            before[pid] = _rss_kib(pid, "VmRSS")
         probe.start()
         r = _streambench(env, "transfer", port(env), credential=credential)
         probe.stop()
@@ -1205,10 +1220,12 @@ def transfer_variant(
         m = Measurement(ops=moved // MIB, seconds=seconds, rate=moved / seconds / 1e6)
         m.extra["upload_MBps"] = round(r["bytes"] / r["upload_s"] / 1e6, 1)
         m.extra["download_MBps"] = round(r["bytes"] / r["download_s"] / 1e6, 1)
-        if pid is not None:
-            peak = _rss_kib(pid, "VmHWM")
-            m.extra["broker_rss_before_mb"] = round(before / 1024, 1)
-            m.extra["broker_rss_added_mb"] = round((peak - before) / 1024, 1)
+        if pids:
+            added = {pid: _rss_kib(pid, "VmHWM") - rss for pid, rss in before.items()}
+            busiest = max(added, key=lambda pid: added[pid])
+            m.extra["broker_processes"] = len(pids)
+            m.extra["broker_rss_before_mb"] = round(before[busiest] / 1024, 1)
+            m.extra["broker_rss_added_mb"] = round(added[busiest] / 1024, 1)
         return probe.fill(m)
 
     return Variant(name, label, proxy, run)
