@@ -175,7 +175,7 @@ class Broker:
             # One stable context for the listener, following the identity material.
             server_tls = ServerTLS(
                 self.identity.snapshot, verify=cert_mode, where="tls",
-                resumption=service.tls_resumption,
+                resumption=service.tls_resumption, alpn=adapter_cls.tls_alpn or None,
             )  # fmt: skip
             stop_following = self.identity.subscribe(server_tls.update)
             server_ssl = server_tls.context

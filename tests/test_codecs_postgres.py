@@ -407,6 +407,31 @@ def test_frontend_client_ssl_then_startup() -> None:
         parser.next_message()
 
 
+def test_frontend_direct_tls_then_startup() -> None:
+    # libpq 17's sslnegotiation=direct: the ClientHello went to TLS, the parser never saw it.
+    parser = pg.FrontendParser()
+    parser.start_direct_tls()
+    parser.feed(STARTUP_BYTES)  # decrypted by the TLS layer
+    assert isinstance(parser.next_message(), pg.StartupMessage)
+    # An SSLRequest inside direct TLS is a second one.
+    parser = pg.FrontendParser()
+    parser.start_direct_tls()
+    parser.feed(untyped(SSL_CODE))
+    with pytest.raises(pg.ProtocolError, match="already negotiated"):
+        parser.next_message()
+    # Only at the very start, with nothing fed to the parser.
+    parser = pg.FrontendParser()
+    parser.feed(b"\x16")
+    with pytest.raises(RuntimeError, match="TLS layer"):
+        parser.start_direct_tls()
+    parser = pg.FrontendParser()
+    parser.feed(untyped(SSL_CODE))
+    parser.next_message()
+    parser.answer_encryption_request(True)
+    with pytest.raises(RuntimeError, match="first bytes"):
+        parser.start_direct_tls()
+
+
 def test_frontend_declined_ssl_then_gssenc_then_plaintext_startup() -> None:
     parser = pg.FrontendParser()
     parser.feed(untyped(SSL_CODE) + untyped(GSSENC_CODE) + STARTUP_BYTES)

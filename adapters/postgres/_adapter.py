@@ -3,7 +3,8 @@
 core's session life cycle (`broker.session.lifecycle`), which does identify, authorize, the
 credential, audit and the splice.
 
-1. Hello: answer SSLRequest (TLS with a required client certificate under
+1. Hello: take a direct TLS ClientHello (libpq 17's ``sslnegotiation=direct``, ALPN
+   ``postgresql`` required) or answer SSLRequest (TLS with a required client certificate under
    ``client_auth: mtls``, an optional one under ``mtls+jwt``, none under ``jwt``; 'N' under
    ``local``), decline GSSENCRequest, serve a CancelRequest, or read the StartupMessage.
    Token: when the service takes tokens and no certificate proved the caller, ask for a
@@ -69,6 +70,13 @@ from ._upstream import (
 # Forwarding one CancelRequest: connect, TLS, write, wait for the server to hang up.
 CANCEL_TIMEOUT = 5.0
 
+# The first byte of a TLS handshake record: a client that opens with a ClientHello instead of
+# an SSLRequest (libpq 17's sslnegotiation=direct). No SSLRequest or StartupMessage can start
+# with it: their length field would be over 369 MB.
+TLS_HANDSHAKE_RECORD = b"\x16"
+# The ALPN protocol name PostgreSQL 17 registered, and requires of direct TLS connections.
+ALPN_POSTGRESQL = "postgresql"
+
 # SQLSTATEs we answer with (PostgreSQL's errcodes.txt).
 INVALID_AUTHORIZATION = "28000"
 PROTOCOL_VIOLATION = "08P01"
@@ -124,6 +132,7 @@ class PostgresAdapter(TcpAdapter[Hello]):
     """One postgres service: its cancel keys and SCRAM key cache."""
 
     tls_required_message = MTLS_REQUIRED
+    tls_alpn = (ALPN_POSTGRESQL,)
     tls_required_jwt_message = TLS_REQUIRED_JWT
     certificate_hint = CERTIFICATE_HINT
     no_tls_reason = "connection is not TLS (no SSLRequest)"
@@ -154,6 +163,7 @@ class PostgresAdapter(TcpAdapter[Hello]):
         """Read up to the StartupMessage; None if the connection ends (or was a cancel)."""
         loop = asyncio.get_running_loop()
         parser = FrontendParser()
+        first = True
         while True:
             while (message := parser.next_message()) is None:
                 if parser.finished:
@@ -161,6 +171,11 @@ class PostgresAdapter(TcpAdapter[Hello]):
                 data = await client.receive(max(deadline - loop.time(), 0.001))
                 if not data:
                     return None
+                if first and data[:1] == TLS_HANDSHAKE_RECORD and self.ctx.server_ssl is not None:
+                    await self._direct_tls(client, parser, data, deadline)
+                    first = False
+                    continue
+                first = False
                 parser.feed(data)
             if isinstance(message, SSLRequest):
                 accept = self.ctx.server_ssl is not None
@@ -177,6 +192,23 @@ class PostgresAdapter(TcpAdapter[Hello]):
                 return Hello(message, parser)
             else:  # pragma: no cover - the parser only yields the above before startup
                 raise ProtocolError(f"unexpected {type(message).__name__} before startup")
+
+    async def _direct_tls(
+        self, client: Conduit, parser: FrontendParser, data: bytes, deadline: float
+    ) -> None:
+        """``sslnegotiation=direct`` (libpq 17+): the ClientHello without an SSLRequest, on
+        the same listener. As PostgreSQL does, the client must name ALPN ``postgresql``: a
+        TLS client of some other protocol must not get this far by accident."""
+        parser.start_direct_tls()
+        client.unread(data)
+        await self.upgrade_tls(client, deadline, early_tls=True)
+        ssl_object = client.ssl_object
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        if alpn != ALPN_POSTGRESQL:
+            raise ProtocolError(
+                "direct TLS connection without ALPN protocol 'postgresql': use libpq 17+ "
+                "with sslnegotiation=direct, or the default sslnegotiation=postgres"
+            )
 
     async def ask_token(self, client: Conduit, hello: Hello, deadline: float) -> str | None:
         """AuthenticationCleartextPassword, and the token from the PasswordMessage; the

@@ -28,6 +28,10 @@ class Adapter(abc.ABC):
     `sidekey check` can construct adapters to validate a config. `start()` binds.
     """
 
+    # ALPN protocol names the service's TLS serving context offers (PostgreSQL's direct TLS
+    # requires "postgresql"); none by default.
+    tls_alpn: tuple[str, ...] = ()
+
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
 

@@ -175,6 +175,17 @@ class FrontendParser(_Framer):
         self._state = _Frontend.STARTUP
         return encode(answer)
 
+    def start_direct_tls(self) -> None:
+        """The client opened with a TLS ClientHello instead of an SSLRequest (PostgreSQL 17's
+        ``sslnegotiation=direct``): start TLS with what is buffered as its first bytes, and
+        feed the decrypted bytes here; a later SSLRequest is refused like a second one.
+        RuntimeError unless this is the very start of the connection."""
+        if self._state is not _Frontend.STARTUP or self._ssl_done or self._gss_done:
+            raise RuntimeError("direct TLS is only possible as a connection's first bytes")
+        if self._buffer:
+            raise RuntimeError("the ClientHello must go to the TLS layer, not to this parser")
+        self._ssl_done = True
+
     def next_message(self) -> FrontendMessage | None:
         """The next complete message, or None when more bytes are needed (or finished)."""
         self._check_failed()
