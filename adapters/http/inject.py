@@ -22,6 +22,7 @@ import string
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
+from adapters.http.hygiene import FORWARDING_HEADERS
 from broker.config import Section
 from broker.credentials import Credential
 from broker.errors import ConfigError
@@ -47,7 +48,7 @@ HOP_BY_HOP_HEADERS = frozenset(
 )
 # Headers the broker sets for the upstream hop itself; injecting them would break framing or
 # routing, so config may not name them.
-NOT_INJECTABLE = HOP_BY_HOP_HEADERS | {"host", "content-length", "expect"}
+NOT_INJECTABLE = HOP_BY_HOP_HEADERS | FORWARDING_HEADERS | {"host", "content-length", "expect"}
 # An HTTP header name (RFC 9110 section 5.1: a token).
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 

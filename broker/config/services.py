@@ -30,6 +30,8 @@ MAX_CREDENTIAL_TTL_SECONDS = 24 * 3600
 DEFAULT_CREDENTIAL_TTL_SECONDS = 60.0
 # Revoke a per-identity lease once no connection has used it for this long.
 DEFAULT_LEASE_IDLE_SECONDS = 300.0
+# Service keys only the HTTP adapter reads; on another adapter they are errors.
+HTTP_ONLY_KEYS = ("websocket", "allow_trace")
 # Per-service cap on concurrent client connections: bounds memory under a connection flood.
 DEFAULT_MAX_CONNECTIONS = 1024
 # What a `local:` entry may select on (SPIRE's unix attestor has uid, gid and path; pod_uid
@@ -118,6 +120,8 @@ class ServiceConfig:
     # HTTP only: whether a WebSocket upgrade may be spliced through (`websocket: false`
     # answers it 403).
     websocket: bool = True
+    # HTTP: forward TRACE requests (refused by default: the echo carries the credential).
+    allow_trace: bool = False
 
     def __post_init__(self) -> None:
         if not self.rules and self.allow:
@@ -193,9 +197,10 @@ def parse_service(
         _check_allow_pattern(rule.id, where, allowed_domains)
     allow = tuple(rule.id for rule in rules)
     credentials = _parse_credentials(s.section("credentials"), base)
-    if s.has("websocket") and adapter != "http":
-        # A key that does nothing would look like a protection it is not.
-        raise ConfigError(f"{s.at('websocket')}: only applies to adapter: http")
+    for key in HTTP_ONLY_KEYS:
+        if s.has(key) and adapter != "http":
+            # A key that does nothing would look like a protection it is not.
+            raise ConfigError(f"{s.at(key)}: only applies to adapter: http")
     service = ServiceConfig(
         name=name,
         index=index,
@@ -218,6 +223,7 @@ def parse_service(
         labels=parse_labels(s),
         jwt=jwt,
         websocket=s.boolean("websocket", True),
+        allow_trace=s.boolean("allow_trace", False),
     )
     s.finish()
     return service
