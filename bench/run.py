@@ -268,6 +268,17 @@ def setup(settings: Settings, tools: dict[str, str], tmp: Path, procs: servers.P
     )
     say(f"setup: broker pid {broker.proc.pid} ready (pinned to CPUs "
         f"{sorted(settings.proxy_cpus) if settings.proxy_cpus else 'all'})")  # fmt: skip
+    broker_asyncio = None
+    if not settings.only or "pg-loop" in settings.only:
+        # The pg-loop row's second broker: the same PostgreSQL services on asyncio's loop.
+        config2, ports2, admin2 = servers.write_broker_config(
+            tmp / "broker-asyncio", pki, bao, pg, {}, event_loop="asyncio"
+        )
+        broker_asyncio = servers.start_broker(
+            procs, tools=tools, config=config2, ports=ports2, admin_port=admin2, bao=bao,
+            cpus=settings.proxy_cpus,
+        )  # fmt: skip
+        say(f"setup: asyncio-loop broker pid {broker_asyncio.proc.pid} ready")
     env = Env(
         settings=settings,
         tools=tools,
@@ -284,6 +295,7 @@ def setup(settings: Settings, tools: dict[str, str], tmp: Path, procs: servers.P
         redis=redis,
         mariadb=mariadb,
         jwt_token=jwt_token,
+        broker_asyncio=broker_asyncio,
     )
     smoke(env)
     say(f"setup: done in {time.monotonic() - t0:.1f}s; every path answered a smoke request")
@@ -292,7 +304,10 @@ def setup(settings: Settings, tools: dict[str, str], tmp: Path, procs: servers.P
 
 def smoke(env: Env) -> None:
     """One query and one request down every path, so a broken path fails here, clearly."""
-    for target in ("direct", "pgbouncer", "broker", "broker-plain"):
+    targets = ["direct", "pgbouncer", "broker", "broker-plain", "broker-local", "pgbouncer-local"]
+    if env.broker_asyncio is not None:
+        targets.append("broker-asyncio")
+    for target in targets:
         pg_env = scenarios._pg_env(env, target)
         result = subprocess.run(
             [env.tools["psql"], "-X", "-At", "-c", "SELECT current_user"],

@@ -62,6 +62,8 @@ class Env:
     # The servers of the MySQL and Redis rows (bench/dbrows.py), when one is selected.
     redis: Any = None
     mariadb: Any = None
+    # The same broker on asyncio's own event loop (the pg-loop row), when it is selected.
+    broker_asyncio: Any = None
 
     def run_dir(self, name: str) -> Path:
         self.run_counter += 1
@@ -142,6 +144,8 @@ class Probe:
             return env.broker.cpu_split()
         if self.proxy == "pgbouncer":
             return servers.cpu_split(env.pgbouncer.proc.pid)
+        if self.proxy == "broker-asyncio":
+            return env.broker_asyncio.cpu_split()
         if self.proxy == "nginx-proxy":
             return env.nginx_proxy.cpu_split()
         raise ValueError(self.proxy)
@@ -297,6 +301,21 @@ def _pg_env(env: Env, target: str) -> dict[str, str]:
     }
     if "LD_LIBRARY_PATH" in os.environ:  # BENCH_OPENSSL
         base["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+    if target == "broker-local":
+        # The sidecar path: a unix socket, no TLS and no password (the kernel names pgbench).
+        local = servers.local_socket_dir(env.broker.config.parent)
+        return {**base, "PGHOST": str(local), "PGPORT": str(servers.LOCAL_SOCKET_PORT),
+                "PGSSLMODE": "disable", "PGUSER": "bench"}  # fmt: skip
+    if target == "pgbouncer-local":
+        assert env.pgbouncer.socket_dir is not None
+        return {
+            **base, "PGHOST": str(env.pgbouncer.socket_dir), "PGPORT": str(env.pgbouncer.port),
+            "PGSSLMODE": "disable", "PGUSER": servers.BENCH_USER,
+            "PGPASSWORD": env.pg.passwords[servers.BENCH_USER],
+        }  # fmt: skip
+    if target == "broker-asyncio":
+        port = env.broker_asyncio.ports["pg"]
+        return {**base, "PGPORT": str(port), "PGUSER": "bench"}
     if target in ("broker", "broker-plain"):
         # The broker ignores the client's user name: the identity is the certificate's.
         port = env.broker.ports[_broker_service(target)]
@@ -400,7 +419,7 @@ CALLGRIND_TAIL_SECONDS = 1.0
 
 def _broker_service(target: str) -> str:
     """The broker's PostgreSQL service a pgbench target goes through."""
-    return "pg" if target == "broker" else "pg-plain"
+    return {"broker": "pg", "broker-local": "pg-local"}.get(target, "pg-plain")
 
 
 def _count_pgbench_window(
@@ -485,7 +504,11 @@ def pgbench_variant(
     log: bool = True,
     reconnect: bool = False,
 ) -> Variant:
-    proxy = {"broker": "broker", "broker-plain": "broker", "pgbouncer": "pgbouncer"}.get(name)
+    proxy = {
+        "broker": "broker", "broker-plain": "broker", "broker-local": "broker",
+        "pgbouncer": "pgbouncer", "pgbouncer-local": "pgbouncer",
+        "broker-asyncio": "broker-asyncio",
+    }.get(name)  # fmt: skip
 
     def run(env: Env, probe: Probe, duration: float) -> Measurement:
         return run_pgbench(
@@ -588,7 +611,7 @@ def run_loadgen(
         rate=ok / duration,
         p50_us=percentile(hist, 0.50),
         p99_us=percentile(hist, 0.99),
-        connections=ok if mode == "handshake" else processes * per_process,
+        connections=ok if mode in ("handshake", "resume") else processes * per_process,
         errors=errors,
     )
     late = max(float(r.get("started_late", 0.0)) for r in reports)
@@ -599,8 +622,11 @@ def run_loadgen(
         statuses.update(r.get("statuses", {}))
     if statuses:
         m.extra["statuses"] = dict(statuses)
-    if mode == "handshake":
+    if mode in ("handshake", "resume"):
         m.extra["negotiated"] = reports[0].get("negotiated")
+        m.extra["resumed"] = sum(int(r.get("resumed", 0)) for r in reports)
+        if mode == "resume" and m.extra["resumed"] < ok:
+            m.extra["warning"] = f"only {m.extra['resumed']} of {ok} handshakes resumed"
     return probe.fill(m)
 
 
@@ -1298,6 +1324,135 @@ SCENARIOS = (
         ),
         verdict=transfer_verdict,
         unit="MB/s",
+    ),
+)
+
+# --------------------------------------------------------------------------- issue 18
+
+
+def resumed_vs_full(s: Mapping[str, Summary]) -> Verdict:
+    """Full and resumed mTLS handshakes per broker core-second (goals: full >= 900, resumed
+    >= 3x full), side by side from one run; the full row without tickets shows their cost."""
+    per_core_s = {name: 1e6 / v.cpu_us_per_op if v.cpu_us_per_op else None for name, v in s.items()}
+    full, resumed = per_core_s.get("full"), per_core_s.get("resumed")
+    value = resumed / full if full and resumed else None
+    notes = [f"{name}: {rate:,.0f}/core-s" for name, rate in per_core_s.items() if rate]
+    return Verdict(
+        figure="resumed / full handshakes per broker core-second",
+        value=value,
+        text=(
+            f"{value:.2f}x; full {full:,.0f}/core-s, resumed {resumed:,.0f}/core-s"
+            if value is not None and full and resumed
+            else "n/a"
+        ),
+        goal="full >= 900/core-s, resumed >= 3x full",
+        passed=value is not None and full is not None and full >= 900 and value >= 3.0,
+        notes=notes,
+        extra={f"{k}_per_core_second": v for k, v in per_core_s.items()},
+    )
+
+
+def reported(
+    verdict: Callable[[Mapping[str, Summary]], Verdict],
+) -> Callable[[Mapping[str, Summary]], Verdict]:
+    """`verdict`'s figure with no goal to pass or fail."""
+
+    def only_reported(s: Mapping[str, Summary]) -> Verdict:
+        v = verdict(s)
+        v.goal, v.passed = "reported", None
+        return v
+
+    return only_reported
+
+
+PG_LOCAL = "sidekey unix socket, client_auth: local (no TLS in), verify-full upstream"
+PG_BOUNCER_LOCAL = "PgBouncer unix socket (SCRAM, no TLS in), verify-full upstream"
+
+SCENARIOS = (
+    *SCENARIOS,
+    Scenario(
+        key="pg-local",
+        title="PG sidecar path: pgbench -S -M prepared -c16 over a unix socket",
+        tool="pgbench",
+        goal="broker / PgBouncer (unix socket, same upstream TLS) TPS >= 0.95",
+        variants=(
+            pgbench_variant("broker-local", PG_LOCAL, SELECT_ONLY, clients=16, log=False),
+            pgbench_variant(
+                "pgbouncer-local", PG_BOUNCER_LOCAL, SELECT_ONLY, clients=16, log=False
+            ),
+            pgbench_variant("direct", PG_DIRECT, SELECT_ONLY, clients=16, log=False),
+        ),
+        verdict=ratio("broker-local", "pgbouncer-local", 0.95, "broker / PgBouncer TPS"),
+        unit="tps",
+    ),
+    Scenario(
+        key="pg-local-tpcb",
+        title="PG sidecar path: durable TPC-B -c16 over a unix socket",
+        tool="pgbench",
+        goal="broker / PgBouncer (unix socket, same upstream TLS) TPS >= 0.95",
+        variants=(
+            pgbench_variant("broker-local", PG_LOCAL, TPCB, clients=16, log=False),
+            pgbench_variant("pgbouncer-local", PG_BOUNCER_LOCAL, TPCB, clients=16, log=False),
+            pgbench_variant("direct", PG_DIRECT, TPCB, clients=16, log=False),
+        ),
+        verdict=ratio("broker-local", "pgbouncer-local", 0.95, "broker / PgBouncer TPS"),
+        prepare=_prepare_tpcb,
+        unit="tps",
+    ),
+    Scenario(
+        key="handshake-resume",
+        title="Inbound mTLS handshakes, full vs resumed (TLS 1.3 ticket), P-256",
+        tool="bench/loadgen.py handshake / resume (2 processes x 4 threads)",
+        goal="full >= 900/core-s, resumed >= 3x full",
+        variants=(
+            loadgen_variant(
+                "full",
+                "full handshake (tls_resumption on: a ticket minted)",
+                "broker",
+                _broker("http-trivial"),
+                mode="handshake",
+                processes=2,
+                per_process=4,
+            ),
+            loadgen_variant(
+                "resumed",
+                "resumed from a ticket (tls_resumption on)",
+                "broker",
+                _broker("http-trivial"),
+                mode="resume",
+                processes=2,
+                per_process=4,
+            ),
+            loadgen_variant(
+                "full-noticket",
+                "full handshake, tls_resumption: false",
+                "broker",
+                _broker("http-noticket"),
+                mode="handshake",
+                processes=2,
+                per_process=4,
+            ),
+        ),
+        verdict=resumed_vs_full,
+        unit="hs/s",
+    ),
+    Scenario(
+        key="pg-loop",
+        title="PG CPU-bound -S -M prepared -c16: uvloop vs asyncio's own loop (same broker)",
+        tool="pgbench",
+        goal="reported: the asyncio-loop broker / the uvloop broker TPS and CPU per transaction",
+        variants=(
+            pgbench_variant("broker", PG_BROKER + ", uvloop", SELECT_ONLY, clients=16, log=False),
+            pgbench_variant(
+                "broker-asyncio",
+                PG_BROKER + ", event_loop: asyncio",
+                SELECT_ONLY,
+                clients=16,
+                log=False,
+            ),
+        ),
+        verdict=reported(ratio("broker-asyncio", "broker", 0.0, "asyncio / uvloop TPS")),
+        unit="tps",
     ),
 )
 

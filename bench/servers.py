@@ -611,6 +611,9 @@ def setup_vault(bao: OpenBao, pg: Postgres, pki: Pki, http_token: str) -> None:
 class PgBouncer:
     port: int
     proc: Proc
+    # Its unix socket's directory (libpq host=; the socket is .s.PGSQL.<port>): the local
+    # rows' baseline, TCP+TLS to the database like the broker's pg-local service.
+    socket_dir: Path | None = None
 
 
 def start_pgbouncer(
@@ -642,7 +645,7 @@ def start_pgbouncer(
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = {port}
-unix_socket_dir =
+unix_socket_dir = {base}
 pidfile = {base}/pgbouncer.pid
 auth_type = scram-sha-256
 auth_file = {userlist}
@@ -669,7 +672,7 @@ server_tls_ca_file = {bundle}
         stop_signal=signal.SIGINT,  # PgBouncer: SIGINT is a safe shutdown, SIGTERM immediate
     )
     wait_for_port(port, proc, "PgBouncer")
-    return PgBouncer(port, proc)
+    return PgBouncer(port, proc, base)
 
 
 # --------------------------------------------------------------------------- nginx
@@ -924,6 +927,15 @@ class Broker:
         return total
 
 
+# libpq names a unix socket <dir>/.s.PGSQL.<port>: the broker's pg-local service uses this.
+LOCAL_SOCKET_PORT = 5432
+
+
+def local_socket_dir(broker_base: Path) -> Path:
+    """Where the broker's pg-local socket lives (short: sun_path holds 108 bytes)."""
+    return broker_base / "pgl"
+
+
 def write_broker_config(
     base: Path,
     pki: Pki,
@@ -933,6 +945,7 @@ def write_broker_config(
     *,
     extra_services: Sequence[Mapping[str, Any]] = (),
     jwt: tuple[Path, int] | None = None,
+    event_loop: str = "auto",
 ) -> tuple[Path, dict[str, int], int]:
     """The broker's YAML: one postgres service and one http service per upstream, plus
     `extra_services` as they are (the MySQL and Redis rows', bench/dbrows.py); with `jwt`
@@ -967,6 +980,23 @@ def write_broker_config(
         }
         for name, tls in upstream_tls.items()
     ]
+    # The sidecar path (issue 18.2): pgbench on a unix socket, no TLS, no password, its uid
+    # attested by the kernel; TLS to the database as "pg".
+    local_dir = local_socket_dir(base)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    services.append(
+        {
+            "name": "pg-local",
+            "adapter": "postgres",
+            "listen": f"unix:{local_dir}/.s.PGSQL.{LOCAL_SOCKET_PORT}",
+            "client_auth": "local",
+            "local": [{"uid": os.getuid(), "id": PGBENCH_ID}],
+            "upstream": {"address": f"127.0.0.1:{pg.port}", "database": DATABASE,
+                         "tls": upstream_tls["pg"]},
+            "credentials": {"from": "vault-database", "role": DB_ROLE},
+            "allow": [PGBENCH_ID],
+        }
+    )  # fmt: skip
     for name, upstream_port in http_upstreams.items():
         services.append(
             {
@@ -975,6 +1005,22 @@ def write_broker_config(
                 "listen": f"127.0.0.1:{ports[name]}",
                 "client_auth": "mtls",
                 "upstream": {"url": f"http://127.0.0.1:{upstream_port}"},
+                "credentials": {"from": "vault-kv", "path": KV_PATH},
+                "inject": {"headers": {"Authorization": "Bearer {token}"}},
+                "allow": [LOADGEN_ID],
+            }
+        )
+    if "http-trivial" in http_upstreams:
+        # The full-handshake baseline of the resumption rows: no tickets minted.
+        ports["http-noticket"] = free_port()
+        services.append(
+            {
+                "name": "http-noticket",
+                "adapter": "http",
+                "listen": f"127.0.0.1:{ports['http-noticket']}",
+                "client_auth": "mtls",
+                "tls_resumption": False,
+                "upstream": {"url": f"http://127.0.0.1:{http_upstreams['http-trivial']}"},
                 "credentials": {"from": "vault-kv", "path": KV_PATH},
                 "inject": {"headers": {"Authorization": "Bearer {token}"}},
                 "allow": [LOADGEN_ID],
@@ -1007,6 +1053,9 @@ def write_broker_config(
         },
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
         "audit": {"file": str(base / "audit.jsonl")},
+        # One process: every row's CPU figures are that process's (utime+stime).
+        "workers": 1,
+        "event_loop": event_loop,
         "services": services,
     }
     base.mkdir(exist_ok=True)

@@ -41,14 +41,18 @@ log = logging.getLogger("sidekey.identity")
 
 # TLS 1.2 is the oldest version without known protocol-level breaks; 1.3 is preferred.
 MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2
-# TLS 1.3 session tickets the server sends after each full handshake, with resumption on
-# (a service's `tls_resumption`, default on). OpenSSL's default is 2; minting one (resumption
-# secret, then the session, client certificate included, encrypted) was measured at a third
-# of a mutual-TLS handshake with 2 (server CPU 2.4 -> 1.7 ms without them, in-memory, P-256,
-# OpenSSL 3.0.19), which is why 0 was the setting before. One is what a reconnecting client
-# redeems (each resumption brings a fresh one); bench/README.md has the full and resumed
-# handshake rates. A resumed session skips OpenSSL's chain and validity checks, so the broker
-# identifies it only from what a full handshake verified (ServiceContext.identify_tls).
+# TLS 1.3 session tickets the server sends after each handshake, with resumption on (a
+# service's `tls_resumption`, default on). They are stateful (OP_NO_TICKET: the ticket is a
+# session ID into the listener's own session cache, as TLS 1.2 resumption is), because a
+# stateless ticket (the session, client certificate included, encrypted into it) is what
+# made tickets cost: server CPU per mutual-TLS handshake, in memory, P-256, OpenSSL 3.0.19,
+# 300 each on a loaded box: full without tickets 1,538 us, full + one stateless ticket
+# 1,911 us, resumed from it 1,184 us; full + one stateful ticket 1,477 us, resumed 493 us.
+# (2 stateless tickets were measured at 2.4 ms against 1.7 ms without: why 0 was the setting
+# before.) The cache is per listener and per process: a resumed session never crosses
+# services, and with `workers: N` a caller resumes only on the worker it reached before. A
+# resumed session skips OpenSSL's chain and validity checks, so the broker identifies it
+# only from what a full handshake verified (ServiceContext.identify_tls).
 SERVER_SESSION_TICKETS = 1
 # Issuers followed from the serving certificate into the trust bundle (OpenSSL's default
 # verification depth is 100; real chains are leaf, one or two intermediates, root).
@@ -87,15 +91,14 @@ def context_for(
 ) -> ssl.SSLContext:
     """A serving context for `svid` (none yet: handshakes fail until one arrives) that
     verifies client certificates against every bundle in `bundles` under `verify`. With
-    `resumption`, TLS 1.3 tickets and TLS 1.2 tickets are issued; without, neither (TLS 1.2
-    session IDs stay in OpenSSL's server cache, which Python cannot turn off; a session
-    resumed through one is identified under the same rules)."""
+    `resumption`, a stateful TLS 1.3 ticket (SERVER_SESSION_TICKETS); without, none. TLS 1.2
+    resumes by session ID either way (OpenSSL's server cache, which Python cannot turn off;
+    a session resumed through it is identified under the same rules)."""
     bundles = list(bundles)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = MIN_TLS_VERSION
     ctx.num_tickets = SERVER_SESSION_TICKETS if resumption else 0
-    if not resumption:
-        ctx.options |= ssl.OP_NO_TICKET
+    ctx.options |= ssl.OP_NO_TICKET  # stateful tickets: see SERVER_SESSION_TICKETS
     if svid is not None:
         pool = [c for b in bundles for c in b.authorities]
         _load_svid(ctx, svid, pool, where)
