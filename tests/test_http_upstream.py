@@ -230,6 +230,65 @@ def test_upstream_connections_have_nagle_off(run: Run) -> None:
     run(main())
 
 
+SWITCHED = (
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Accept: x\r\n\r\n"
+)
+
+
+async def test_an_upgrade_hands_over_the_connection_with_what_followed_the_101() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _n: int) -> None:
+        head = await read_head(reader)
+        assert b"Connection: Upgrade\r\n" in head and b"Upgrade: websocket\r\n" in head
+        writer.write(SWITCHED + b"first frame")  # the new protocol's bytes right behind it
+        await writer.drain()
+        assert await reader.readexactly(5) == b"hello"
+        writer.write(b"second")
+        await writer.drain()
+
+    async with raw_upstream(script) as up:
+        pool = make_pool(up.port)
+        response = await pool.upgrade("GET", "/ws", [("Sec-WebSocket-Key", "k")], "websocket")
+        assert response.status == 101
+        await asyncio.sleep(0)  # let any later read land before the take-over
+        transport, tail = response.take_over()
+        assert tail == b"first frame"
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class Collect(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                got.put_nowait(data)
+
+        transport.set_protocol(Collect())
+        transport.write(b"hello")
+        assert await asyncio.wait_for(got.get(), DEADLINE_SECONDS) == b"second"
+        transport.close()
+        response.release()
+        assert pool.busy == 0 and pool.idle == 0  # never pooled again
+        await pool.close()
+
+
+@pytest.mark.parametrize("upgrade", [False, True])
+async def test_a_101_nobody_asked_for_or_without_upgrade_is_a_protocol_error(
+    upgrade: bool,
+) -> None:
+    reply = SWITCHED if not upgrade else b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _n: int) -> None:
+        await answer(reader, writer, reply)
+
+    async with raw_upstream(script) as up:
+        pool = make_pool(up.port)
+        why = "101 without an Upgrade header" if upgrade else "switched protocols unasked"
+        with pytest.raises(UpstreamProtocolError, match=why):
+            if upgrade:
+                await pool.upgrade("GET", "/ws", [], "websocket")
+            else:
+                await pool.request("GET", "/", [], None, None)
+        assert pool.busy == 0
+        await pool.close()
+
+
 async def test_pool_never_opens_more_than_its_limit() -> None:
     async with aio_upstream() as up:
         pool = make_pool(up.port, limit=2)

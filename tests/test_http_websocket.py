@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -185,6 +186,53 @@ async def test_plain_requests_still_work_beside_websockets(env: Env) -> None:
         async with connect(url + "/", ssl=env.client(), open_timeout=DEADLINE_SECONDS) as ws:
             await ws.send("again")
             assert await ws.recv() == "again"
+
+
+async def test_aiohttp_websocket_client(env: Env) -> None:
+    async with echo_proxy(env) as (_echo, p, url):
+        connector = aiohttp.TCPConnector(ssl=env.client())
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.ws_connect(url + "/aio", max_msg_size=0, autoping=True) as ws,
+        ):
+            await ws.send_str("from aiohttp")
+            assert (await ws.receive(timeout=DEADLINE_SECONDS)).data == "from aiohttp"
+            await ws.send_bytes(b"\x01" * 100_000)
+            assert (await ws.receive(timeout=DEADLINE_SECONDS)).data == b"\x01" * 100_000
+            await ws.close(code=4003, message=b"aio bye")
+        assert ws.close_code == 4003
+        assert (await audited(p))["status"] == 101
+
+
+def masked_text_frame(text: str) -> bytes:
+    """One client text frame (RFC 6455 section 5.2: FIN, opcode 1, masked, short length)."""
+    payload = text.encode()
+    mask = b"\x11\x22\x33\x44"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + mask + masked
+
+
+async def test_a_frame_sent_with_the_handshake_is_not_lost(env: Env) -> None:
+    # A client may send its first frame right behind its handshake, before the 101: those
+    # bytes arrive with the request head and must reach the upstream after the switch.
+    async with echo_proxy(env) as (_echo, p, url):
+        host, port = url.removeprefix("wss://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(
+            host, int(port), ssl=env.client(), server_hostname="localhost"
+        )
+        handshake = (
+            b"GET /eager HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        writer.write(handshake + masked_text_frame("eager"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_SECONDS)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        # RFC 6455 section 1.3's example key and its accept value.
+        assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+        frame = await asyncio.wait_for(reader.readexactly(2 + 5), DEADLINE_SECONDS)
+        assert frame == b"\x81\x05eager"  # the server's echo: unmasked
+        writer.transport.abort()
+        assert (await audited(p))["status"] == 101
 
 
 async def test_a_reload_that_denies_the_caller_cuts_its_websocket(env: Env) -> None:

@@ -354,7 +354,12 @@ class _UpstreamConnection(BaseProtocol):
                 # Interim responses (103 Early Hints, a stray 100) are not relayed; 101 would
                 # need an Upgrade we never send.
                 if code == 101:
-                    self.fail(UpstreamProtocolError("upstream switched protocols unasked"))
+                    why = (
+                        "upstream answered 101 without an Upgrade header"
+                        if self._upgrade_asked
+                        else "upstream switched protocols unasked"
+                    )
+                    self.fail(UpstreamProtocolError(why))
                     return
                 continue
             if waiter is None or waiter.done():
