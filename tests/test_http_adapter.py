@@ -333,11 +333,18 @@ async def poll(check: Callable[[], Any], what: str) -> Any:
 # --------------------------------------------------------------------------- tests
 
 
-async def test_curl_call_gets_token_injected_and_passes_request_through(env: Env) -> None:
+@pytest.mark.parametrize(("version", "status_line"), [
+    ("--http1.1", "HTTP/1.1 201"), ("--http2", "HTTP/2 201"),
+])  # fmt: skip
+async def test_curl_call_gets_token_injected_and_passes_request_through(
+    env: Env, version: str, status_line: str
+) -> None:
+    """The same request and the same checks over HTTP/1.1 and HTTP/2 (ALPN h2, curl's
+    default over TLS)."""
     tmp_path, pki, upstream, kv = env.tmp_path, env.pki, env.upstream, env.kv
     async with env.proxy() as p:
         rc, out, err = await curl(
-            *curl_tls(pki, pki.client()),
+            *curl_tls(pki, pki.client()), version,
             "-X", "PATCH", "--data-binary", "hello",
             "-H", "X-Custom: 1",
             "-D", str(tmp_path / "headers.txt"),
@@ -347,7 +354,7 @@ async def test_curl_call_gets_token_injected_and_passes_request_through(env: Env
     reply = json.loads(out)
     assert reply == {"method": "PATCH", "raw_path": "/v1/items/42?x=1&y=%20z", "body": "hello"}
     head = (tmp_path / "headers.txt").read_text()
-    assert head.startswith("HTTP/1.1 201")
+    assert head.startswith(status_line)
     assert "x-upstream: yes" in head.lower()
     assert head.lower().count("set-cookie:") == 2
     [seen] = upstream.seen

@@ -39,6 +39,9 @@ from multidict import MultiMapping
 from yarl import URL
 
 from adapters.http.exchange import ClientRequest, UpstreamClient, UpstreamReply
+from adapters.http.grpc import is_grpc, refusal_fields
+from adapters.http.h2server import Negotiating
+from adapters.http.h2upstream import H2UpstreamPool
 from adapters.http.hygiene import FORWARDED_OTHERS, FORWARDED_PREFIX, TRACE, climbs, peer_address
 from adapters.http.inject import (
     HOP_BY_HOP_HEADERS,
@@ -105,11 +108,19 @@ STREAM_CHUNK_BYTES = 64 * 1024
 # Methods RFC 9110 section 9.2.2 calls idempotent: a request with one of these and no body
 # may be sent again after the upstream refused its access token.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+# What the listener offers by ALPN, in the order of preference (RFC 7301): HTTP/2 first,
+# then HTTP/1.1 (which is also what a client that offers neither gets).
+ALPN_PROTOCOLS = ("h2", "http/1.1")
 # Set by the upstream client for its hop (Content-Length is re-sent from the parsed value).
 _HOP_FRAMING = frozenset({"host", "expect", "content-length"})
 
 
 # --------------------------------------------------------------------------- configuration
+
+
+# The field `ssl` below shadows the module inside the class body.
+_SSLContext = ssl.SSLContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +135,10 @@ class HttpSettings:
     stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS
     # services[i].allow_trace: forward TRACE (whose echo carries the injected credential).
     allow_trace: bool = False
+    # upstream.http2: HTTP/2 toward the upstream (ALPN on https, prior knowledge on http).
+    http2: bool = False
+    # The https context that offers h2 and http/1.1 by ALPN (with http2 only).
+    ssl_h2: _SSLContext | None = None
 
 
 def parse_settings(ctx: ServiceContext) -> HttpSettings:
@@ -146,8 +161,13 @@ def parse_settings(ctx: ServiceContext) -> HttpSettings:
         MAX_STREAM_IDLE_TIMEOUT_SECONDS,
         DEFAULT_STREAM_IDLE_TIMEOUT_SECONDS,
     )
+    http2 = up.boolean("http2", False)
     up.finish()
     tls = client_context(ca=ca, where=up.where) if url.scheme == "https" else None
+    tls_h2 = None
+    if http2 and url.scheme == "https":
+        tls_h2 = client_context(ca=ca, where=up.where)
+        tls_h2.set_alpn_protocols(list(ALPN_PROTOCOLS))
 
     inject = Section(service.inject, f"{service.where}.inject")
     header_injector = parse_headers(inject, required=not inject.has("aws_sigv4"))
@@ -157,7 +177,7 @@ def parse_settings(ctx: ServiceContext) -> HttpSettings:
     headers = header_injector.headers if header_injector is not None else ()
     return HttpSettings(
         url, tls, timeout, connect_timeout, headers, injector, stream_idle_timeout,
-        allow_trace=service.allow_trace,
+        allow_trace=service.allow_trace, http2=http2, ssl_h2=tls_h2,
     )  # fmt: skip
 
 
@@ -239,6 +259,8 @@ class _Exchange:
 class HttpAdapter(Adapter):
     """HTTPS (mTLS) in, HTTP or HTTPS to the one configured upstream, credential as headers."""
 
+    tls_alpn = ALPN_PROTOCOLS
+
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         self.settings = parse_settings(ctx)
@@ -285,7 +307,7 @@ class HttpAdapter(Adapter):
         assert url.host is not None and url.port is not None  # checked by _parse_url
         # No cookie jar (upstream cookies belong to the client that received them), no
         # decompression (bodies pass through byte for byte), no proxies from the environment.
-        self._pool = UpstreamPool(
+        http1 = UpstreamPool(
             host=url.host,
             port=url.port,
             host_header=url.host_port_subcomponent or url.host,
@@ -298,12 +320,27 @@ class HttpAdapter(Adapter):
             # the same cap as client connections.
             limit=service.max_connections,
         )
+        self._pool = http1
+        if s.http2:
+            self._pool = H2UpstreamPool(
+                host=url.host,
+                port=url.port,
+                authority=url.host_port_subcomponent or url.host,
+                ssl_context=s.ssl_h2,
+                connect_timeout=s.connect_timeout,
+                read_timeout=s.timeout,
+                stream_idle_timeout=s.stream_idle_timeout,
+                limit=service.max_connections,
+                http1=http1,
+            )
         self._server = HttpServer(
             self._handle,
             _new_connection,
             max_connections=service.max_connections,
             idle_timeout=KEEPALIVE_TIMEOUT_SECONDS,
             connection_lost=self._connection_lost,
+            # HTTP/2 or HTTP/1.1 per connection: ALPN's choice, or the client's first bytes.
+            negotiate=lambda server: Negotiating(server, self._handle),
         )
         loop = asyncio.get_running_loop()
         listen = service.listen
@@ -380,7 +417,9 @@ class HttpAdapter(Adapter):
             conn.identity = identity
             expires = identity.expires
             conn.expires_at = expires.timestamp() if expires is not None else None
-            if transport is not None:
+            if transport is not None and conn.live is None:
+                # Concurrent first streams of an HTTP/2 connection each prove the same
+                # certificate: it is registered once.
                 # A token proves one request (and is checked on each): only what the
                 # connection itself proved is a live entry a reload or offboarding closes.
                 conn.live = self.ctx.live.add(
@@ -622,12 +661,12 @@ class HttpAdapter(Adapter):
                 upstream = await pool.request(
                     request.method, target, headers, body, out.content_length
                 )
-            elif isinstance(pool, UpstreamPool):
-                upstream = await pool.upgrade(request.method, target, headers, upgrade)
             else:
-                raise _Refused(
-                    502, "a WebSocket upgrade needs an HTTP/1.1 upstream (not http2)", "protocol"
-                )
+                # An upgrade is HTTP/1.1's: with upstream.http2 it takes the HTTP/1.1 pool
+                # that is kept for upstreams that decline h2.
+                http1 = pool.http1 if isinstance(pool, H2UpstreamPool) else pool
+                assert isinstance(http1, UpstreamPool)
+                upstream = await http1.upgrade(request.method, target, headers, upgrade)
         except InvalidRequestHead as exc:
             # llhttp already refuses CR, LF and NUL in a request; this is the last line of defence.
             raise _Refused(400, str(exc), "client") from None
@@ -910,7 +949,16 @@ async def _error(
     close: bool = False,
     headers: list[tuple[str, str]] | None = None,
 ) -> None:
-    """The broker's own answer: a short text body saying what happened and what to fix."""
+    """The broker's own answer: a short text body saying what happened and what to fix
+    (to a gRPC call, the same words as its status: see grpc.py)."""
+    if is_grpc(request.headers):
+        try:
+            request.start(200, "OK", [*refusal_fields(status, message), ("date", clock.date())],
+                          close=close)  # fmt: skip
+            await request.end()
+        except ConnectionError:
+            request.abort()
+        return
     headers = [
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Date", clock.date()),

@@ -34,7 +34,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Generic, TypeVar, cast
+from typing import Generic, Protocol, TypeVar, cast
 
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
@@ -286,6 +286,22 @@ class Request(Generic[T]):
 Handler = Callable[[Request[T]], Awaitable[None]]
 
 
+class Served(Protocol):
+    """What the server's shutdown needs of a connection, HTTP/1.1 or HTTP/2 (h2server.py)."""
+
+    @property
+    def idle(self) -> bool: ...
+
+    @property
+    def task(self) -> asyncio.Future[None] | None:
+        """Done when the request in progress (all of them, on HTTP/2) has been answered."""
+
+    transport: asyncio.Transport | None
+
+    def stop_accepting(self) -> None:
+        """Take no new request; close once the ones in progress are answered."""
+
+
 class HttpServer(Generic[T]):
     """The protocol factory for a listener, and the registry its shutdown works from.
 
@@ -301,17 +317,23 @@ class HttpServer(Generic[T]):
         max_connections: int,
         idle_timeout: float,
         connection_lost: Callable[[T], None] | None = None,
+        negotiate: Callable[[HttpServer[T]], BufferedReads] | None = None,
     ) -> None:
         self.handler = handler
         self.connection_info = connection_info
+        # Makes a new connection's protocol instead of HTTP/1.1 alone: the HTTP adapter's
+        # picks HTTP/2 or HTTP/1.1 per connection (h2server.Negotiating).
+        self.negotiate = negotiate
         # Told when a connection is gone (with its info), to forget what was kept for it.
         self.connection_lost = connection_lost
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
-        self.connections: set[ClientConnection[T]] = set()
+        self.connections: set[Served] = set()
         self.closing = False
 
     def __call__(self) -> BufferedReads:
+        if self.negotiate is not None:
+            return self.negotiate(self)
         return BufferedReads(ClientConnection(self))
 
     def close_idle(self) -> None:
@@ -320,6 +342,8 @@ class HttpServer(Generic[T]):
         for conn in list(self.connections):
             if conn.idle and conn.transport is not None:
                 conn.transport.close()
+            else:
+                conn.stop_accepting()
 
     async def shutdown(self, timeout: float) -> None:
         """Give in-flight requests `timeout` seconds to finish, then cut what is left."""
@@ -393,6 +417,20 @@ class ClientConnection(BaseProtocol, Generic[T]):
     @property
     def idle(self) -> bool:
         return not self._busy and not self._queue
+
+    def stop_accepting(self) -> None:
+        """Nothing to do: the serving task sees `server.closing` after its response."""
+
+    def hand_over_to_h2(self) -> T:
+        """The client opened with the HTTP/2 preface: stop serving this connection as
+        HTTP/1.1 before any request, and return its info for the HTTP/2 side to keep."""
+        self._stopped = True
+        self.server.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.transport = None
+        return self.info
 
     # ------------------------------------------------------------------- asyncio.Protocol
 
