@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.tokens",
     "tests.oidc",
     "tests.oauth_server",
+    "tests.moto_server",
     "tests.syslog",
     "tests.openbao_tls",
     "tests.bao_cluster",
