@@ -25,7 +25,7 @@ from broker.credentials import CredentialSource
 from broker.credentials.factory import make_source
 from broker.credentials.vault import VaultClient
 from broker.credentials.vault_auth import MaterialCertificate, MaterialJwt
-from broker.errors import SidekeyError
+from broker.errors import ConfigError, SidekeyError
 from broker.governance.denylist import DenyEntry
 from broker.governance.posture import Use
 from broker.governance.posture import inventory as governance_inventory
@@ -199,7 +199,13 @@ class Broker:
             listen_socket=inherited,
             shared_listen=self.worker is not None,
         )
-        return Service(ctx, adapter_cls(ctx), stop_following=stop_following)
+        adapter = adapter_cls(ctx)
+        if service.pool is not None and adapter.describe_pool() is None:
+            raise ConfigError(
+                f"{service.where}.pool: the {service.adapter} adapter does not pool upstream "
+                "sessions"
+            )
+        return Service(ctx, adapter, stop_following=stop_following)
 
     @property
     def ready(self) -> bool:
@@ -285,6 +291,9 @@ class Broker:
                     "credential_source": svc.context.credentials.describe(),
                 }
             )
+            pool = svc.adapter.describe_pool()
+            if pool is not None:
+                services[-1]["pool"] = pool
         # Who may reach what, owners, use since start, live leases (broker.governance).
         now = datetime.now(UTC)
         usage = {

@@ -28,6 +28,7 @@ import asyncio
 from dataclasses import dataclass
 
 from broker.codecs.postgres import (
+    RESET_QUERY,
     AuthenticationCleartextPassword,
     AuthenticationOk,
     BackendKeyData,
@@ -39,6 +40,8 @@ from broker.codecs.postgres import (
     PasswordChangeGuard,
     PasswordMessage,
     ProtocolError,
+    ResetReader,
+    SessionTracker,
     SSLRequest,
     StartupMessage,
     encode,
@@ -51,6 +54,7 @@ from broker.identity import IdentityError
 from broker.session.context import ServiceContext
 from broker.session.lifecycle import Refusal, Session, Step, TcpAdapter, Upstream
 from broker.session.net import Conduit
+from broker.session.pool import Key, SessionWatch
 from broker.session.splice import StreamFilter
 from broker.session.upstream import LoginStream
 
@@ -114,6 +118,17 @@ class Hello:
     message: StartupMessage
     # Holds whatever the client sent after its StartupMessage: it goes upstream, in order.
     parser: FrontendParser
+
+
+class _Watch:
+    """SessionWatch of a pooled session: the tracker's two filters and its idle test."""
+
+    __slots__ = ("client", "idle", "upstream")
+
+    def __init__(self, tracker: SessionTracker) -> None:
+        self.client = tracker.client
+        self.upstream = tracker.upstream
+        self.idle = tracker.idle
 
 
 @dataclass(slots=True)
@@ -345,6 +360,41 @@ class PostgresAdapter(TcpAdapter[Hello]):
         session.client.write(bytes(out))
         session.client.unread(session.hello.parser.leftover())
         upstream.conduit.unread(login.leftover)
+
+    # -- session reuse (`pool:`) --------------------------------------------------------------
+
+    def pool_key(self, session: Session[Hello]) -> Key:
+        """A pooled connection serves a client of the same identity that asks for the same
+        database with the same startup parameters (application_name, options, encoding...):
+        what the server set up at login is then what this client would have got."""
+        message = session.hello.message
+        params = tuple(sorted((k, v) for k, v in message.parameters if k != "user"))
+        return (session.request["database"], message.protocol_version, params)
+
+    def watch(self, session: Session[Hello], upstream: Upstream) -> SessionWatch:
+        return _Watch(SessionTracker())
+
+    async def reset(self, upstream: Upstream, deadline: float) -> bool:
+        """DISCARD ALL, and the answer must be clean and idle (see codecs' ResetReader)."""
+        conduit = upstream.conduit
+        if conduit.is_closed or conduit.buffered:
+            return False
+        conduit.write(RESET_QUERY)
+        reader = ResetReader()
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await conduit.receive(max(deadline - loop.time(), 0.001))
+            if not data:
+                return False
+            done = reader.feed(data)
+            if done is not None:
+                return done
+
+    def reuse(self, upstream: Upstream) -> None:
+        login: _Login = upstream.state
+        login.leftover = b""
+        login.cancel_key = None
+        login.guard = None
 
     def client_filter(self, session: Session[Hello], upstream: Upstream) -> StreamFilter | None:
         if not self.deny_password_change:

@@ -18,6 +18,7 @@ from broker.spiffeid import SpiffeIdError, parse_spiffe_id
 from .governance import AllowRule, parse_labels, parse_rule
 from .jwt import ServiceJwtConfig, parse_service_jwt
 from .oauth2 import DEFAULT_TOKEN_MAX_LIFETIME_SECONDS, OAuth2Config, parse_oauth2
+from .pool import PoolConfig, parse_pool
 from .section import ListenAddress, Section, parse_listen
 
 CLIENT_AUTH_MODES = ("mtls", "jwt", "mtls+jwt", "local")
@@ -122,6 +123,8 @@ class ServiceConfig:
     websocket: bool = True
     # HTTP: forward TRACE requests (refused by default: the echo carries the credential).
     allow_trace: bool = False
+    # Logged-in upstream connections kept per identity (broker.session.pool); None: none.
+    pool: PoolConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.rules and self.allow:
@@ -224,6 +227,7 @@ def parse_service(
         jwt=jwt,
         websocket=s.boolean("websocket", True),
         allow_trace=s.boolean("allow_trace", False),
+        pool=parse_pool(s.section("pool")) if s.has("pool") else None,
     )
     s.finish()
     return service

@@ -14,7 +14,7 @@ a repr, a log line or the audit trail: use `credential.ref` for those.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +86,12 @@ class CredentialSource(abc.ABC):
         """Revoke every lease this source holds for one identity (offboarding); returns
         their lease ids. Sources without per-identity leases hold none."""
         return []
+
+    def on_lease_end(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(lease_id)` when a lease this source handed out ends (revoked,
+        expired, or retired: no longer handed to new users), so whatever was logged in with
+        it (a session pool's connections) goes too. A source without leases never calls it."""
+        return None
 
     def leases_of(self) -> dict[str, list[str]]:
         """Lease ids held per identity right now (for the inventory)."""

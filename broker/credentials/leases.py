@@ -117,6 +117,9 @@ class LeaseManager(CredentialSource):
         self._retired: list[_Lease] = []  # no longer handed out; held until unused or expired
         self._pending: dict[str, asyncio.Task[_Lease]] = {}  # single flight per identity
         self._maintainer: asyncio.Task[None] | None = None
+        # Told of every lease that ends (on_lease_end): a session pool closes its
+        # connections logged in with it.
+        self._end_callbacks: list[Callable[[str], None]] = []
         self._wake = asyncio.Event()
         self._closed = False
         # The last vault error of a create or renewal while it is the latest outcome.
@@ -221,6 +224,13 @@ class LeaseManager(CredentialSource):
             self._drop(lease)
         done = await asyncio.gather(*(self._revoke(lease, "offboarded") for lease in leases))
         return [lease.lease_id for lease, ok in zip(leases, done, strict=True) if ok]
+
+    def on_lease_end(self, callback: Callable[[str], None]) -> None:
+        self._end_callbacks.append(callback)
+
+    def _ended(self, lease_id: str) -> None:
+        for callback in self._end_callbacks:
+            callback(lease_id)
 
     def leases_of(self) -> dict[str, list[str]]:
         held: dict[str, list[str]] = {}
@@ -413,6 +423,7 @@ class LeaseManager(CredentialSource):
     def _retire(self, lease: _Lease, why: str) -> None:
         if self._current.get(lease.identity) is lease:
             del self._current[lease.identity]
+        self._ended(lease.lease_id)
         if not lease.retired:
             lease.retired = True
             self._retired.append(lease)
@@ -424,6 +435,7 @@ class LeaseManager(CredentialSource):
         self._wake.set()
 
     def _drop(self, lease: _Lease) -> None:
+        self._ended(lease.lease_id)
         if self._current.get(lease.identity) is lease:
             del self._current[lease.identity]
         if lease.retired and lease in self._retired:
@@ -464,6 +476,7 @@ class LeaseManager(CredentialSource):
         return False
 
     async def _revoke_id(self, lease_id: str, why: str, identity: str = "") -> bool:
+        self._ended(lease_id)  # its sessions' pooled connections go before its role does
         try:
             await self._vault.revoke(lease_id)
         except CredentialUnavailable as exc:

@@ -188,6 +188,45 @@ class Metrics:
             registry=r,
         )
 
+        # Upstream session reuse (broker.session.pool).
+        self.pool_connections = Family(
+            "sidekey_pool_connections",
+            "Upstream connections of session pools: idle (kept for the next client) or active",
+            ["service", "state"],
+            kind="gauge",
+            registry=r,
+        )
+        self.pool_checkouts = Family(
+            "sidekey_pool_checkouts",
+            "Sessions that took a pooled connection (reused), opened one (new), or found the "
+            "identity's pool full past pool.wait (full)",
+            ["service", "result"],
+            kind="counter",
+            registry=r,
+        )
+        self.pool_waits = Family(
+            "sidekey_pool_waits",
+            "Sessions that waited for a connection of a full pool",
+            ["service"],
+            kind="counter",
+            registry=r,
+        )
+        self.pool_wait_seconds = Family(
+            "sidekey_pool_wait_seconds",
+            "Seconds sessions spent waiting for a connection of a full pool",
+            ["service"],
+            kind="counter",
+            registry=r,
+        )
+        self.pool_closed = Family(
+            "sidekey_pool_closed",
+            "Pooled upstream connections closed, by why (idle, lease_ended, not_idle, "
+            "reset_failed, revoked, upstream_closed, shutdown, ...)",
+            ["service", "why"],
+            kind="counter",
+            registry=r,
+        )
+
         self.vault_up = Family(
             "sidekey_vault_up",
             "1 while the vault answered the broker's last health check, else 0",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 from importlib.metadata import entry_points
+from typing import Any
 
 from broker.errors import ConfigError
 
@@ -47,6 +48,10 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     async def stop(self, drain_timeout: float) -> None:
         """Stop accepting, let in-flight work finish for up to `drain_timeout`, then cancel."""
+
+    def describe_pool(self) -> dict[str, Any] | None:
+        """The upstream session pool (`pool:`) as /inventory shows it; None without one."""
+        return None
 
 
 def load_adapter(name: str, where: str = "adapter") -> type[Adapter]:

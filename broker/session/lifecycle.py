@@ -50,7 +50,13 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 from broker.credentials import Credential
-from broker.errors import ClientError, CredentialUnavailable, ProtocolViolation
+from broker.errors import (
+    ClientError,
+    ConfigError,
+    CredentialUnavailable,
+    ProtocolViolation,
+    SidekeyError,
+)
 from broker.identity import IdentityError, MissingCertificate, WorkloadIdentity
 from broker.observe.metrics import Value
 from broker.policy import Decision
@@ -58,6 +64,7 @@ from broker.policy import Decision
 from .adapter import Adapter
 from .context import ServiceContext
 from .net import Conduit, Listener, serve
+from .pool import Key, PoolFull, SessionPool, SessionWatch, chain_filters
 from .splice import SpliceStats, StreamFilter, splice
 
 # From accepting a connection to the client's hello, TLS handshake included. Clients send it
@@ -73,6 +80,9 @@ DEFAULT_CREDENTIAL_TIMEOUT = 15.0
 # From TCP connect to the upstream's "ready". Key derivation (SCRAM) and backend start take
 # milliseconds to a few hundred on a busy server.
 DEFAULT_LOGIN_TIMEOUT = 20.0
+# Resetting a pooled connection for its next client (PostgreSQL: DISCARD ALL) takes a
+# round trip; one that takes longer than this is not worth keeping.
+DEFAULT_RESET_TIMEOUT = 5.0
 
 # Which step refused a session. The adapter picks its protocol's error code from it
 # (PostgreSQL: a SQLSTATE).
@@ -220,6 +230,16 @@ class TcpAdapter(Adapter, Generic[H]):
         self._outcomes: dict[str, Value] = {
             o: ctx.metrics.sessions.labels(name, o) for o in OUTCOMES
         }
+        # Upstream session reuse (`pool:`), for a protocol that can reset a session.
+        self.pool: SessionPool | None = None
+        if ctx.service.pool is not None:
+            if type(self).reset is TcpAdapter.reset:
+                raise ConfigError(
+                    f"{ctx.service.where}.pool: the {ctx.service.adapter} adapter cannot "
+                    "reset an upstream session for another client, so it cannot pool them"
+                )
+            self.pool = SessionPool(name, ctx.service.pool, ctx.metrics, ctx.live)
+            ctx.credentials.on_lease_end(self.pool.drop_lease)
 
     # -- the protocol's steps ------------------------------------------------------------
 
@@ -290,6 +310,28 @@ class TcpAdapter(Adapter, Generic[H]):
     def protocol_error_reply(self, message: str) -> bytes:
         """The protocol's error message for a client that broke the protocol."""
 
+    # -- session reuse (`pool:`): a protocol that supports it implements all three ------------
+
+    def pool_key(self, session: Session[H]) -> Key:
+        """What besides the identity a pooled connection must match to serve `session`
+        (PostgreSQL: the database and the client's startup parameters)."""
+        return ()
+
+    def watch(self, session: Session[H], upstream: Upstream) -> SessionWatch:
+        """Filters that follow both directions of a pooled session's splice, and say whether
+        the upstream is idle (every request answered, no transaction open)."""
+        raise NotImplementedError
+
+    async def reset(self, upstream: Upstream, deadline: float) -> bool:
+        """Reset an idle upstream session for another client of the same identity (drop its
+        session state) by `deadline`; True only if it is idle and clean afterwards."""
+        return False
+
+    def reuse(self, upstream: Upstream) -> None:
+        """A pooled `upstream` serves a new session: forget what the last one left in
+        `upstream.state` (greet runs next)."""
+        return None
+
     def overload_reply(self, max_connections: int) -> bytes | None:
         """The protocol's "too many connections" message for a connection over the service's
         `max_connections`, sent once its hello is read (None: close it without a word)."""
@@ -306,6 +348,13 @@ class TcpAdapter(Adapter, Generic[H]):
     async def stop(self, drain_timeout: float) -> None:
         if self._listener is not None:
             await self._listener.close(drain_timeout)
+        if self.pool is not None:
+            # After the sessions (they may hand connections back), before the runtime
+            # revokes the leases those connections are logged in with.
+            await self.pool.close()
+
+    def describe_pool(self) -> dict[str, Any] | None:
+        return self.pool.describe() if self.pool is not None else None
 
     async def upgrade_tls(
         self, client: Conduit, deadline: float, *, early_tls: bool = False
@@ -548,12 +597,34 @@ class TcpAdapter(Adapter, Generic[H]):
         return credential
 
     async def _proxy(self, session: Session[H], credential: Credential) -> str:
-        """Log in upstream, greet the client, splice; returns the outcome."""
+        """Log in upstream (or take a pooled connection), greet the client, splice; returns
+        the outcome."""
         deadline = asyncio.get_running_loop().time() + self.login_timeout
-        upstream = await self.login(session, credential, deadline)
+        pool, key = self.pool, None
+        pooled: Upstream | None = None
+        if pool is not None:
+            key = (session.identity.spiffe_id, *self.pool_key(session))
+            try:
+                pooled = await pool.checkout(key, credential.ref, deadline)
+            except PoolFull as exc:
+                raise Refusal("upstream_connect", str(exc), metric="pool_full") from None
+        if pooled is not None:
+            upstream = pooled
+            self.reuse(upstream)
+        else:
+            try:
+                upstream = await self.login(session, credential, deadline)
+            except BaseException:
+                if pool is not None and key is not None:
+                    pool.discard(key)
+                raise
+        watch: SessionWatch | None = None
         try:
             self.greet(session, upstream)
             try:
+                extra: dict[str, Any] = {}
+                if pool is not None:
+                    extra["pool"] = "reused" if pooled is not None else "new"
                 self.ctx.record(
                     "session_start",
                     identity=session.identity,
@@ -565,20 +636,65 @@ class TcpAdapter(Adapter, Generic[H]):
                     **session.request,
                     credential=credential.ref.to_audit(),
                     lease_id=credential.ref.lease_id,
+                    **extra,
                 )
                 session.end.update(upstream_user=upstream.user, lease_id=credential.ref.lease_id)
+                client_filter = self.client_filter(session, upstream)
+                if pool is not None:
+                    watch = self.watch(session, upstream)
+                    client_filter = chain_filters(client_filter, watch.client)
                 result = await splice(
                     session.client,
                     upstream.conduit,
                     stats=session.stats,
-                    client_filter=self.client_filter(session, upstream),
+                    client_filter=client_filter,
+                    upstream_filter=watch.upstream if watch is not None else None,
+                    keep_upstream=watch.idle if watch is not None else None,
                 )
             finally:
                 self.release(session, upstream)
         except BaseException:
             upstream.conduit.abort()
+            if pool is not None and key is not None:
+                pool.discard(key)
             raise
+        if pool is not None and key is not None:
+            await self._give_back(
+                session, pool=pool, key=key, upstream=upstream, credential=credential,
+                kept=result.kept,
+            )  # fmt: skip
         session.end["ended_by"] = result.ended_by
         if result.error:
             session.end["error"] = result.error
         return "ok" if result.ended_by in ("client", "upstream") else result.ended_by
+
+    async def _give_back(
+        self,
+        session: Session[H],
+        *,
+        pool: SessionPool,
+        key: Key,
+        upstream: Upstream,
+        credential: Credential,
+        kept: bool,
+    ) -> None:
+        """After a pooled session: reset the upstream and pool it, or close it."""
+        why = None if kept else "not_idle"
+        if kept:
+            deadline = asyncio.get_running_loop().time() + DEFAULT_RESET_TIMEOUT
+            try:
+                clean = await self.reset(upstream, deadline)
+            except (SidekeyError, OSError) as exc:
+                self.ctx.log.info("pooled connection not reset: %s", exc)
+                clean = False
+            except BaseException:
+                upstream.conduit.abort()
+                pool.discard(key)
+                raise
+            why = None if clean else "reset_failed"
+        session.end["pool_returned"] = why is None
+        if why is None:
+            pool.checkin(key, upstream, credential.ref, session.identity, session.client.peer)
+        else:
+            upstream.conduit.abort()
+            pool.discard(key, why)

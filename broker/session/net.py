@@ -411,6 +411,16 @@ class Conduit(asyncio.Protocol):
         self._buffer.clear()
         return data, self._eof, self._lost, self._write_paused
 
+    def _reattach(self) -> None:
+        """Take the connection back from a splice that kept it (session reuse): this conduit
+        is its protocol again, with nothing buffered, and reading on."""
+        assert self.transport is not None
+        self._spliced = False
+        self._buffer.clear()
+        self._read_paused = self._write_paused = False
+        self.transport.set_protocol(self)
+        self.transport.resume_reading()
+
     # -- helpers -------------------------------------------------------------------------------
 
     @property

@@ -14,11 +14,17 @@ A protocol that must keep watching what the client sends after login (MySQL's
 ``COM_CHANGE_USER``, Redis's ``AUTH``) passes a `StreamFilter` for the client → upstream
 direction: each chunk goes through its `feed`, which returns what to forward (possibly
 rewritten) and what to answer the client directly. Without one the hot path is untouched.
+
+Session reuse (`pool:`, broker.session.pool) adds an `upstream_filter` that watches the
+upstream's bytes (where each reply ends) and `keep_upstream`: when the client ends and it
+says the upstream connection is idle, the upstream is not closed but handed back to its
+conduit, open, for the next client of the same identity (`SpliceResult.kept`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -54,6 +60,10 @@ class StreamFilter(Protocol):
         Called for every chunk in order; keeps whatever state it needs across chunks (a
         command split between two reads). Raising ends the splice with `ended_by` "error"
         and the exception's message as its error.
+
+        A filter may also have a `goodbye` attribute: once true (it held back the client's
+        goodbye, a PostgreSQL Terminate, so that a pooled upstream outlives the client),
+        the splice ends the client's side as the server would on that goodbye.
         """
         ...
 
@@ -71,6 +81,9 @@ class SpliceResult:
     bytes_upstream_to_client: int
     ended_by: EndedBy
     error: str | None = None
+    # The upstream connection was handed back open and idle (keep_upstream): the caller
+    # owns it again through its conduit.
+    kept: bool = False
 
 
 class SpliceStats:
@@ -80,11 +93,12 @@ class SpliceStats:
     the outcome when the splice was cancelled (CancelledError propagates, the stats remain).
     """
 
-    __slots__ = ("_client", "_upstream", "ended_by", "error", "pauses")
+    __slots__ = ("_client", "_upstream", "ended_by", "error", "kept", "pauses")
 
     def __init__(self) -> None:
         self._client: _Side | None = None
         self._upstream: _Side | None = None
+        self.kept = False
         # Times backpressure paused reading on either side: a slow reader, visible in metrics.
         self.pauses = 0
         self.ended_by: EndedBy | None = None
@@ -104,6 +118,7 @@ class SpliceStats:
             self.upstream_to_client,
             self.ended_by or "cancelled",
             self.error,
+            self.kept,
         )
 
 
@@ -208,6 +223,8 @@ class _FilteredSide(_Side):
             peer.transport.write(forward)
         if answer and not self.lost:
             self.transport.write(answer)
+        if not self.read_done and getattr(self.filter, "goodbye", False):
+            self.relay.on_eof(self)
 
 
 class _Relay:
@@ -218,8 +235,10 @@ class _Relay:
         "client",
         "done",
         "first_end",
+        "handback",
         "idle_handle",
         "idle_timeout",
+        "keep",
         "last_activity",
         "linger_handle",
         "loop",
@@ -247,8 +266,39 @@ class _Relay:
         self.verdict: EndedBy | None = None
         self.idle_handle: asyncio.TimerHandle | None = None
         self.linger_handle: asyncio.TimerHandle | None = None
+        # Session reuse: whether the upstream may be kept when the client ends, and what
+        # hands it back to its conduit.
+        self.keep: Callable[[], bool] | None = None
+        self.handback: Callable[[], None] | None = None
+
+    def _kept(self, side: _Side) -> bool:
+        """The client ended: keep the upstream if it is idle (keep_upstream says so). It is
+        handed back at once, before the event loop can deliver it another byte, and the
+        relay never touches it again (it counts as lost here)."""
+        upstream = self.upstream
+        if (
+            side is not self.client
+            or self.keep is None
+            or self.stats.kept
+            or upstream.lost
+            or upstream.read_done
+            or upstream.transport.is_closing()
+            or not self.keep()
+        ):
+            return False
+        self.stats.kept = True
+        upstream.lost = upstream.read_done = True
+        assert self.handback is not None
+        self.handback()
+        return True
 
     def on_eof(self, side: _Side) -> None:
+        if self.keep is not None and self._kept(side):
+            side.read_done = True
+            if self.first_end is None:
+                self.first_end, self.clean_end = side.name, True
+            self.close(side)
+            return
         side.read_done = True
         if self.first_end is None:
             self.first_end = side.name
@@ -268,6 +318,8 @@ class _Relay:
             self.close(peer)
 
     def on_lost(self, side: _Side, exc: BaseException | None) -> None:
+        if self.keep is not None and self.first_end is None and self._kept(side):
+            self.first_end, self.clean_end = side.name, exc is None
         side.lost = True
         side.read_done = True
         if self.first_end is None:
@@ -348,12 +400,15 @@ async def splice(
     idle_timeout: float | None = None,
     stats: SpliceStats | None = None,
     client_filter: StreamFilter | None = None,
+    upstream_filter: StreamFilter | None = None,
+    keep_upstream: Callable[[], bool] | None = None,
 ) -> SpliceResult:
     """Relay bytes both ways between `client` and `upstream` until the session ends.
 
     Bytes still buffered in either conduit (unread by the handshake) are delivered first
     (through `client_filter` too, when there is one).
-    Both transports are closed when this returns. If the calling task is cancelled, both
+    Both transports are closed when this returns, but for an upstream `keep_upstream` kept
+    (the result says `kept`; see the module docstring). If the calling task is cancelled, both
     sides are aborted, `stats.ended_by` becomes "cancelled", and CancelledError propagates.
     """
     loop = asyncio.get_running_loop()
@@ -368,8 +423,15 @@ async def splice(
         if client_filter is None
         else _FilteredSide(relay, "client", client.transport, client_filter)
     )
-    u = relay.upstream = _Side(relay, "upstream", upstream.transport)
+    u = relay.upstream = (
+        _Side(relay, "upstream", upstream.transport)
+        if upstream_filter is None
+        else _FilteredSide(relay, "upstream", upstream.transport, upstream_filter)
+    )
     c.peer, u.peer = u, c
+    if keep_upstream is not None:
+        relay.keep = keep_upstream
+        relay.handback = upstream._reattach
     stats._client, stats._upstream = c, u
 
     for side, lost, eof in ((c, c_lost, c_eof), (u, u_lost, u_eof)):

@@ -64,6 +64,7 @@ from ._messages import (
     Unknown,
 )
 from ._parsers import BackendParser, FrontendParser
+from ._session import RESET_QUERY, ResetReader, SessionTracker
 from ._writers import encode
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "MIN_STARTUP_PACKET_LENGTH",
     "PROTOCOL_VERSION_3_0",
     "PROTOCOL_VERSION_3_2",
+    "RESET_QUERY",
     "SSL_REQUEST_CODE",
     "AuthenticationCleartextPassword",
     "AuthenticationMD5Password",
@@ -103,10 +105,12 @@ __all__ = [
     "PasswordMessage",
     "ProtocolError",
     "ReadyForQuery",
+    "ResetReader",
     "SASLInitialResponse",
     "SASLResponse",
     "SSLAnswer",
     "SSLRequest",
+    "SessionTracker",
     "StartupMessage",
     "Terminate",
     "Unknown",
