@@ -82,6 +82,7 @@ async def test_connect_query_disconnect_twice_reuses_one_backend(world: World) -
         code, out2, err = await psql(dsn, "SELECT pg_backend_pid()")
         assert code == 0, err
         assert out1.strip() == out2.strip() and int(out1) != first
+        await returned(broker, 2)
         metrics = broker.metrics.pool_checkouts
         assert metrics.labels(SERVICE, "reused").value == 2
         assert metrics.labels(SERVICE, "new").value == 2
