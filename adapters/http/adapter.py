@@ -725,6 +725,7 @@ class HttpAdapter(Adapter):
         except ConnectionError:
             ex.error = "client disconnected before the switch"
             ex.client_gone = True
+            request.abort()  # nobody to answer
             return
         finally:
             ex.bytes_in += stats.client_to_upstream
