@@ -12,7 +12,9 @@ token header never goes upstream. The broker decides, fetches the credential for
 that identity, renders the configured header templates from the credential's fields and
 forwards the request. Method, path, query, status, headers and bodies pass through; bodies are
 streamed both ways in chunks, so memory does not grow with their size. Hop-by-hop headers
-are dropped both ways and any client header with an injected name is replaced.
+are dropped both ways and any client header with an injected name is replaced. A WebSocket
+handshake takes the same steps; after the upstream's 101 the two connections are spliced
+(`upgrade.py`), unless the service says ``websocket: false`` (403).
 
 It is not an open proxy: only origin-form request targets (``/path?query``) reach the one
 configured upstream; absolute-form targets and CONNECT are refused before any upstream contact.
@@ -22,6 +24,7 @@ Config (``services[i]``)::
     upstream: {url: https://api.example.net, ca: certs/api-ca.pem, timeout: 60, connect_timeout: 10,
                stream_idle_timeout: 3600}
     inject: {headers: {Authorization: "Bearer {token}"}}
+    websocket: true
 """
 
 from __future__ import annotations
