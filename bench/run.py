@@ -279,6 +279,17 @@ def setup(settings: Settings, tools: dict[str, str], tmp: Path, procs: servers.P
             cpus=settings.proxy_cpus,
         )  # fmt: skip
         say(f"setup: asyncio-loop broker pid {broker_asyncio.proc.pid} ready")
+    broker_workers = None
+    if not settings.only or {"pg-workers", "http-workers"} & set(settings.only):
+        # The workers rows' second broker: the same services, `workers: 2`.
+        config3, ports3, admin3 = servers.write_broker_config(
+            tmp / "broker-workers", pki, bao, pg, http_upstreams, workers=2
+        )
+        broker_workers = servers.start_broker(
+            procs, tools=tools, config=config3, ports=ports3, admin_port=admin3, bao=bao,
+            cpus=settings.proxy_cpus,
+        )  # fmt: skip
+        say(f"setup: 2-worker broker pid {broker_workers.proc.pid} ready")
     env = Env(
         settings=settings,
         tools=tools,
@@ -296,6 +307,7 @@ def setup(settings: Settings, tools: dict[str, str], tmp: Path, procs: servers.P
         mariadb=mariadb,
         jwt_token=jwt_token,
         broker_asyncio=broker_asyncio,
+        broker_workers=broker_workers,
     )
     smoke(env)
     say(f"setup: done in {time.monotonic() - t0:.1f}s; every path answered a smoke request")
@@ -307,6 +319,9 @@ def smoke(env: Env) -> None:
     targets = ["direct", "pgbouncer", "broker", "broker-plain", "broker-local", "pgbouncer-local"]
     if env.broker_asyncio is not None:
         targets.append("broker-asyncio")
+    targets.append("broker-pool")
+    if env.broker_workers is not None:
+        targets.append("broker-workers")
     for target in targets:
         pg_env = scenarios._pg_env(env, target)
         result = subprocess.run(

@@ -64,6 +64,8 @@ class Env:
     mariadb: Any = None
     # The same broker on asyncio's own event loop (the pg-loop row), when it is selected.
     broker_asyncio: Any = None
+    # The same broker with `workers: 2` (bench/scalerows.py), when one of its rows is.
+    broker_workers: Any = None
 
     def run_dir(self, name: str) -> Path:
         self.run_counter += 1
@@ -146,6 +148,8 @@ class Probe:
             return servers.cpu_split(env.pgbouncer.proc.pid)
         if self.proxy == "broker-asyncio":
             return env.broker_asyncio.cpu_split()
+        if self.proxy == "broker-workers":
+            return env.broker_workers.cpu_split()
         if self.proxy == "nginx-proxy":
             return env.nginx_proxy.cpu_split()
         raise ValueError(self.proxy)
@@ -316,6 +320,10 @@ def _pg_env(env: Env, target: str) -> dict[str, str]:
     if target == "broker-asyncio":
         port = env.broker_asyncio.ports["pg"]
         return {**base, "PGPORT": str(port), "PGUSER": "bench"}
+    if target == "broker-workers":
+        return {**base, "PGPORT": str(env.broker_workers.ports["pg"]), "PGUSER": "bench"}
+    if target == "broker-pool":
+        return {**base, "PGPORT": str(env.broker.ports["pg-pool"]), "PGUSER": "bench"}
     if target in ("broker", "broker-plain"):
         # The broker ignores the client's user name: the identity is the certificate's.
         port = env.broker.ports[_broker_service(target)]
@@ -507,7 +515,8 @@ def pgbench_variant(
     proxy = {
         "broker": "broker", "broker-plain": "broker", "broker-local": "broker",
         "pgbouncer": "pgbouncer", "pgbouncer-local": "pgbouncer",
-        "broker-asyncio": "broker-asyncio",
+        "broker-asyncio": "broker-asyncio", "broker-pool": "broker",
+        "broker-workers": "broker-workers",
     }.get(name)  # fmt: skip
 
     def run(env: Env, probe: Probe, duration: float) -> Measurement:
@@ -1455,5 +1464,9 @@ SCENARIOS = (
         unit="tps",
     ),
 )
+
+from bench.scalerows import SCALE_SCENARIOS  # noqa: E402 - they use the helpers above
+
+SCENARIOS = (*SCENARIOS, *SCALE_SCENARIOS)
 
 SCENARIOS_BY_KEY: dict[str, Scenario] = {s.key: s for s in SCENARIOS}

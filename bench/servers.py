@@ -878,7 +878,8 @@ class Broker:
     callgrind_dir: Path | None = None
 
     def cpu_split(self) -> tuple[float, float]:
-        return cpu_split(self.proc.pid)
+        # With workers, the parent's children do the work.
+        return cpu_split(self.proc.pid, children=True)
 
     def _callgrind_control(self, *args: str) -> None:
         subprocess.run(
@@ -946,6 +947,7 @@ def write_broker_config(
     extra_services: Sequence[Mapping[str, Any]] = (),
     jwt: tuple[Path, int] | None = None,
     event_loop: str = "auto",
+    workers: int = 1,
 ) -> tuple[Path, dict[str, int], int]:
     """The broker's YAML: one postgres service and one http service per upstream, plus
     `extra_services` as they are (the MySQL and Redis rows', bench/dbrows.py); with `jwt`
@@ -980,6 +982,13 @@ def write_broker_config(
         }
         for name, tls in upstream_tls.items()
     ]
+    # The pooled row (issue 18.3): "pg" with upstream session reuse, for clients that
+    # connect per transaction.
+    ports["pg-pool"] = free_port()
+    services.append(
+        {**services[0], "name": "pg-pool", "listen": f"127.0.0.1:{ports['pg-pool']}",
+         "pool": {"mode": "session", "size": 32, "idle": "60s"}}
+    )  # fmt: skip
     # The sidecar path (issue 18.2): pgbench on a unix socket, no TLS, no password, its uid
     # attested by the kernel; TLS to the database as "pg".
     local_dir = local_socket_dir(base)
@@ -1053,8 +1062,9 @@ def write_broker_config(
         },
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
         "audit": {"file": str(base / "audit.jsonl")},
-        # One process: every row's CPU figures are that process's (utime+stime).
-        "workers": 1,
+        # One process (the workers rows' second broker: 2): the CPU figures are the broker's
+        # processes' (utime+stime, the workers' included).
+        "workers": workers,
         "event_loop": event_loop,
         "services": services,
     }
