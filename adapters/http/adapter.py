@@ -54,7 +54,13 @@ from adapters.http.inject import (
     Outgoing,
     parse_headers,
 )
-from adapters.http.server import HttpServer, InvalidResponseHead, Request, clock
+from adapters.http.server import (
+    MAX_REQUEST_HEAD_BYTES,
+    HttpServer,
+    InvalidResponseHead,
+    Request,
+    clock,
+)
 from adapters.http.sigv4 import parse_sigv4
 from adapters.http.upgrade import splice_upgraded
 from adapters.http.upstream import (
@@ -105,6 +111,12 @@ TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
 # keep-alives do not hold max_connections slots (http_server's timer may take up to an eighth
 # more to notice).
 KEEPALIVE_TIMEOUT_SECONDS = 75.0
+# limits.max_head_bytes, for request heads (server.py) and response heads (upstream.py):
+# 64 KiB by default (twice nginx's largest request head, 4 x 8 KiB). Below 1 KiB ordinary
+# requests fail; above 1 MiB a head is no longer a head but a way to make the broker buffer.
+DEFAULT_MAX_HEAD_BYTES = MAX_REQUEST_HEAD_BYTES
+MIN_HEAD_BYTES = 1024
+MAX_HEAD_BYTES = 1024 * 1024
 # Bodies are copied in chunks of this size: the client reader's buffer size (2**16), so one
 # chunk is one buffer; larger chunks add memory per connection and no throughput.
 STREAM_CHUNK_BYTES = 64 * 1024
@@ -142,6 +154,9 @@ class HttpSettings:
     http2: bool = False
     # The https context that offers h2 and http/1.1 by ALPN (with http2 only).
     ssl_h2: _SSLContext | None = None
+    # services[i].limits.max_head_bytes: a request head from the client and a response head
+    # from the upstream, and any one line of either, are at most this long.
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
 
 
 def parse_settings(ctx: ServiceContext) -> HttpSettings:
@@ -178,9 +193,15 @@ def parse_settings(ctx: ServiceContext) -> HttpSettings:
     inject.finish()
     assert injector is not None  # headers are required without aws_sigv4
     headers = header_injector.headers if header_injector is not None else ()
+    limits = Section(service.limits, f"{service.where}.limits")
+    max_head_bytes = limits.integer(
+        "max_head_bytes", MIN_HEAD_BYTES, MAX_HEAD_BYTES, DEFAULT_MAX_HEAD_BYTES
+    )
+    limits.finish()
     return HttpSettings(
         url, tls, timeout, connect_timeout, headers, injector, stream_idle_timeout,
         allow_trace=service.allow_trace, http2=http2, ssl_h2=tls_h2,
+        max_head_bytes=max_head_bytes,
     )  # fmt: skip
 
 
@@ -322,6 +343,7 @@ class HttpAdapter(Adapter):
             # makes a request wait for a pooled connection and bounds upstream sockets by
             # the same cap as client connections.
             limit=service.max_connections,
+            max_head_bytes=s.max_head_bytes,
         )
         self._pool = http1
         if s.http2:
@@ -344,6 +366,7 @@ class HttpAdapter(Adapter):
             connection_lost=self._connection_lost,
             # HTTP/2 or HTTP/1.1 per connection: ALPN's choice, or the client's first bytes.
             negotiate=lambda server: Negotiating(server, self._handle),
+            max_head_bytes=s.max_head_bytes,
         )
         loop = asyncio.get_running_loop()
         listen = service.listen

@@ -15,7 +15,8 @@ much less, so this server keeps only that:
 - one coarse timer per connection: a connection with no request in progress is closed
   `idle_timeout` after its last request ended (nginx's keepalive_timeout), which also bounds
   a client that dribbles a request head;
-- request heads over `MAX_REQUEST_HEAD_BYTES` get a 431; malformed requests a 400; both close;
+- request heads over `max_head_bytes` (one line or the whole head) or with more than
+  `MAX_HEADER_FIELDS` fields get a 431; malformed requests a 400; both close;
 - a WebSocket upgrade request (``Connection: Upgrade``, ``Upgrade: websocket``) is the
   connection's last: nothing after its head is parsed, and the handler may answer it with
   `switch_protocols()`, which sends the 101 and hands it the connection (the bytes the client
@@ -37,7 +38,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Generic, Protocol, TypeVar, cast
 
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
@@ -51,12 +52,12 @@ log = logging.getLogger("sidekey.http")
 # The payload reader pauses the client socket above 2x this many buffered body bytes: one
 # 64 KiB read buffer in flight, aiohttp's own server default (read_bufsize=2**16).
 READ_BUFFER_BYTES = 64 * 1024
-# aiohttp's defaults for one request line or header line, one field, and the field count.
-MAX_LINE_BYTES = 8190
-MAX_FIELD_BYTES = 8190
+# aiohttp's default field count: 128 fields of up to the head limit each.
 MAX_HEADER_FIELDS = 128
-# A whole request head. The limits above allow ~2 MiB; nginx accepts at most 32 KiB
-# (large_client_header_buffers 4 x 8k) and real clients send well under 8 KiB.
+# A whole request head, the default of limits.max_head_bytes. nginx accepts at most 32 KiB
+# (large_client_header_buffers 4 x 8k) and real clients send well under 8 KiB. One line or
+# field may take all of it: the parser's line and field limits are set to the same number
+# (aiohttp's 8190-byte defaults refused a single longer header inside a 64 KiB head).
 MAX_REQUEST_HEAD_BYTES = 64 * 1024
 # Pipelined requests parsed ahead of the one being handled before the socket is paused.
 # Clients rarely pipeline at all; the bound keeps a flood of tiny requests from queueing
@@ -318,8 +319,11 @@ class HttpServer(Generic[T]):
         idle_timeout: float,
         connection_lost: Callable[[T], None] | None = None,
         negotiate: Callable[[HttpServer[T]], BufferedReads] | None = None,
+        max_head_bytes: int = MAX_REQUEST_HEAD_BYTES,
     ) -> None:
         self.handler = handler
+        # A request head, and any one line or field of it, is at most this many bytes.
+        self.max_head_bytes = max_head_bytes
         self.connection_info = connection_info
         # Makes a new connection's protocol instead of HTTP/1.1 alone: the HTTP adapter's
         # picks HTTP/2 or HTTP/1.1 per connection (h2server.Negotiating).
@@ -384,8 +388,8 @@ class ClientConnection(BaseProtocol, Generic[T]):
             self,
             self._loop,
             READ_BUFFER_BYTES,
-            max_line_size=MAX_LINE_BYTES,
-            max_field_size=MAX_FIELD_BYTES,
+            max_line_size=server.max_head_bytes,
+            max_field_size=server.max_head_bytes,
             max_headers=MAX_HEADER_FIELDS,
             payload_exception=RequestBodyBroken,
             # Request bodies are forwarded as sent, Content-Encoding and all.
@@ -458,19 +462,33 @@ class ClientConnection(BaseProtocol, Generic[T]):
             self._head_bytes += len(data)
         try:
             messages, upgraded, tail = self._request_parser.feed_data(data)
+        except LineTooLong:
+            self._refuse_head(431, "Request Header Fields Too Large", self._too_large())
+            return
         except HttpProcessingError as exc:
             # The parser's first line says what was wrong; later lines quote the request.
             reason = (str(exc.message).splitlines() or ["unparseable"])[0][:200]
+            if reason.startswith("Too many headers"):
+                self._refuse_head(
+                    431, "Request Header Fields Too Large",
+                    f"request head has more than {MAX_HEADER_FIELDS} header fields",
+                )  # fmt: skip
+                return
             self._refuse_head(400, "Bad Request", f"malformed request: {reason}")
             return
         except Exception as exc:  # the parser's own limits raise plain errors too
             self._refuse_head(400, "Bad Request", f"malformed request: {type(exc).__name__}")
             return
         if not messages:
-            if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
-                self._refuse_head(
-                    431, "Request Header Fields Too Large", "request head exceeds 64 KiB"
-                )
+            if self._head_bytes > self.server.max_head_bytes:
+                self._refuse_head(431, "Request Header Fields Too Large", self._too_large())
+            return
+        if self._head_bytes > self.server.max_head_bytes and any(
+            _head_size(message) > self.server.max_head_bytes for message, _ in messages
+        ):
+            # The whole head arrived in one read (only counted above when it did not):
+            # measured from the parsed parts, only when the read was that large.
+            self._refuse_head(431, "Request Header Fields Too Large", self._too_large())
             return
         self._head_bytes = 0
         for message, payload in messages:
@@ -613,6 +631,10 @@ class ClientConnection(BaseProtocol, Generic[T]):
         self.transport = None
         self._queue.clear()
 
+    def _too_large(self) -> str:
+        limit = self.server.max_head_bytes
+        return f"request head exceeds the limit of {limit} bytes (limits.max_head_bytes)"
+
     def _stop_reading(self) -> None:
         self._stopped = True
         self._pause_reading_for_buffer()
@@ -646,6 +668,12 @@ class ClientConnection(BaseProtocol, Generic[T]):
         self._timer = self._loop.call_at(
             max(due, self._loop.time() + self.server.idle_timeout / 8), self._on_idle
         )
+
+
+def _head_size(message: RawRequestMessage) -> int:
+    """The bytes of a parsed request head: its request line and header lines."""
+    size = len(message.method) + len(message.path) + len(" HTTP/1.1\r\n\r\n") + 1
+    return size + sum(len(name) + len(value) + 4 for name, value in message.raw_headers)
 
 
 class Clock:

@@ -38,6 +38,7 @@ from collections.abc import AsyncIterable, Iterable
 from typing import Any, cast
 
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.http_parser import HttpResponseParser
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
@@ -51,14 +52,13 @@ from broker.session.net import BufferedReads
 # (Apache, Node.js: 5 s) close first instead: their close is seen while idle and the connection
 # dropped, and the rare close racing a reuse is retried (see above).
 IDLE_TIMEOUT_SECONDS = 30.0
-# The whole response head (status line and headers). aiohttp's parser caps a line at 8190
-# bytes and a head at 128 fields but not the total (that allows ~1 MiB). Real API responses
-# carry a few KiB; 64 KiB is twice the most nginx accepts in a request head
-# (large_client_header_buffers 4 x 8 KiB) and one aiohttp read buffer.
+# The whole response head (status line and headers), the default of the service's
+# limits.max_head_bytes, which bounds request heads too. Real API responses carry a few KiB;
+# 64 KiB is twice the most nginx accepts in a request head (large_client_header_buffers
+# 4 x 8 KiB) and one aiohttp read buffer. One line or field may take all of it: the parser's
+# line and field limits are set to the same number (aiohttp's are 8190 bytes).
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
-# aiohttp's defaults for a single header line, a single field and the number of fields.
-MAX_LINE_BYTES = 8190
-MAX_FIELD_BYTES = 8190
+# aiohttp's default field count.
 MAX_HEADER_FIELDS = 128
 # The payload reader pauses the upstream socket above 2x this many buffered bytes: one 64 KiB
 # read buffer in flight, like aiohttp's own client (read_bufsize=2**16).
@@ -214,8 +214,8 @@ class _UpstreamConnection(BaseProtocol):
             self,
             self._loop,
             READ_BUFFER_BYTES,
-            max_line_size=MAX_LINE_BYTES,
-            max_field_size=MAX_FIELD_BYTES,
+            max_line_size=self._pool.max_head_bytes,
+            max_field_size=self._pool.max_head_bytes,
             max_headers=MAX_HEADER_FIELDS,
             payload_exception=UpstreamProtocolError,
             response_with_body=with_body,
@@ -337,13 +337,17 @@ class _UpstreamConnection(BaseProtocol):
             return
         try:
             messages, upgraded, tail = self._response_parser.feed_data(data)
+        except LineTooLong:
+            self.fail(UpstreamProtocolError(self._pool.head_too_large))
+            return
         except Exception as exc:
             self.fail(UpstreamProtocolError(f"malformed response: {_short(exc)}"))
             return
+        limit = self._pool.max_head_bytes
         if waiter is not None and not waiter.done():
             self._head_bytes += len(data)
-            if not messages and self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
-                self.fail(UpstreamProtocolError("response head exceeds 64 KiB"))
+            if not messages and self._head_bytes > limit:
+                self.fail(UpstreamProtocolError(self._pool.head_too_large))
                 return
         if upgraded:
             self._switch(messages, bytes(tail))
@@ -366,10 +370,8 @@ class _UpstreamConnection(BaseProtocol):
                 # A second final response to one request.
                 self.fail(UpstreamProtocolError("more responses than requests"))
                 return
-            if self._head_bytes > MAX_RESPONSE_HEAD_BYTES and _head_size(message) > (
-                MAX_RESPONSE_HEAD_BYTES
-            ):
-                self.fail(UpstreamProtocolError("response head exceeds 64 KiB"))
+            if self._head_bytes > limit and _head_size(message) > limit:
+                self.fail(UpstreamProtocolError(self._pool.head_too_large))
                 return
             self._keep_alive = not message.should_close and message.version == (1, 1)
             self._payload = payload
@@ -467,8 +469,14 @@ class UpstreamPool:
         read_timeout: float,
         limit: int,
         stream_idle_timeout: float | None = None,
+        max_head_bytes: int = MAX_RESPONSE_HEAD_BYTES,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        # A response head, and any one line or field of it, is at most this many bytes.
+        self.max_head_bytes = max_head_bytes
+        self.head_too_large = (
+            f"response head exceeds {max_head_bytes} bytes (limits.max_head_bytes)"
+        )
         self._host = host
         self._port = port
         self._ssl = ssl_context

@@ -174,8 +174,8 @@ def http_request_head(chunks: list[bytes]) -> None:
             _Protocol(),  # type: ignore[arg-type]
             loop,
             server.READ_BUFFER_BYTES,
-            max_line_size=server.MAX_LINE_BYTES,
-            max_field_size=server.MAX_FIELD_BYTES,
+            max_line_size=server.MAX_REQUEST_HEAD_BYTES,
+            max_field_size=server.MAX_REQUEST_HEAD_BYTES,
             max_headers=server.MAX_HEADER_FIELDS,
             auto_decompress=False,
         )
