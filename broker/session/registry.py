@@ -43,7 +43,9 @@ class Entry:
         self.identity = identity
         self.service = service
         self.peer = peer
-        self.kind = kind  # "session" (TCP) or "connection" (HTTP keep-alive)
+        # "session" (TCP), "connection" (HTTP keep-alive) or "pooled" (an idle upstream
+        # session kept for the identity's next client: broker.session.pool)
+        self.kind = kind
         self._close = close
         # Why it was closed by the broker (reload, offboarding); None while open.
         self.closed: str | None = None
