@@ -87,3 +87,20 @@ def test_posture_command_gates_on_severity(tmp_path: Path, pki: Any) -> None:
     inv = run("inventory", "--json")
     assert inv.returncode == 0
     assert {i["id"] for i in json.loads(inv.stdout)["identities"]} == {ORDERS, OLD}
+
+
+def test_oauth2_token_inventoried_as_token_and_its_client_secret_judged(
+    tmp_path: Path, pki: Any
+) -> None:
+    data = raw(pki)
+    client = {"from": "env", "fields": {"client_id": "ID", "client_secret": "S"}}
+    oauth = {"from": "oauth2", "token_url": "https://auth.example/token", "client": client}
+    data["services"][1]["credentials"] = oauth
+    config = parse_config(data, tmp_path / "x.yaml")
+    inv = {i["id"]: i for i in inventory(config, {}, now=NOW)["identities"]}
+    billing = next(s for s in inv[ORDERS]["services"] if s["service"] == "billing-api")
+    assert billing["credential"] == {"ref": "oauth2:https://auth.example/token", "kind": "token",
+                                     "client": "env:client_id,client_secret"}  # fmt: skip
+    # The token is short-lived, but the client secret behind it sits in the environment.
+    found = {(f.id, f.severity, f.subject) for f in posture(config, {}, now=NOW)}
+    assert ("NHI-07", "medium", "billing-api") in found

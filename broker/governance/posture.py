@@ -103,6 +103,9 @@ def inventory(
             if creds.provider == "vault-database":
                 held = list(leases.get(svc.name, {}).get(spiffe_id, []))
                 credential.update(kind="dynamic", ttl=creds.ttl, live_leases=held)
+            elif creds.oauth2 is not None:
+                # An access token fetched with a client secret held elsewhere.
+                credential.update(kind="token", client=creds.oauth2.client.describe())
             else:
                 credential["kind"] = "static"
                 if svc.name in secret_ages:
@@ -162,6 +165,8 @@ def posture(
                                         "a wildcard rule across namespaces lets every "
                                         "workload under it in"))  # fmt: skip
         creds = svc.credentials
+        if creds.oauth2 is not None:
+            creds = creds.oauth2.client  # the token is short-lived; its client secret is not
         if creds.provider in ("env", "file"):
             findings.append(Finding("NHI-07", "Long-lived secrets", "medium", svc.name,
                                     f"a static {creds.provider} credential "
