@@ -387,3 +387,24 @@ async def test_more_header_fields_than_the_count_limit_are_refused(
     assert status_of(response) == 431, response[:300]
     assert b"more than 128 header fields" in response
     assert mirror.seen == []
+
+
+async def test_http2_heads_are_held_to_the_same_limit(
+    env: Env,  # noqa: F811
+    mirror: Mirror,
+) -> None:
+    """limits.max_head_bytes on an HTTP/2 connection: what the broker announces as its
+    SETTINGS_MAX_HEADER_LIST_SIZE and enforces while decoding (curl --http2)."""
+    tls = curl_tls(env.pki, env.pki.client())
+    async with env.proxy(mirror_service(env, mirror, limits={"max_head_bytes": 4096})) as p:
+        rc, out, err = await curl(
+            *tls, "--http2", "-H", "X-Long: " + "a" * 6000, "-w", "\n%{http_code}", f"{p.url}/x"
+        )
+        assert not out.endswith("\n200"), out[-300:]
+        assert mirror.seen == []
+        rc, out, err = await curl(
+            *tls, "--http2", "-H", "X-Long: " + "a" * 2000, "-w", "\n%{http_code}", f"{p.url}/x"
+        )
+    assert rc == 0, err
+    assert out.endswith("\n200"), out[-300:]
+    assert [len(s.headers["X-Long"]) for s in mirror.seen] == [2000]

@@ -41,7 +41,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from adapters.http.exchange import ClientRequest
 from adapters.http.server import (
     MAX_HEADER_FIELDS,
-    MAX_REQUEST_HEAD_BYTES,
     ClientConnection,
     HttpServer,
     InvalidResponseHead,
@@ -394,9 +393,13 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW_BYTES,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_REQUEST_HEAD_BYTES,
+                # limits.max_head_bytes, as on the HTTP/1.1 side.
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: server.max_head_bytes,
             },
         )
+        # h2 applies MAX_HEADER_LIST_SIZE to its HPACK decoder only once the peer ACKs our
+        # SETTINGS (and keeps 64 KiB until then): the limit holds from the first frame.
+        h2c.decoder.max_header_list_size = server.max_head_bytes
         h2c.initiate_connection()
         h2c.increment_flow_control_window(CONNECTION_WINDOW_BYTES - _DEFAULT_WINDOW)
         self._flush()

@@ -48,7 +48,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from adapters.http.exchange import UpstreamReply
 from adapters.http.upstream import (
     IDLE_TIMEOUT_SECONDS,
-    MAX_RESPONSE_HEAD_BYTES,
     InvalidRequestHead,
     RequestBodyError,
     UpstreamConnectError,
@@ -263,10 +262,14 @@ class _H2Upstream(asyncio.Protocol):
             initial_values={
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW_BYTES,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_RESPONSE_HEAD_BYTES,
+                # limits.max_head_bytes, as on the HTTP/1.1 side (its pool holds it).
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.pool.http1.max_head_bytes,
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0,  # no pushed streams
             },
         )
+        # h2 applies MAX_HEADER_LIST_SIZE to its HPACK decoder only once the peer ACKs our
+        # SETTINGS (and keeps 64 KiB until then): the limit holds from the first frame.
+        h2c.decoder.max_header_list_size = self.pool.http1.max_head_bytes
         h2c.initiate_connection()
         h2c.increment_flow_control_window(CONNECTION_WINDOW_BYTES - _DEFAULT_WINDOW)
         self._flush()
