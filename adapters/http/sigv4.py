@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -73,13 +74,22 @@ _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 _HEX = frozenset("0123456789abcdef")
 
 
-class _Payload:
+class _Payload(SigV4Auth):
     """botocore's signer, with the payload hash decided by `SigV4Injector` (its own would
     read the body, or sign with UNSIGNED-PAYLOAD only for some https operations)."""
 
     def payload(self, request: AWSRequest) -> str:
         value: str = request.context["sidekey_payload"]
         return value
+
+    def headers_to_sign(self, request: AWSRequest) -> Any:
+        # botocore works this out twice per signature (canonical request, Authorization),
+        # walking an email.message each time; the second is the first's (the headers do not
+        # change in between).
+        cached = request.context.get("sidekey_headers_to_sign")
+        if cached is None:
+            cached = request.context["sidekey_headers_to_sign"] = super().headers_to_sign(request)
+        return cached
 
 
 class _S3Signer(_Payload, S3SigV4Auth):
@@ -98,6 +108,7 @@ class SigV4Injector(Injector):
     def __init__(
         self,
         origin: str,
+        host: str,
         service: str,
         region: str,
         *,
@@ -113,6 +124,7 @@ class SigV4Injector(Injector):
         if headers is not None:
             self.drop = SIGNATURE_HEADERS | headers.drop
         self._signer_cls = _S3Signer if service == "s3" else _Signer
+        self._host = host
         # The signer of the last credential: a cached credential is the same object until it
         # is refreshed, so the keys are read and checked once per credential.
         self._signer: tuple[Credential, SigV4Auth, tuple[str, ...]] | None = None
@@ -124,11 +136,15 @@ class SigV4Injector(Injector):
         payload = await self._payload(out)
         out.target = _strip_presign(out.target)
         request = AWSRequest(method=out.method, url=self.origin + out.target)
+        headers = request.headers
+        # Host as the upstream client will send it (botocore would parse the URL for it, twice
+        # per signature); it is dropped again below, since that client sets it for its hop.
+        headers["host"] = self._host
         for name, value in out.headers:
-            request.headers.add_header(name, value)
+            headers.add_header(name, value)
         request.context["sidekey_payload"] = payload
         signer.add_auth(request)
-        out.headers = list(request.headers.items())
+        out.headers = [(n, v) for n, v in headers.items() if n != "host"]
         out.secrets += secrets
 
     def _signer_for(self, credential: Credential) -> tuple[SigV4Auth, tuple[str, ...]]:
@@ -225,6 +241,8 @@ def parse_sigv4(inject: Section, url: URL, headers: HeaderInjector | None) -> Si
                 )
     return SigV4Injector(
         str(url.origin()),
+        # The Host header the upstream client sends (adapter.py: host_header).
+        url.host_port_subcomponent or url.host or "",
         service,
         region,
         unsigned_payload=unsigned,
