@@ -579,7 +579,8 @@ def credential_path(env: Env, outcomes: list[Outcome]) -> dict[str, Any]:
 
 
 def profile(env: Env) -> dict[str, Any]:
-    """py-spy on the running broker under the PG CPU-bound and HTTP trivial loads."""
+    """py-spy on the running broker under the PG CPU-bound (TCP+mTLS and the unix-socket
+    sidecar path), churn, HTTP trivial and handshake loads."""
     py_spy = servers.VENV_BIN / "py-spy"
     if not py_spy.exists():
         raise servers.BenchError("BENCH_PROFILE=1 needs py-spy: .venv/bin/pip install py-spy")
@@ -588,7 +589,7 @@ def profile(env: Env) -> dict[str, Any]:
     # The broker variant of each: the steady relay, connection set-up, HTTP, TLS handshakes.
     loads = {
         key: scenarios.SCENARIOS_BY_KEY[key].variants[0]
-        for key in ("pg-cpu", "pg-churn", "http-trivial", "handshake")
+        for key in ("pg-cpu", "pg-local", "pg-churn", "http-trivial", "handshake")
     }
     duration = max(env.settings.duration, 10.0)
     native = os.environ.get("BENCH_PROFILE") == "native"
