@@ -226,7 +226,17 @@ class _H2Upstream(asyncio.Protocol):
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
         self.loop = pool.loop
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            # The request fields are built by `H2UpstreamPool._fields` (lowercase, checked for
+            # CR, LF and NUL, pseudo-fields first) and what comes back is filtered by the
+            # adapter and checked again on the way to the client, so h2's per-field
+            # generator passes both ways are skipped (~a quarter of the CPU per gRPC call).
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+        )
         self._h2 = h2.connection.H2Connection(config=config)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
