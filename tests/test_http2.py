@@ -25,6 +25,7 @@ import h2.settings
 import httpx
 import pytest
 
+from tests.loops import Run
 from tests.pki import DEFAULT_CLIENT_ID, Pki, server_ssl_context
 from tests.servers import OpenBao
 from tests.test_http_adapter import (
@@ -330,6 +331,38 @@ async def test_grpc_over_tls_to_the_upstream_negotiates_h2_by_alpn(
     finally:
         await up.stop()
     assert up.metadata[0]["authorization"] == f"Bearer {secret.token}"
+
+
+def test_grpc_calls_under_both_event_loops(
+    run: Run, tmp_path: Path, pki: Pki, openbao: OpenBao, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker's default loop is uvloop, whose TLS transport reads into the broker's
+    buffer and reports ALPN its own way; the rest of this file runs on asyncio's."""
+
+    async def body() -> None:
+        up = GrpcUpstream()
+        await up.start()
+        try:
+            holder = Upstream()
+            secret = new_secret(openbao, holder)
+            up.tokens |= holder.tokens
+            genv = GrpcEnv(tmp_path, pki, openbao, monkeypatch, up, secret.path, secret.token)
+            async with genv.proxy() as p, genv.channel(p) as channel:
+                assert await channel.unary_unary("/test.Echo/Unary")(b"u", timeout=10) == (
+                    b"echo:u"
+                )
+                chat = channel.stream_stream("/test.Echo/Chat")()
+                await chat.write(b"ping")
+                assert await chat.read() == b"PING"
+                await chat.done_writing()
+                assert await chat.code() == grpc.StatusCode.OK
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await channel.unary_unary("/test.Echo/Slow")(b"", timeout=0.5)
+                assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            await up.stop()
+
+    run(body())
 
 
 # --------------------------------------------------------------------------- plain HTTP/2
