@@ -493,3 +493,19 @@ async def test_the_listener_announces_stream_and_header_limits(env: Env) -> None
     assert settings[codes.MAX_CONCURRENT_STREAMS] == 100
     assert settings[codes.MAX_HEADER_LIST_SIZE] == 64 * 1024
     assert settings[codes.INITIAL_WINDOW_SIZE] == 64 * 1024
+
+
+async def test_http2_header_limits_are_the_services_head_limit(env: Env) -> None:
+    """SETTINGS_MAX_HEADER_LIST_SIZE is limits.max_head_bytes; a larger header list ends the
+    connection before any upstream contact, and over 128 fields is a 431 on its stream."""
+    service = env.service(limits={"max_head_bytes": 8192})
+    async with env.proxy(service) as p:
+        async with h2_client(env) as client:
+            ok = await client.get(f"{p.url}/small", headers={"x-pad": "a" * 1000})
+            many = await client.get(f"{p.url}/many", headers=[(f"x-f{i}", "v") for i in range(130)])
+        async with h2_client(env) as client:
+            with pytest.raises(httpx.HTTPError):
+                await client.get(f"{p.url}/big", headers={"x-pad": "a" * 9000})
+    assert ok.status_code == 200 and ok.http_version == "HTTP/2"
+    assert many.status_code == 431 and b"header fields" in many.content
+    assert [s.raw_path for s in env.upstream.seen] == ["/small"]
