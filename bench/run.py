@@ -243,6 +243,15 @@ def setup(settings: Settings, tools: dict[str, str], tmp: Path, procs: servers.P
         dbrows.setup_vault(bao, redis, mariadb, pki)
         say(f"setup: redis-server {redis is not None}, MariaDB {mariadb is not None}")
     extra_services, extra_ports = dbrows.broker_services(redis, mariadb, pki)
+    grpc_upstream = None
+    if not settings.only or "grpc-unary" in settings.only:
+        grpc_upstream = servers.start_grpc_upstream(
+            procs, base=tmp / "grpc-upstream", pki=pki, token=http_token, cpus=other
+        )
+        extra_ports = {**extra_ports, "grpc": servers.free_port()}
+        extra_services = [*extra_services, servers.grpc_service(extra_ports["grpc"], grpc_upstream)]
+        say(f"setup: grpc upstream on 127.0.0.1:{grpc_upstream.plain_port} (h2c), "
+            f":{grpc_upstream.tls_port} (mTLS)")  # fmt: skip
     # The token issuer of the JWT rows: its JWKS is the broker's http-jwt service's keys.
     jwt_issuer = jwtbench.BenchIssuer(tmp / "jwt")
     jwt_token = jwt_issuer.mint("ES256", servers.LOADGEN_ID)
@@ -308,6 +317,7 @@ def setup(settings: Settings, tools: dict[str, str], tmp: Path, procs: servers.P
         jwt_token=jwt_token,
         broker_asyncio=broker_asyncio,
         broker_workers=broker_workers,
+        grpc_upstream=grpc_upstream,
     )
     smoke(env)
     say(f"setup: done in {time.monotonic() - t0:.1f}s; every path answered a smoke request")

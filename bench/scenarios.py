@@ -66,6 +66,8 @@ class Env:
     broker_asyncio: Any = None
     # The same broker with `workers: 2` (bench/scalerows.py), when one of its rows is.
     broker_workers: Any = None
+    # The grpcio server of the grpc-unary row (bench/h2bench.py), when it is selected.
+    grpc_upstream: Any = None
 
     def run_dir(self, name: str) -> Path:
         self.run_counter += 1
@@ -565,13 +567,17 @@ def run_loadgen(
     processes: int,
     per_process: int,
     headers: tuple[str, ...] = (),
+    module: str = "bench.loadgen",
+    extra: tuple[str, ...] = (),
 ) -> Measurement:
+    """`module`: the load generator (bench.loadgen, or bench.h2bench for the HTTP/2 rows,
+    which takes the same arguments and reports the same JSON), with `extra` arguments."""
     workdir = env.run_dir(f"loadgen-{mode}-{port}")
     pki = env.pki
     start_at = time.time() + LOADGEN_STARTUP_SECONDS
-    count_flag = "--connections" if mode == "http" else "--threads"
+    count_flag = "--connections" if mode in ("http", "grpc", "h2") else "--threads"
     cmd = [
-        str(servers.VENV_BIN / "python"), "-m", "bench.loadgen", mode,
+        str(servers.VENV_BIN / "python"), "-m", module, mode, *extra,
         "--port", str(port), "--cert", str(pki.loadgen.cert), "--key", str(pki.loadgen.key),
         "--ca", str(pki.bundle), count_flag, str(per_process),
         "--start-at", repr(start_at), "--duration", str(duration),
@@ -649,6 +655,8 @@ def loadgen_variant(
     processes: int = 2,
     per_process: int = 16,
     send_credential: bool = False,
+    module: str = "bench.loadgen",
+    extra: tuple[str, ...] = (),
 ) -> Variant:
     """`send_credential`: the client sends the header itself (direct rows: no proxy injects)."""
 
@@ -663,6 +671,8 @@ def loadgen_variant(
             processes=processes,
             per_process=per_process,
             headers=headers,
+            module=module,
+            extra=extra,
         )
 
     return Variant(name, label, proxy, run)
@@ -1468,5 +1478,85 @@ SCENARIOS = (
 from bench.scalerows import SCALE_SCENARIOS  # noqa: E402 - they use the helpers above
 
 SCENARIOS = (*SCENARIOS, *SCALE_SCENARIOS)
+# --------------------------------------------------------------------------- HTTP/2 (issue 17.5)
+
+# Calls in flight per channel and channels per load generator of the gRPC row: 32 at once,
+# as the HTTP rows' 2 x 16 connections.
+GRPC_CHANNELS = 2
+GRPC_STREAMS = 16
+# Requests in flight on the one connection of the multiplexing row.
+H2_STREAMS = 32
+
+SCENARIOS = (
+    *SCENARIOS,
+    Scenario(
+        key="grpc-unary",
+        title=(
+            f"gRPC unary calls, {GRPC_CHANNELS} channels x {GRPC_STREAMS} in flight "
+            "(grpcio client and server)"
+        ),
+        tool="bench/h2bench.py grpc",
+        goal="reported: broker calls per core-second, broker / direct calls/s",
+        variants=(
+            loadgen_variant(
+                "broker",
+                "grpcio -> sidekey (mTLS, h2) -> grpcio server (h2c)",
+                "broker",
+                _broker("grpc"),
+                mode="grpc",
+                processes=1,
+                per_process=GRPC_CHANNELS,
+                module="bench.h2bench",
+                extra=("--streams", str(GRPC_STREAMS)),
+            ),
+            loadgen_variant(
+                "direct",
+                "grpcio -> grpcio server (mTLS, h2)",
+                None,
+                lambda env: env.grpc_upstream.tls_port,
+                mode="grpc",
+                processes=1,
+                per_process=GRPC_CHANNELS,
+                send_credential=True,
+                module="bench.h2bench",
+                extra=("--streams", str(GRPC_STREAMS)),
+            ),
+        ),
+        verdict=reported(per_core(0.0, "gRPC unary calls per broker core-second", "direct")),
+        unit="calls/s",
+    ),
+    Scenario(
+        key="h2-multiplex",
+        title=(
+            f"HTTP/2: {H2_STREAMS} requests in flight on one mTLS connection vs HTTP/1.1 on "
+            f"{H2_STREAMS} connections (nginx upstream)"
+        ),
+        tool="bench/h2bench.py h2, bench/loadgen.py http",
+        goal="reported: h2 requests per broker core-second, h2 / HTTP/1.1 req/s",
+        variants=(
+            loadgen_variant(
+                "broker",
+                f"h2 client, 1 connection x {H2_STREAMS} streams -> sidekey -> nginx",
+                "broker",
+                _broker("http-trivial"),
+                mode="h2",
+                processes=1,
+                per_process=1,
+                module="bench.h2bench",
+                extra=("--streams", str(H2_STREAMS)),
+            ),
+            loadgen_variant(
+                "http1",
+                f"HTTP/1.1 loadgen, {H2_STREAMS} keep-alive connections -> sidekey -> nginx",
+                "broker",
+                _broker("http-trivial"),
+                processes=1,
+                per_process=H2_STREAMS,
+            ),
+        ),
+        verdict=reported(per_core(0.0, "h2 requests per broker core-second", "http1")),
+        unit="req/s",
+    ),
+)
 
 SCENARIOS_BY_KEY: dict[str, Scenario] = {s.key: s for s in SCENARIOS}

@@ -858,6 +858,45 @@ def start_upstream(
     return Upstream(plain, tls, proc)
 
 
+def start_grpc_upstream(
+    procs: Processes, *, base: Path, pki: Pki, token: str, cpus: frozenset[int] | None
+) -> Upstream:
+    """The grpcio server of the grpc-unary row (`bench.h2bench serve`): cleartext HTTP/2 on
+    the plain port for the broker, mTLS on the TLS port for the direct baseline."""
+    base.mkdir()
+    plain, tls = free_port(), free_port()
+    proc = procs.start(
+        "grpc-upstream",
+        [
+            str(VENV_BIN / "python"), "-m", "bench.h2bench", "serve",
+            "--plain-port", str(plain), "--tls-port", str(tls),
+            "--cert", str(pki.server.cert), "--key", str(pki.server.key),
+            "--ca", str(pki.bundle), "--token", token,
+        ],
+        log=base / "grpc-upstream.log",
+        cwd=REPO,
+        cpus=cpus,
+    )  # fmt: skip
+    wait_for_port(plain, proc, "grpc upstream")
+    wait_for_port(tls, proc, "grpc upstream")
+    return Upstream(plain, tls, proc)
+
+
+def grpc_service(port: int, upstream: Upstream) -> dict[str, Any]:
+    """The broker's service for the grpc-unary row: HTTP/2 both ways, the token injected as
+    gRPC's authorization metadata."""
+    return {
+        "name": "grpc",
+        "adapter": "http",
+        "listen": f"127.0.0.1:{port}",
+        "client_auth": "mtls",
+        "upstream": {"url": f"http://127.0.0.1:{upstream.plain_port}", "http2": True},
+        "credentials": {"from": "vault-kv", "path": KV_PATH},
+        "inject": {"headers": {"authorization": "Bearer {token}"}},
+        "allow": [LOADGEN_ID],
+    }
+
+
 # --------------------------------------------------------------------------- the broker
 
 
