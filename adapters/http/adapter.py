@@ -45,9 +45,19 @@ from adapters.http.exchange import ClientRequest, UpstreamClient, UpstreamReply
 from adapters.http.grpc import is_grpc, refusal_fields
 from adapters.http.h2server import Negotiating
 from adapters.http.h2upstream import H2UpstreamPool
-from adapters.http.hygiene import FORWARDED_OTHERS, FORWARDED_PREFIX, TRACE, climbs, peer_address
+from adapters.http.hygiene import (
+    CLAIMS_HEADER,
+    FORWARDED_OTHERS,
+    FORWARDED_PREFIX,
+    TRACE,
+    ForwardIdentity,
+    climbs,
+    parse_forward_identity,
+    peer_address,
+)
 from adapters.http.inject import (
     HOP_BY_HOP_HEADERS,
+    NOT_INJECTABLE,
     HeaderTemplate,
     Injector,
     InjectRefused,
@@ -157,6 +167,8 @@ class HttpSettings:
     # services[i].limits.max_head_bytes: a request head from the client and a response head
     # from the upstream, and any one line of either, are at most this long.
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    # services[i].forward_identity: the caller's verified identity in request headers.
+    forward_identity: ForwardIdentity | None = None
 
 
 def parse_settings(ctx: ServiceContext) -> HttpSettings:
@@ -198,10 +210,17 @@ def parse_settings(ctx: ServiceContext) -> HttpSettings:
         "max_head_bytes", MIN_HEAD_BYTES, MAX_HEAD_BYTES, DEFAULT_MAX_HEAD_BYTES
     )
     limits.finish()
+    taken = {name: "set by the broker for its hop" for name in NOT_INJECTABLE | FORWARDED_OTHERS}
+    taken |= {name: "injected (inject)" for name in injector.drop}
+    if service.jwt is not None:
+        taken[service.jwt.header.lower()] = "where tokens come (jwt.header)"
+    forward_identity = parse_forward_identity(
+        service.forward_identity, f"{service.where}.forward_identity", taken
+    )
     return HttpSettings(
         url, tls, timeout, connect_timeout, headers, injector, stream_idle_timeout,
         allow_trace=service.allow_trace, http2=http2, ssl_h2=tls_h2,
-        max_head_bytes=max_head_bytes,
+        max_head_bytes=max_head_bytes, forward_identity=forward_identity,
     )  # fmt: skip
 
 
@@ -301,6 +320,12 @@ class HttpAdapter(Adapter):
             HOP_BY_HOP_HEADERS | self._injector.drop | _HOP_FRAMING | FORWARDED_OTHERS
         )
         self._proto = "https" if ctx.server_ssl is not None else "http"
+        # The caller's identity headers: whatever a client sends under their names (and
+        # always under X-Sidekey-Claims) is dropped; the broker sets them from what it proved.
+        self._forward_identity = self.settings.forward_identity
+        self._drop_request |= {CLAIMS_HEADER.lower()}
+        if self._forward_identity is not None:
+            self._drop_request |= self._forward_identity.drop
         # The injector's last secrets and their lower-cased copy (a cached credential gives
         # the same tuple until it is refreshed).
         self._lowered: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
@@ -667,6 +692,8 @@ class HttpAdapter(Adapter):
         target = self._base_path + request.target.partition("#")[0]
         headers = _forward_headers(request.headers, self._drop_request)
         headers += self._forwarding(request)
+        if self._forward_identity is not None:
+            headers += self._forward_identity.fields(identity)
         if request.headers.get("Expect", "").lower() == "100-continue":
             # Answer the client's Expect ourselves, after policy and credential: a refused
             # client never uploads its body, and the upstream's 100 is not relayed.

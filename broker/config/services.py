@@ -32,7 +32,7 @@ DEFAULT_CREDENTIAL_TTL_SECONDS = 60.0
 # Revoke a per-identity lease once no connection has used it for this long.
 DEFAULT_LEASE_IDLE_SECONDS = 300.0
 # Service keys only the HTTP adapter reads; on another adapter they are errors.
-HTTP_ONLY_KEYS = ("websocket", "allow_trace", "limits")
+HTTP_ONLY_KEYS = ("websocket", "allow_trace", "limits", "forward_identity")
 # Per-service cap on concurrent client connections: bounds memory under a connection flood.
 DEFAULT_MAX_CONNECTIONS = 1024
 # What a `local:` entry may select on (SPIRE's unix attestor has uid, gid and path; pod_uid
@@ -127,6 +127,8 @@ class ServiceConfig:
     pool: PoolConfig | None = None
     # HTTP: size limits on what is read from the network (max_head_bytes), for the adapter.
     limits: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # HTTP: the verified caller's SPIFFE ID (and token claims) for the upstream, for the adapter.
+    forward_identity: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         if not self.rules and self.allow:
@@ -231,6 +233,7 @@ def parse_service(
         allow_trace=s.boolean("allow_trace", False),
         pool=parse_pool(s.section("pool")) if s.has("pool") else None,
         limits=s.frozen("limits"),
+        forward_identity=s.frozen("forward_identity"),
     )
     s.finish()
     return service
