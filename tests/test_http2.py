@@ -509,3 +509,53 @@ async def test_http2_header_limits_are_the_services_head_limit(env: Env) -> None
     assert ok.status_code == 200 and ok.http_version == "HTTP/2"
     assert many.status_code == 431 and b"header fields" in many.content
     assert [s.raw_path for s in env.upstream.seen] == ["/small"]
+
+
+async def test_a_silent_grpc_upstream_is_deadline_exceeded_from_the_broker(
+    genv: GrpcEnv,
+) -> None:
+    """No client deadline: the broker's own upstream.timeout ends the call, in gRPC's terms."""
+    service = genv.service()
+    service["upstream"]["timeout"] = 0.5
+    async with genv.proxy(service) as p, genv.channel(p) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.unary_unary("/test.Echo/Slow")(b"")
+        [event] = await poll(lambda: p.events("request"), "the audit line")
+        await poll(lambda: "Slow" in genv.upstream.cancelled, "the upstream call to be reset")
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not answer in time" in caught.value.details()
+    assert event["status"] == 504 and "upstream.timeout" in event["error"]
+
+
+async def test_an_upstream_that_goes_away_mid_stream_fails_the_call_not_the_connection(
+    genv: GrpcEnv,
+) -> None:
+    async with genv.proxy() as p, genv.channel(p) as channel:
+        call = channel.unary_stream("/test.Echo/Count")(b"1000")
+        assert await call.read() == b"0"
+        await genv.upstream.stop()  # the gRPC server dies with the stream open
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while await call.read() != grpc.aio.EOF:
+                pass
+        assert caught.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+        # The client's connection to the broker is intact: the next call is refused by the
+        # broker in gRPC's terms (the upstream is gone), on the same channel.
+        with pytest.raises(grpc.aio.AioRpcError) as again:
+            await channel.unary_unary("/test.Echo/Unary")(b"x", timeout=10)
+        [first, *_] = await poll(lambda: p.events("request"), "the audit lines")
+    assert again.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert again.value.details().startswith("sidekey: ")
+    assert first["error"].startswith("upstream failed mid-response")
+
+
+async def test_shutdown_lets_an_open_call_finish_and_refuses_new_ones(genv: GrpcEnv) -> None:
+    async with genv.proxy() as p, genv.channel(p) as channel:
+        call = channel.unary_stream("/test.Echo/Count")(b"20")  # 20 messages, 50 ms apart
+        assert await call.read() == b"0"
+        stopping = asyncio.create_task(p.broker.stop(drain_timeout=10.0))
+        got = [b"0"]
+        while (message := await call.read()) != grpc.aio.EOF:
+            got.append(message)
+        await stopping
+    assert got == [str(i).encode() for i in range(20)]
+    assert await call.code() == grpc.StatusCode.OK

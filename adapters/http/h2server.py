@@ -36,6 +36,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from adapters.http.exchange import ClientRequest
@@ -381,10 +382,23 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
         if self._closing or self.transport is None:
             return
         self._closing = True
-        self._h2.close_connection(ErrorCodes.NO_ERROR)
-        self._flush()
+        self._goaway()
         if not self.streams:
             self.transport.close()
+
+    def _goaway(self) -> None:
+        """Send GOAWAY (NO_ERROR, the last stream taken) and let the open streams finish.
+
+        Written as a frame of our own: h2's close_connection() moves its state machine to
+        CLOSED, after which nothing more may be sent on the open streams."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._flush()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self._h2.highest_inbound_stream_id
+        frame.error_code = ErrorCodes.NO_ERROR
+        transport.write(frame.serialize())
 
     # ------------------------------------------------------------------- asyncio.Protocol
 
@@ -585,11 +599,9 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
             self._flush_later()
-        if request.close_after:
+        if request.close_after and not self._closing:
             self._closing = True
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self._h2.close_connection(ErrorCodes.NO_ERROR)
-            self._flush_later()
+            self._goaway()
         if not self.streams:
             self._idle_since = self._loop.time()
             drained = self._drained

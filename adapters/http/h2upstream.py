@@ -43,6 +43,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from adapters.http.exchange import UpstreamReply
@@ -589,14 +590,23 @@ class _H2Upstream(asyncio.Protocol):
         self._arm()
 
     def close(self) -> None:
+        """No new streams on this connection: GOAWAY, and close once the open ones end."""
         self.gone = True
-        if self.transport is None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self._h2.close_connection(ErrorCodes.NO_ERROR)
         self._flush()
         if not self.streams:
-            self.transport.close()
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._h2.close_connection(ErrorCodes.NO_ERROR)
+            self._flush()
+            transport.close()
+            return
+        # A frame of our own: h2's close_connection() would stop the open streams too.
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = 0  # the broker accepts no streams from the upstream
+        frame.error_code = ErrorCodes.NO_ERROR
+        transport.write(frame.serialize())
 
 
 def _short(exc: BaseException | None) -> str:
