@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -34,6 +35,7 @@ from typing import Any
 
 import jwt
 import pytest
+import trustme
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -68,6 +70,8 @@ class OAuthProvider:
     secrets: dict[str, str] = field(repr=False)
     client_key_pem: str = field(repr=False)
     token_ttl: int = 60
+    # Trusts the provider's certificate when it serves HTTPS; None over HTTP.
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
 
     @property
     def token_url(self) -> str:
@@ -108,11 +112,14 @@ def install() -> Path:
     return PREFIX
 
 
-def start_provider(workdir: Path, *, token_ttl: int = 60, port: int | None = None) -> OAuthProvider:
+def start_provider(
+    workdir: Path, *, token_ttl: int = 60, port: int | None = None, tls: trustme.CA | None = None
+) -> OAuthProvider:
+    """Start oidc-provider; over HTTPS with a certificate for localhost from `tls` if given."""
     prefix = install()
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    issuer = f"http://127.0.0.1:{port}"
+    issuer = f"{'https://localhost' if tls else 'http://127.0.0.1'}:{port}"
     signing = json.loads(ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1())))
     signing.update(kid="signing-1", use="sig", alg="ES256")
     client_key = ec.generate_private_key(ec.SECP256R1())
@@ -122,7 +129,7 @@ def start_provider(workdir: Path, *, token_ttl: int = 60, port: int | None = Non
         SECRET_CLIENT: secrets.token_urlsafe(32),
         POST_CLIENT: secrets.token_urlsafe(32),
     }
-    config = {
+    config: dict[str, Any] = {
         "issuer": issuer,
         "port": port,
         "jwks": {"keys": [signing]},
@@ -148,6 +155,16 @@ def start_provider(workdir: Path, *, token_ttl: int = 60, port: int | None = Non
             },
         ],
     }
+    context: ssl.SSLContext | None = None
+    if tls is not None:
+        issued = tls.issue_cert("localhost")
+        issued.cert_chain_pems[0].write_to_path(workdir / "cert.pem")
+        for blob in issued.cert_chain_pems[1:]:
+            blob.write_to_path(workdir / "cert.pem", append=True)
+        issued.private_key_pem.write_to_path(workdir / "key.pem")
+        config["tls"] = {"cert": str(workdir / "cert.pem"), "key": str(workdir / "key.pem")}
+        context = ssl.create_default_context()
+        tls.configure_trust(context)
     config_file = workdir / "provider.json"
     config_file.write_text(json.dumps(config))
     log = (workdir / "provider.log").open("wb")
@@ -169,14 +186,14 @@ def start_provider(workdir: Path, *, token_ttl: int = 60, port: int | None = Non
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode()
-    provider = OAuthProvider(issuer, workdir, proc, client_secrets, pem, token_ttl)
+    provider = OAuthProvider(issuer, workdir, proc, client_secrets, pem, token_ttl, context)
     deadline = time.monotonic() + START_SECONDS
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"oidc-provider exited with {proc.returncode}:\n{provider.log()}")
         try:
             with urllib.request.urlopen(
-                f"{issuer}/.well-known/openid-configuration", timeout=1
+                f"{issuer}/.well-known/openid-configuration", timeout=1, context=context
             ) as resp:
                 if json.load(resp).get("issuer") == issuer:
                     return provider
@@ -223,7 +240,9 @@ class ResourceServer:
         self.revoked: set[str] = set()
         self.url = ""
         self._runner: web.AppRunner | None = None
-        self._jwks = jwt.PyJWKClient(f"{provider.issuer}/jwks", cache_keys=True)
+        self._jwks = jwt.PyJWKClient(
+            f"{provider.issuer}/jwks", cache_keys=True, ssl_context=provider.ssl_context
+        )
 
     async def start(self) -> str:
         app = web.Application()

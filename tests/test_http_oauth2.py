@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 import broker.credentials.oauth2 as oauth2_module
 from broker.runtime import Broker
@@ -321,3 +322,25 @@ async def test_token_endpoint_that_never_answers_times_out(env: Env) -> None:
             assert "no answer in 0.5s" in request["error"]
     finally:
         silent.close()
+
+
+async def test_https_token_endpoint_verified_against_its_ca(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An https authorization server: trusted through `ca:`; without it (the system store)
+    the fetch fails closed and says it is the certificate, not an outage."""
+    ca = trustme.CA()
+    provider = env.provider(tls=ca)
+    ca_file = env.tmp_path / "auth-ca.pem"
+    ca.cert_pem.write_to_path(ca_file)
+    kv = client_secret(env.openbao, provider, SECRET_CLIENT)
+    async with env.proxy(provider, kv, issuer=provider.issuer, audience=AUDIENCE,
+                         ca=str(ca_file)) as p:  # fmt: skip
+        reply = await call(client_ssl_context(env.pki, env.pki.client()), f"{p.url}/orders")
+        assert reply.status == 200, reply.body
+    env.tmp_path.joinpath("audit.jsonl").unlink()
+    async with env.proxy(provider, kv, issuer=provider.issuer, audience=AUDIENCE) as p:
+        reply = await call(client_ssl_context(env.pki, env.pki.client()), f"{p.url}/orders")
+        assert reply.status == 503
+        [request] = p.requests()
+        assert "TLS certificate verification failed (set ca:" in request["error"]

@@ -22,9 +22,8 @@ def make_source(
     where = f"{service.where}.credentials"
     if creds.oauth2 is not None:
         client = make_fetcher(creds.oauth2.client, vault, f"{where}.client")
-        return OAuth2Source(
-            service.name, OAuth2Fetcher(creds.oauth2, client, creds.ttl), creds.ttl, metrics
-        )
+        fetcher = OAuth2Fetcher(creds.oauth2, client, creds.ttl, where=where)
+        return OAuth2Source(service.name, fetcher, creds.ttl, metrics)
     if creds.provider == "vault-database":
         if vault is None:
             raise ConfigError(f"{where}.from: vault-database needs a top-level vault section")

@@ -124,6 +124,7 @@ class OAuth2Fetcher:
         client: Fetcher,
         max_lifetime: float,
         *,
+        where: str = "oauth2",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -131,7 +132,7 @@ class OAuth2Fetcher:
         self._max_lifetime = max_lifetime
         self._clock = clock
         # Made even for an http endpoint: discovery may name an https token endpoint.
-        self._ssl: ssl.SSLContext = client_context(ca=config.ca, where="oauth2")
+        self._ssl: ssl.SSLContext = client_context(ca=config.ca, where=where)
         self._token_url = config.token_url  # discovered from config.issuer when None
 
     def __repr__(self) -> str:
@@ -357,6 +358,9 @@ def _failure(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, httpx2.TimeoutException):
         return f"no answer in {timeout:g}s"
     if isinstance(exc, httpx2.ConnectError | OSError):
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            # The server's certificate does not verify: not an outage, a trust setting.
+            return "TLS certificate verification failed (set ca: to the CA that issued it)"
         return f"unreachable ({type(exc).__name__})"
     if isinstance(exc, _TooLarge):
         return f"answer {exc}"

@@ -9,6 +9,8 @@
 // names with `resource` (RFC 8707) or, as Auth0 and others spell it, `audience`.
 // Prints "listening PORT" once it accepts connections; logs one line per token issued.
 import { readFileSync } from 'node:fs';
+import http from 'node:http';
+import https from 'node:https';
 import { pathToFileURL } from 'node:url';
 
 // Where scripts/install-oidc-provider.sh put it (ES modules do not read NODE_PATH).
@@ -65,7 +67,14 @@ provider.on('grant.error', (ctx, err) => {
   console.log(`refused ${err.message}: ${err.error_description || ''}`);
 });
 
-const server = provider.listen(cfg.port, '127.0.0.1', () => {
+// With "tls": {"cert": PEM file, "key": PEM file}, HTTPS (the broker then verifies it).
+const server = cfg.tls
+  ? https.createServer(
+    { cert: readFileSync(cfg.tls.cert), key: readFileSync(cfg.tls.key) },
+    provider.callback(),
+  )
+  : http.createServer(provider.callback());
+server.listen(cfg.port, '127.0.0.1', () => {
   console.log(`listening ${server.address().port}`);
 });
 process.on('SIGTERM', () => server.close(() => process.exit(0)));
