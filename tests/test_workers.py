@@ -210,6 +210,11 @@ async def test_a_killed_worker_is_restarted_and_the_others_keep_serving(
     assert {e["worker"] for e in starts[len(conns) :]} == {1, 2}
     metrics = await asyncio.to_thread(_metrics, setup.admin)
     assert metrics['sidekey_worker_restarts_total{worker="1"}'] == 1
+    # The restarted worker continued its own hash chain where the killed one stopped.
+    report = verify([setup.audit])
+    assert report.ok, report.problems
+    firsts = [e for e in setup.events() if e.get("worker") == 1 and "chain_prev" in e]
+    assert len(firsts) == 2 and firsts[1]["chain_prev"] != "", "a link, not a fresh chain"
     for conn in conns:
         conn.terminate()
 
