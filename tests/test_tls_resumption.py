@@ -11,6 +11,7 @@ import asyncio
 import re
 import ssl
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ import trustme
 
 from broker.identity.tls import ResumingContext, client_context
 from tests import test_http_adapter as http_tests
+from tests.brokers import base_config, running_broker
 from tests.loops import Run
 from tests.loops import server_context as trustme_server_context
 from tests.pki import DEFAULT_CLIENT_ID, Pki, client_ssl_context
+from tests.servers_mysql_redis import RedisServer, VaultEngine
 from tests.test_http_adapter import SERVICE, Env
 
 # The HTTP adapter tests' fixtures: a real aiohttp upstream, OpenBao, a secret.
@@ -168,3 +171,43 @@ def test_upstream_context_resumes_the_last_session(run: Run, ca: trustme.CA) -> 
         return reused
 
     assert run(body()) == [False, True, True]
+
+
+async def test_the_broker_resumes_its_tls_session_to_a_redis_upstream(
+    tmp_path: Path,
+    pki: Pki,
+    redis_server: RedisServer,
+    vault_redis: VaultEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two sessions one after the other: the second upstream handshake resumes the first's
+    session (redis-server keeps a TLS session cache by default)."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="sk-"))
+    svc = {
+        "name": "cache", "adapter": "redis", "listen": f"unix:{sock_dir}/redis.sock",
+        "client_auth": "local", "local_identity": DEFAULT_CLIENT_ID,
+        "upstream": {"address": f"127.0.0.1:{redis_server.tls_port}",
+                     "tls": {"mode": "verify-full", "ca": str(redis_server.ca_path)}},
+        "credentials": {"from": "vault-database", "mount": vault_redis.mount,
+                        "role": vault_redis.role},
+        "allow": [DEFAULT_CLIENT_ID],
+    }  # fmt: skip
+    config = base_config(pki, services=[svc], vault=vault_redis.openbao, admin=False)
+    try:
+        async with running_broker(tmp_path, config, monkeypatch, vault_redis.openbao) as b:
+            upstream_ctx = b.services["cache"].adapter.upstream.ssl_context  # type: ignore[attr-defined]
+            assert isinstance(upstream_ctx, ResumingContext)
+            reused = []
+            for _ in range(2):
+                proc = await asyncio.create_subprocess_exec(
+                    "redis-cli", "-s", f"{sock_dir}/redis.sock", "PING",
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                out, err = await asyncio.wait_for(proc.communicate(), OPENSSL_SECONDS)
+                assert out.strip() == b"PONG", err
+                reused.append(upstream_ctx._last["127.0.0.1"].session_reused)
+    finally:
+        for child in sock_dir.iterdir():
+            child.unlink()
+        sock_dir.rmdir()
+    assert reused == [False, True]
