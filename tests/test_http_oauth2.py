@@ -10,6 +10,7 @@ secret of their own.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import uuid
@@ -172,8 +173,10 @@ async def test_access_token_fetched_injected_and_accepted(
         assert request["credential"]["path"] == provider.token_url
         trail = p.audit_path.read_text()
     secret = provider.secrets.get(client_id, provider.client_key_pem)
+    basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()  # as Basic auth sends it
     for text in (trail, caplog.text):
         assert secret not in text
+        assert basic not in text
         assert answer["jti"] not in text  # nothing of the token either
 
 
