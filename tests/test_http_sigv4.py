@@ -335,3 +335,25 @@ async def test_presigned_query_dropped_and_chunk_signed_body_refused(env: Env) -
         )  # fmt: skip
         assert refused.status == 400
         assert b"cannot be re-signed" in refused.body
+
+
+async def test_other_services_sign_the_body_hash(env: Env) -> None:
+    """A service other than S3 (STS, a form-encoded POST API) signs with the body's hash: moto
+    recomputes it, so the body the broker read and hashed is the one it sent, and it answers
+    as the IAM user whose keys are in KV."""
+    kv = kv_keys(env.openbao, env.moto.keys)
+    service = s3_service(env.moto, kv)
+    service["inject"] = {"aws_sigv4": {"service": "sts", "region": REGION}}
+    config = base_config(env.pki, services=[service], vault=env.openbao)
+    async with running_broker(env.tmp_path, config, env.monkeypatch, vault=env.openbao) as broker:
+        client_cert = env.pki.client(DEFAULT_CLIENT_ID)
+        sts = boto3.session.Session().client(
+            "sts",
+            endpoint_url=f"https://localhost:{broker.address(SERVICE).rsplit(':')[1]}",
+            region_name=REGION,
+            verify=str(env.pki.bundle),
+            config=Config(signature_version=botocore.UNSIGNED, retries={"max_attempts": 1},
+                          client_cert=(str(client_cert.cert), str(client_cert.key))),
+        )  # fmt: skip
+        me = await in_thread(sts.get_caller_identity)
+        assert me["Arn"] == "arn:aws:iam::123456789012:user/sidekey-broker"
