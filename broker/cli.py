@@ -203,11 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check(path: Path) -> int:
-    from broker.governance.posture import unowned_rules  # noqa: PLC0415
+    from broker.governance.posture import local_warnings, unowned_rules  # noqa: PLC0415
 
     config = validate(path)
     print(f"{path}: ok ({len(config.services)} services)")
-    for warning in unowned_rules(config):
+    for warning in unowned_rules(config) + local_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.config import parse_config
-from broker.governance.posture import Use, inventory, posture, unowned_rules
+from broker.governance.posture import Use, inventory, local_warnings, posture, unowned_rules
 from tests.brokers import write_config
 
 ORDERS = "spiffe://example.org/ns/prod/sa/orders"
@@ -69,6 +69,28 @@ def test_inventory_posture_and_owner_warnings(tmp_path: Path, pki: Any) -> None:
         "services[2].allow: rule spiffe://example.org/ns/** has no owner (set owner on the "
         "rule or the service)"
     ]
+
+
+def test_check_warns_when_one_local_identity_reaches_any_process(tmp_path: Path, pki: Any) -> None:
+    config = raw(pki)
+    base = config["services"][0]
+    config["services"] = [
+        {**base, "name": "tcp", "client_auth": "local", "local_identity": ORDERS},
+        {**base, "name": "open", "listen": "unix:open.sock", "socket_mode": "0666",
+         "client_auth": "local", "local_identity": ORDERS},
+        {**base, "name": "group", "listen": "unix:group.sock", "client_auth": "local",
+         "local_identity": ORDERS},
+        {**base, "name": "attested", "listen": "unix:a.sock", "socket_mode": "0666",
+         "client_auth": "local", "local": [{"uid": 1000, "id": ORDERS}]},
+    ]  # fmt: skip
+    warnings = local_warnings(parse_config(config, tmp_path / "x.yaml"))
+    assert len(warnings) == 2
+    assert warnings[0].startswith("services[0].local_identity: every process on the host")
+    assert warnings[1].startswith("services[1].socket_mode: 0666 lets any user connect")
+    path = write_config(tmp_path, config)
+    done = subprocess.run([sys.executable, "-m", "broker", "check", "--config", str(path)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0 and "warning: services[1].socket_mode: 0666" in done.stderr
 
 
 def test_posture_command_gates_on_severity(tmp_path: Path, pki: Any) -> None:

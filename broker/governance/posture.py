@@ -213,5 +213,28 @@ def unowned_rules(config: Config) -> list[str]:
     ]
 
 
+def local_warnings(config: Config) -> list[str]:
+    """`sidekey check`'s warnings about `client_auth: local` services whose one
+    `local_identity` reaches further than one application: over loopback TCP (every local
+    process may connect), or on a socket whose mode lets any user connect."""
+    warnings = []
+    for svc in config.services:
+        if svc.client_auth != "local" or svc.local_identity is None:
+            continue
+        if svc.listen.path is None:
+            warnings.append(
+                f"{svc.where}.local_identity: every process on the host that can reach "
+                f"{svc.listen} is {svc.local_identity}; prefer a unix socket with local: "
+                "rules (by uid, gid, exe or pod)"
+            )
+        elif svc.socket_mode & 0o007:
+            warnings.append(
+                f"{svc.where}.socket_mode: {svc.socket_mode:04o} lets any user connect, and "
+                f"every caller is {svc.local_identity}; use local: rules, or a mode without "
+                "access for others"
+            )
+    return warnings
+
+
 def today(now: datetime) -> date:
     return now.date()
