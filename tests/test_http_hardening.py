@@ -6,6 +6,7 @@ request up before sending it)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from aiohttp import web
 from adapters.http.hygiene import climbs
 from tests.test_http_adapter import (  # the fixtures (env, upstream) with them
     DEADLINE_SECONDS,
+    OTHER_ID,
     SERVICE,
     Env,
     Seen,
@@ -408,3 +410,38 @@ async def test_http2_heads_are_held_to_the_same_limit(
     assert rc == 0, err
     assert out.endswith("\n200"), out[-300:]
     assert [len(s.headers["X-Long"]) for s in mirror.seen] == [2000]
+
+
+# --------------------------------------------------------------------------- issue 17: audit
+
+
+async def test_every_http_audit_line_names_method_path_without_query_and_upstream_status(
+    env: Env,  # noqa: F811
+    mirror: Mirror,
+) -> None:
+    """Forwarded (HTTP/1.1 and HTTP/2), refused by the broker, and denied by policy: each
+    audit line says which method on which path (never the query string, which carries
+    client data) and, when the upstream answered, its status."""
+    tls = curl_tls(env.pki, env.pki.client())
+    secret_query = "api_key=client-secret-in-query"
+    async with env.proxy(mirror_service(env, mirror)) as p:
+        for version in ("--http1.1", "--http2"):
+            rc, _, err = await curl(
+                *tls, version, "-X", "DELETE", f"{p.url}/orders/7?{secret_query}"
+            )
+            assert rc == 0, err
+        rc, _, err = await curl(*tls, "-X", "TRACE", f"{p.url}/orders/7?{secret_query}#frag")
+        assert rc == 0, err
+        other = curl_tls(env.pki, env.pki.client(OTHER_ID))
+        rc, _, err = await curl(*other, "-X", "PUT", f"{p.url}/orders/8?{secret_query}")
+        assert rc == 0, err
+        audit = p.audit()
+    requests = [e for e in audit if e["event"] == "request"]
+    assert [(e["method"], e["path"], e.get("upstream_status"), e["status"]) for e in requests] == [
+        ("DELETE", "/orders/7", 200, 200),
+        ("DELETE", "/orders/7", 200, 200),
+        ("TRACE", "/orders/7", None, 405),
+    ]
+    [deny] = [e for e in audit if e["event"] == "deny"]
+    assert (deny["method"], deny["path"], deny["spiffe_id"]) == ("PUT", "/orders/8", OTHER_ID)
+    assert "client-secret-in-query" not in json.dumps(audit)

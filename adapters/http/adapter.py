@@ -510,12 +510,12 @@ class HttpAdapter(Adapter):
                 # Said in HTTP, with how to present one (issue 21.1), not a bare handshake
                 # failure; the connection is refused for all its requests.
                 message = f"{exc}: {CERTIFICATE_HINT}"
-                self.ctx.refuse(peer, message)
+                self.ctx.refuse(peer, message, method=request.method, path=_audit_path(request))
                 return await _error(request, 401, f"identity refused: {message}", close=True)
             except IdentityError as exc:
                 if self._token_header is not None:
                     return await self._unauthorized(request, peer, exc, None)
-                self.ctx.refuse(peer, str(exc))
+                self.ctx.refuse(peer, str(exc), method=request.method, path=_audit_path(request))
                 return await _error(request, 403, f"identity refused: {exc}", close=True)
         if request.method == "CONNECT":
             return await self._refuse(
@@ -531,7 +531,9 @@ class HttpAdapter(Adapter):
                          "forwards only to its configured upstream", "not_a_proxy"),
                 close=True,
             )  # fmt: skip
-        decision = self.ctx.authorize(identity, peer)
+        decision = self.ctx.authorize(
+            identity, peer, method=request.method, path=_audit_path(request)
+        )
         if not decision.allow:
             return await _error(request, 403, decision.reason)
         if request.method == TRACE and not self.settings.allow_trace:
@@ -564,7 +566,9 @@ class HttpAdapter(Adapter):
     ) -> None:
         """401 with a Bearer challenge (RFC 6750 section 3): the client may try again with
         another token on the same connection."""
-        self.ctx.refuse(peer, str(exc), issuer=issuer)
+        self.ctx.refuse(
+            peer, str(exc), issuer=issuer, method=request.method, path=_audit_path(request)
+        )
         challenge = 'Bearer realm="sidekey"'
         if isinstance(exc, TokenError):
             challenge += ', error="invalid_token"'
@@ -1028,8 +1032,9 @@ async def _error(
 
 
 def _audit_path(request: ClientRequest[_Connection]) -> str:
-    # The path only: query strings often carry client data that has no place in an audit log.
-    return request.target.split("?", 1)[0]
+    # The path only: query strings (and fragments) often carry client data that has no place
+    # in an audit log.
+    return request.target.split("?", 1)[0].split("#", 1)[0]
 
 
 def _ms(started: float) -> float:

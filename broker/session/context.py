@@ -195,9 +195,10 @@ class ServiceContext:
         assert self.service.local_identity is not None  # enforced by config parsing
         return local_identity(self.service.local_identity)
 
-    def authorize(self, identity: WorkloadIdentity | None, peer: str) -> Decision:
+    def authorize(self, identity: WorkloadIdentity | None, peer: str, **fields: Any) -> Decision:
         """Apply policy, count the decision, and audit a denial (an allow is audited by the
-        adapter when the request or session ends, with its byte counts and outcome)."""
+        adapter when the request or session ends, with its byte counts and outcome).
+        `fields` go into the denial's audit line (HTTP: the method and path)."""
         decision = self.decide(identity, peer)
         if decision.allow:
             self._allowed.inc()
@@ -205,7 +206,7 @@ class ServiceContext:
             self.live.note_use(identity.spiffe_id, self.service.name)
         else:
             self._denied.inc()
-            self.record("deny", identity=identity, peer=peer, decision=decision)
+            self.record("deny", identity=identity, peer=peer, decision=decision, **fields)
         return decision
 
     def decide(self, identity: WorkloadIdentity | None, peer: str) -> Decision:
