@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import ssl
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from tests.loops import Run
 from tests.pki import DEFAULT_CLIENT_ID, Pki, server_ssl_context
 from tests.servers import OpenBao
 from tests.test_http_adapter import (
+    BIG_BODY_BYTES,
+    MEMORY_BOUND_BYTES,
     OTHER_ID,
     SERVICE,
     Env,
@@ -559,3 +562,70 @@ async def test_shutdown_lets_an_open_call_finish_and_refuses_new_ones(genv: Grpc
         await stopping
     assert got == [str(i).encode() for i in range(20)]
     assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_client_that_reads_nothing_holds_the_upstream_back(env: Env) -> None:
+    """A raw h2 client asks for 50 MB and acknowledges none of it for 2 s: the broker sends
+    no more than the client's window, holds no more than a bounded buffer, and the stream
+    resumes to its end once the client reads. Client, broker and upstream all run in this
+    process, so the memory bound covers all three."""
+    size = BIG_BODY_BYTES
+    async with env.proxy() as p:
+        ctx = env.client()
+        ctx.set_alpn_protocols(["h2"])
+        host, port = p.broker.address(SERVICE).rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(
+            host, int(port), ssl=ctx, server_hostname="localhost"
+        )
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(
+            stream_id,
+            [(":method", "GET"), (":scheme", "https"), (":authority", "localhost"),
+             (":path", f"/download?size={size}")],
+            end_stream=True,
+        )  # fmt: skip
+        writer.write(conn.data_to_send())
+        loop = asyncio.get_running_loop()
+        received, unacked, ended = 0, 0, False
+        digest = hashlib.sha256()
+
+        def take(data: bytes) -> None:
+            nonlocal received, unacked, ended
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    received += len(event.data or b"")
+                    unacked += event.flow_controlled_length or 0
+                    digest.update(event.data or b"")
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            stalled_until = loop.time() + 2.0
+            while (left := stalled_until - loop.time()) > 0:
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), left)
+                except TimeoutError:
+                    break
+                take(data)
+                writer.write(conn.data_to_send())  # SETTINGS acks, never a WINDOW_UPDATE
+            stalled, peak = received, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # Reading now, with windows wide enough not to make it one round trip per 64 KiB.
+        conn.increment_flow_control_window(4 * 1024 * 1024)
+        conn.increment_flow_control_window(4 * 1024 * 1024, stream_id)
+        async with asyncio.timeout(DEADLINE_SECONDS * 3):
+            while not ended:
+                if unacked:
+                    conn.acknowledge_received_data(unacked, stream_id)
+                    unacked = 0
+                writer.write(conn.data_to_send())
+                take(await reader.read(65536))
+        writer.close()
+    assert stalled <= 65_535  # the client's stream window, all the broker may send
+    assert peak < MEMORY_BOUND_BYTES, peak
+    assert received == size and digest.hexdigest() == blocks_sha256(size)
