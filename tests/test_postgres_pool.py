@@ -234,3 +234,19 @@ def test_pool_on_an_adapter_that_cannot_reset_is_refused(tmp_path: Any, pki: Any
     config = load_config(write_config(tmp_path, base_config(pki, services=[svc])))
     with pytest.raises(ConfigError, match=r"services\[0\]\.pool: the http adapter does not"):
         Broker(config)
+
+
+async def test_pooled_sessions_keep_the_password_change_guard(world: World) -> None:
+    """The guard sees the client's bytes first, the pool's tracker what the guard forwards."""
+    svc = pooled(world)
+    svc["guard"] = {"deny_password_change": True}
+    async with world.broker(svc) as broker:
+        for _ in range(2):
+            conn = await asyncpg_connect(broker, world.pki, world.pki.client())
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute("ALTER ROLE CURRENT_USER PASSWORD 'mine-now'")
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            await conn.close()
+            await returned(broker, 1)
+        assert broker.metrics.pool_checkouts.labels(SERVICE, "reused").value == 1
+        assert await backend_pid(broker, world) == pid
