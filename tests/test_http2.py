@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import ssl
 import time
 import tracemalloc
@@ -78,6 +79,7 @@ class GrpcUpstream:
             "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
             "Count": grpc.unary_stream_rpc_method_handler(self.count),
             "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
+            "Collect": grpc.stream_unary_rpc_method_handler(self.collect),
         }
         self.server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("test.Echo", handlers),)
@@ -136,6 +138,16 @@ class GrpcUpstream:
         except asyncio.CancelledError:
             self.cancelled.append("Count")
             raise
+
+    async def collect(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> bytes:
+        await self._check(context)
+        digest, size = hashlib.sha256(), 0
+        async for message in requests:
+            digest.update(message)
+            size += len(message)
+        return f"{size} {digest.hexdigest()}".encode()
 
     async def chat(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -629,3 +641,39 @@ async def test_a_client_that_reads_nothing_holds_the_upstream_back(env: Env) -> 
     assert stalled <= 65_535  # the client's stream window, all the broker may send
     assert peak < MEMORY_BOUND_BYTES, peak
     assert received == size and digest.hexdigest() == blocks_sha256(size)
+
+
+async def test_a_client_stream_of_20_mb_reaches_the_upstream_under_its_windows(
+    genv: GrpcEnv,
+) -> None:
+    """Twenty 1 MiB messages: the broker sends them on as the gRPC server's windows open."""
+    messages = list(blocks(20 * 1024 * 1024))
+    expected = hashlib.sha256(b"".join(messages)).hexdigest()
+
+    async def requests() -> AsyncIterator[bytes]:
+        for i in range(0, len(messages), 16):
+            yield b"".join(messages[i : i + 16])  # 16 x 64 KiB = 1 MiB per message
+
+    async with genv.proxy() as p, genv.channel(p) as channel:
+        reply = await channel.stream_unary("/test.Echo/Collect")(requests(), timeout=60)
+        [event] = await poll(lambda: p.events("request"), "the audit line")
+    assert reply.decode() == f"{20 * 1024 * 1024} {expected}"
+    assert event["bytes_in"] > 20 * 1024 * 1024  # the messages and their gRPC framing
+
+
+async def test_curl_http2_upload_with_expect_100_continue(env: Env) -> None:
+    body = env.tmp_path / "body.bin"
+    with body.open("wb") as f:
+        for block in blocks(3 * 1024 * 1024):
+            f.write(block)
+    async with env.proxy() as p:
+        code, out, err = await curl(
+            *curl_tls(env.pki, env.pki.client()), "-v", "--http2", "-H", "Expect: 100-continue",
+            "--data-binary", f"@{body}", "-w", "\n%{http_version}", f"{p.url}/upload",
+        )  # fmt: skip
+    assert code == 0, err
+    reply, version = out.rsplit("\n", 1)
+    assert version == "2"
+    # The broker answered the Expect itself, after policy and credential, on the stream.
+    assert "< HTTP/2 100" in err
+    assert json.loads(reply) == {"sha256": blocks_sha256(3 * 1024 * 1024), "size": 3 * 1024 * 1024}
