@@ -250,3 +250,27 @@ async def test_pooled_sessions_keep_the_password_change_guard(world: World) -> N
             await returned(broker, 1)
         assert broker.metrics.pool_checkouts.labels(SERVICE, "reused").value == 1
         assert await backend_pid(broker, world) == pid
+
+
+async def test_a_lease_reaching_its_end_empties_the_pool(world: World) -> None:
+    """app-short: 6 s leases renewable to 20 s. Near its max TTL the lease is retired (new
+    sessions get a fresh one), and its pooled backend goes with it, before the role does."""
+    svc = pooled(world)
+    svc["credentials"] = {"from": "vault-database", "role": world.vdb.short_role}
+    async with world.broker(svc) as broker:
+        conn = await asyncpg_connect(broker, world.pki, world.pki.client())
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        user = await conn.fetchval("SELECT current_user")
+        await conn.close()
+        await returned(broker, 1)
+
+        async def emptied() -> bool:
+            return idle_count(broker) == 0 and not await backend_alive(world, pid)
+
+        await wait_for(emptied, "the pool to let the ending lease's backend go", deadline=40)
+        assert broker.metrics.pool_closed.labels(SERVICE, "lease_ended").value == 1
+        conn = await asyncpg_connect(broker, world.pki, world.pki.client())
+        try:
+            assert await conn.fetchval("SELECT current_user") != user, "a fresh lease"
+        finally:
+            await conn.close()
