@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trustme
 
+from broker.identity.ca import init_ca, issue
 from broker.identity.tls import ResumingContext, client_context
 from tests import test_http_adapter as http_tests
 from tests.brokers import base_config, running_broker
@@ -211,3 +212,31 @@ async def test_the_broker_resumes_its_tls_session_to_a_redis_upstream(
             child.unlink()
         sock_dir.rmdir()
     assert reused == [False, True]
+
+
+async def test_a_ca_removed_from_the_bundle_ends_the_sessions_it_vouched_for(
+    env: Env, tmp_path: Path
+) -> None:
+    """The client's CA is in the bundle, then taken out (a reload): its saved session, resumed,
+    is refused, since a resumed session counts only while its trust anchor is in the bundle."""
+    ca2 = tmp_path / "ca2"
+    init_ca(ca2, env.pki.trust_domain)
+    client = issue(ca2, DEFAULT_CLIENT_ID, tmp_path / "client")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(env.pki.bundle.read_bytes() + (ca2 / "bundle.pem").read_bytes())
+    audit = tmp_path / "audit.jsonl"
+    config = base_config(env.pki, services=[env.service()], vault=env.openbao, audit=audit)
+    config["identity"]["x509_bundle"] = str(bundle)
+    ctx = ssl.create_default_context(cafile=str(env.pki.bundle))  # the broker's own CA
+    ctx.load_cert_chain(client.cert, client.key)
+    async with running_broker(tmp_path, config, env.monkeypatch, vault=env.openbao) as b:
+        address = b.address(SERVICE)
+        reply, first = await python_request(address, ctx, None)
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        reply, second = await python_request(address, ctx, first.session)
+        assert reply.startswith(b"HTTP/1.1 200") and second.session_reused
+        bundle.write_bytes(env.pki.bundle.read_bytes())
+        b.identity.reload()
+        reply, third = await python_request(address, ctx, second.session or first.session)
+        assert third.session_reused, "the listener's session cache outlives a bundle change"
+        assert reply.startswith(b"HTTP/1.1 403") and b"chains to a CA outside" in reply, reply
