@@ -117,7 +117,10 @@ class Broker:
 
     def __post_init__(self) -> None:
         cfg = self.config
-        self.audit = AuditLog(cfg.audit.file, chain=cfg.audit.chain, worker=self.worker)
+        self.audit = AuditLog(
+            cfg.audit.file, chain=cfg.audit.chain, worker=self.worker, required=cfg.audit.required
+        )
+        self.audit.on_failure = self.metrics.audit_write_failures.labels().inc
         # Which address each inherited socket was bound for: a reload that moves a service
         # elsewhere binds a socket of its own (a TCP port shared with the other workers).
         self._socket_for = {s.name: s.listen for s in cfg.services if s.name in self.sockets}
@@ -420,6 +423,7 @@ class Broker:
                     log.error("reload: service=%s %s", name, svc.prime_error)
             if old.audit.file != new.audit.file or new.audit.file is not None:
                 self.audit.reopen(new.audit.file)
+            self.audit.required = new.audit.required
             self.audit.emit_record("policy", {"reason": "reload", **self._policy()})
             closed = self.enforce("policy reload")
             summary = {

@@ -536,6 +536,12 @@ class HttpAdapter(Adapter):
         )
         if not decision.allow:
             return await _error(request, 403, decision.reason)
+        unaudited = self.ctx.audit_unavailable()
+        if unaudited is not None:
+            # audit.required: fail closed rather than serve what the trail cannot record.
+            return await self._refuse(
+                request, identity, peer, started, _Refused(503, unaudited, "audit")
+            )
         if request.method == TRACE and not self.settings.allow_trace:
             return await self._refuse(
                 request, identity, peer, started,

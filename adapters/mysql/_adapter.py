@@ -85,6 +85,7 @@ ERROR_OF_STEP: dict[Step, tuple[int, str]] = {
     "credential": ER_UNKNOWN_ERROR,
     "upstream_connect": ER_UNKNOWN_ERROR,
     "upstream_login": ER_UNKNOWN_ERROR,
+    "audit": ER_UNKNOWN_ERROR,
 }
 # Where a protocol error is noticed the client has sent at most its response (seq 1, or 2
 # after TLS): the broker's ERR then carries 2, what most clients expect there.

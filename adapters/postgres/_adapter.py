@@ -87,6 +87,9 @@ PROTOCOL_VIOLATION = "08P01"
 CONNECTION_FAILURE = "08006"  # no credential: the session cannot be established
 CANNOT_CONNECT = "08001"  # the upstream is down, refused TLS, or failed authentication
 CREDENTIAL_REFUSED = "28P01"  # invalid_password: the lease was changed or dropped
+# The broker cannot write its audit trail (audit.required): a resource of the server's side,
+# worth retrying later.
+INSUFFICIENT_RESOURCES = "53000"
 TOO_MANY_CONNECTIONS = "53300"  # over the service's max_connections, as the server says it
 SQLSTATE_OF_STEP: dict[Step, str] = {
     "identity": INVALID_AUTHORIZATION,
@@ -95,6 +98,7 @@ SQLSTATE_OF_STEP: dict[Step, str] = {
     "credential": CONNECTION_FAILURE,
     "upstream_connect": CANNOT_CONNECT,
     "upstream_login": CANNOT_CONNECT,
+    "audit": INSUFFICIENT_RESOURCES,
 }
 MTLS_REQUIRED = (
     "this service requires TLS with a client certificate: use sslmode=verify-full with "

@@ -63,6 +63,7 @@ CODE_OF_STEP: dict[Step, str] = {
     "credential": "ERR",
     "upstream_connect": "ERR",
     "upstream_login": "ERR",
+    "audit": "ERR",
 }
 TLS_REQUIRED_JWT = (
     "this service requires TLS: use redis-cli --tls --cacert and your token as the password "

@@ -155,6 +155,8 @@ class AuditConfig:
     file: Path | None
     chain: bool = True
     syslog: SyslogConfig | None = None
+    # Fail closed: refuse requests and sessions while the audit file cannot be written.
+    required: bool = False
     otlp: OtlpConfig | None = None
 
 
@@ -238,6 +240,7 @@ def parse_config(raw: object, path: Path, environ: Mapping[str, str] | None = No
         audit = AuditConfig(
             file=(base / audit_file).resolve() if audit_file else None,
             chain=audit_section.boolean("chain", True),
+            required=audit_section.boolean("required", False),
             syslog=parse_syslog(audit_section.section("syslog"))
             if audit_section.has("syslog")
             else None,

@@ -7,6 +7,7 @@ value: callers pass `CredentialRef.to_audit()`, not a credential.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -22,6 +23,11 @@ import orjson
 
 log = logging.getLogger("sidekey.audit")
 
+# Under `audit.required`, a request or session is refused while the audit file's filesystem
+# has less room than this: a few lines (a session's are under 2 KiB), so the lines that
+# record what is served still fit once it is allowed.
+AUDIT_RESERVE_BYTES = 8 * 1024
+
 
 class AuditLog:
     """Appends JSON lines to a file, or to standard output when no file is configured.
@@ -33,8 +39,25 @@ class AuditLog:
     Without a file, lines go to standard output, flushed per line. Lines are UTF-8 JSON.
     """
 
-    def __init__(self, path: Path | None, *, chain: bool = True, worker: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        chain: bool = True,
+        worker: int | None = None,
+        required: bool = False,
+    ) -> None:
         self.path = path
+        # `audit.required`: adapters ask `unavailable()` before serving, and refuse while the
+        # trail cannot take a line (fail closed); otherwise a failed write is counted and
+        # logged, and serving goes on.
+        self.required = required
+        # Why the last write failed (None: it succeeded, or nothing was written yet), and
+        # whether for want of space (then room found again lifts it before the next write).
+        self.error: str | None = None
+        self._no_space = False
+        # Every failed write, also when not required (sidekey_audit_write_failures_total).
+        self.on_failure: Callable[[], None] | None = None
         # Under `workers: N`, every worker appends to the one file: each line names its
         # worker (right after "event"), and each worker keeps a chain of its own, which
         # `sidekey audit verify` follows per worker. None: the one process's one chain.
@@ -63,11 +86,12 @@ class AuditLog:
                 self._prev, self._seq = found
         return fd
 
-    def emit(self, event: str, **fields: Any) -> None:
-        self.emit_record(event, fields)
+    def emit(self, event: str, **fields: Any) -> bool:
+        return self.emit_record(event, fields)
 
-    def emit_record(self, event: str, fields: dict[str, Any]) -> None:
-        """`emit` for a caller that already has the fields in a dict (None values are left out)."""
+    def emit_record(self, event: str, fields: dict[str, Any]) -> bool:
+        """`emit` for a caller that already has the fields in a dict (None values are left
+        out). False if the line could not be written (counted and logged here)."""
         record: dict[str, Any] = {"time": _clock.now(), "event": event}
         if self.worker is not None:
             record["worker"] = self.worker
@@ -87,16 +111,74 @@ class AuditLog:
                 if self.chain:
                     line = self._chained(line)
                 written = os.write(self._fd, line)
-                while written < len(line):  # a short write: only on a full disk or a signal
-                    written += os.write(self._fd, line[written:])
+                if written < len(line):  # a short write: only on a full disk or a signal
+                    self._finish(self._fd, line, written)
         except (OSError, ValueError) as exc:
-            log.error("audit write failed: %s", exc)
+            self._failed(exc)
             if self.chain:  # not written: the next line links to the last one that was
                 self._seq -= 1
                 self._prev = self._pending_prev
-            return
+            return False
+        if self.error is not None:
+            log.warning("audit writes succeed again (%s)", self._where())
+            self.error = None
         for sink in self.sinks:
             sink(line)
+        return True
+
+    @staticmethod
+    def _finish(fd: int, line: bytes, written: int) -> None:
+        """Write the rest of a line cut short, or take its first part back out of the file:
+        a half line would break every reader and the hash chain. The part is truncated away
+        only while it is still the file's end (another worker appending to the same file in
+        the microseconds between would keep it: then `sidekey audit verify` names it)."""
+        try:
+            while written < len(line):
+                written += os.write(fd, line[written:])
+        except OSError:
+            end = os.lseek(fd, 0, os.SEEK_CUR)
+            if os.fstat(fd).st_size == end:
+                os.ftruncate(fd, end - written)
+            raise
+
+    def _where(self) -> str:
+        return str(self.path) if self.path is not None else "standard output"
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.on_failure is not None:
+            self.on_failure()
+        if self.error is None:
+            # Once per run of failures: a full disk must not also flood the log (which may
+            # live on the same disk); the metric counts every line lost.
+            then = (
+                "refusing requests and sessions until it can (audit.required)"
+                if self.required
+                else "serving without an audit trail (audit.required is false)"
+            )
+            log.error("audit write failed (%s): %s; %s", self._where(), exc, then)
+        self.error = f"audit write to {self._where()} failed: {exc}"
+        self._no_space = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+    def unavailable(self) -> str | None:
+        """Why the trail cannot take a line now, or None if it can: the last write failed
+        (until one succeeds), or the file's filesystem has under AUDIT_RESERVE_BYTES free.
+        Adapters refuse to serve while this says something, under `audit.required`."""
+        if not self.required:
+            return None
+        if self.path is not None:
+            try:
+                st = os.statvfs(self.path.parent)
+            except OSError as exc:
+                return f"audit file {self.path} cannot be checked: {exc.strerror or exc}"
+            free = st.f_bavail * st.f_frsize
+            if free < AUDIT_RESERVE_BYTES:
+                return (
+                    f"no space left for the audit file {self.path} ({free} bytes free, "
+                    f"{AUDIT_RESERVE_BYTES} needed)"
+                )
+            if self._no_space:
+                return None  # room again: the next line will tell
+        return self.error
 
     def _chained(self, line: bytes) -> bytes:
         self._pending_prev = self._prev

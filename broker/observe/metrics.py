@@ -234,6 +234,13 @@ class Metrics:
             kind="gauge",
             registry=r,
         )
+        self.audit_write_failures = Family(
+            "sidekey_audit_write_failures",
+            "Audit lines that could not be written to the audit file (a full disk, say)",
+            [],
+            kind="counter",
+            registry=r,
+        )
         self.deny_list_up = Family(
             "sidekey_deny_list_up",
             "1 when the last read of the shared deny list succeeded, 0 when it failed",

@@ -231,8 +231,9 @@ class ServiceContext:
         peer: str,
         decision: Decision | None = None,
         **fields: Any,
-    ) -> None:
-        """Emit one audit event with the standard fields filled in."""
+    ) -> bool:
+        """Emit one audit event with the standard fields filled in; False if it could not
+        be written."""
         # One dict, filled in place: the keyword-argument version cost ~3 us per request.
         record: dict[str, Any] = {"service": self.service.name, "adapter": self.service.adapter}
         if identity is not None:
@@ -250,4 +251,15 @@ class ServiceContext:
             if not decision.allow:
                 record["reason"] = decision.reason
         record.update(fields)
-        self.audit.emit_record(event, record)
+        return self.audit.emit_record(event, record)
+
+    def audit_unavailable(self) -> str | None:
+        """Why nothing may be served now (`audit.required` and the audit file cannot be
+        written), as the client is told; None when serving may go on."""
+        reason = self.audit.unavailable()
+        if reason is None:
+            return None
+        return (
+            f"service {self.service.name} is refusing requests: the broker cannot write its "
+            f"audit trail ({reason}) and audit.required is true; free space for the audit file"
+        )

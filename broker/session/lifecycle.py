@@ -93,6 +93,7 @@ Step = Literal[
     "credential",  # no credential could be had: fail closed
     "upstream_connect",  # the upstream cannot be reached
     "upstream_login",  # the upstream refused the login, or failed during it
+    "audit",  # audit.required and the audit trail cannot be written: fail closed
 ]
 
 # The outcome words of `session_end` and `sidekey_sessions_total{outcome}`.
@@ -107,6 +108,7 @@ OUTCOMES = (
     "upstream_error",  # the upstream could not be reached or failed the login
     "upstream_refused",  # the upstream answered the login with its own error
     "revoked",  # closed by the broker: a reload's policy or an offboarding denies it now
+    "audit_unavailable",  # audit.required and the audit trail could not be written
 )
 _OUTCOME_OF_STEP: dict[Step, str] = {
     "identity": "denied",
@@ -115,6 +117,7 @@ _OUTCOME_OF_STEP: dict[Step, str] = {
     "credential": "credential_unavailable",
     "upstream_connect": "upstream_error",
     "upstream_login": "upstream_error",
+    "audit": "audit_unavailable",
 }
 
 H = TypeVar("H")
@@ -475,6 +478,9 @@ class TcpAdapter(Adapter, Generic[H]):
             session.identity, self.ctx.service.name, client.peer, "session", revoke
         )
         try:
+            unaudited = self.ctx.audit_unavailable()
+            if unaudited is not None:
+                raise Refusal("audit", unaudited, metric="audit")
             session.request = self.check_request(session)
             rejected: Refusal | None = None
             async with contextlib.AsyncExitStack() as stack:
@@ -620,24 +626,33 @@ class TcpAdapter(Adapter, Generic[H]):
                 raise
         watch: SessionWatch | None = None
         try:
+            extra: dict[str, Any] = {}
+            if pool is not None:
+                extra["pool"] = "reused" if pooled is not None else "new"
+            # Before the client hears "ready": under audit.required a session whose start
+            # could not be written is refused, never served unaudited.
+            written = self.ctx.record(
+                "session_start",
+                identity=session.identity,
+                peer=session.client.peer,
+                decision=session.decision,
+                upstream=upstream.address,
+                upstream_local=local_address(upstream.conduit),
+                upstream_user=upstream.user,
+                **session.request,
+                credential=credential.ref.to_audit(),
+                lease_id=credential.ref.lease_id,
+                **extra,
+            )
+            if not written and self.ctx.audit.required:
+                raise Refusal(
+                    "audit",
+                    self.ctx.audit_unavailable()
+                    or "the broker could not write this session's audit line (audit.required)",
+                    metric="audit",
+                )
             self.greet(session, upstream)
             try:
-                extra: dict[str, Any] = {}
-                if pool is not None:
-                    extra["pool"] = "reused" if pooled is not None else "new"
-                self.ctx.record(
-                    "session_start",
-                    identity=session.identity,
-                    peer=session.client.peer,
-                    decision=session.decision,
-                    upstream=upstream.address,
-                    upstream_local=local_address(upstream.conduit),
-                    upstream_user=upstream.user,
-                    **session.request,
-                    credential=credential.ref.to_audit(),
-                    lease_id=credential.ref.lease_id,
-                    **extra,
-                )
                 session.end.update(upstream_user=upstream.user, lease_id=credential.ref.lease_id)
                 client_filter = self.client_filter(session, upstream)
                 if pool is not None:
