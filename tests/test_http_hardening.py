@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import h2.config
+import h2.connection
 import pytest
 from aiohttp import web
 
@@ -445,3 +447,71 @@ async def test_every_http_audit_line_names_method_path_without_query_and_upstrea
     [deny] = [e for e in audit if e["event"] == "deny"]
     assert (deny["method"], deny["path"], deny["spiffe_id"]) == ("PUT", "/orders/8", OTHER_ID)
     assert "client-secret-in-query" not in json.dumps(audit)
+
+
+async def test_an_http2_client_vanishing_mid_body_is_one_info_line_too(
+    env: Env,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same over HTTP/2 (a raw h2 client: it sends part of a body, then its connection
+    goes)."""
+    caplog.set_level(logging.INFO)
+    async with env.proxy() as p:
+        ctx = env.client()
+        ctx.set_alpn_protocols(["h2"])
+        host, port = p.broker.address(SERVICE).rsplit(":", 1)
+        _, writer = await asyncio.open_connection(
+            host, int(port), ssl=ctx, server_hostname="localhost"
+        )
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [
+            (":method", "POST"), (":path", "/upload"), (":scheme", "https"),
+            (":authority", "localhost"), ("content-length", "10000000"),
+        ])  # fmt: skip
+        conn.send_data(1, b"y" * 16_000)
+        writer.write(conn.data_to_send())
+        await writer.drain()
+        await asyncio.wait_for(env.upstream.arrived.wait(), DEADLINE_SECONDS)
+        writer.transport.abort()
+
+        async def recorded() -> list[dict[str, Any]]:
+            return p.events("request")
+
+        [event] = await poll(recorded, "the request's audit event")
+    sidekey = [r for r in caplog.records if r.name.startswith("sidekey")]
+    assert not [r for r in sidekey if r.levelno >= logging.ERROR or r.exc_info], [
+        r.getMessage() for r in sidekey if r.levelno >= logging.ERROR or r.exc_info
+    ]
+    assert event["error"] == "client disconnected", event
+    lines = [r for r in sidekey if "client error" in r.getMessage()]
+    assert [r.levelno for r in lines] == [logging.INFO], [r.getMessage() for r in lines]
+    assert "peer=127.0.0.1:" in lines[0].getMessage()
+
+
+async def test_the_same_rules_hold_over_http2(
+    env: Env,  # noqa: F811
+    mirror: Mirror,
+) -> None:
+    """TRACE, a climbing path and forged forwarding headers on HTTP/2 streams (curl --http2;
+    --path-as-is keeps the dot-segments curl would otherwise remove)."""
+    tls = curl_tls(env.pki, env.pki.client())
+    async with env.proxy(mirror_service(env, mirror, "/v1")) as p:
+        answers = []
+        for args in (["-X", "TRACE", f"{p.url}/x"], ["--path-as-is", f"{p.url}/api/../admin"]):
+            rc, out, err = await curl(
+                *tls, "--http2", "-w", "\n%{http_version} %{http_code}", *args
+            )
+            assert rc == 0, err
+            answers.append(out.rsplit("\n", 1)[1])
+        assert mirror.seen == []
+        rc, _, err = await curl(
+            *tls, "--http2", "-H", "X-Forwarded-For: 10.9.9.9", "-H", "X-Forwarded-Host: evil",
+            f"{p.url}/ok",
+        )  # fmt: skip
+    assert rc == 0, err
+    assert answers == ["2 405", "2 400"]
+    [seen] = mirror.seen
+    assert seen.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
+    assert seen.headers.getall("X-Forwarded-Host") == [p.url.removeprefix("https://")]
+    assert seen.headers.getall("X-Forwarded-Proto") == ["https"]

@@ -637,6 +637,9 @@ class HttpAdapter(Adapter):
             # The client reset its HTTP/2 stream, or the broker is stopping: the message the
             # canceller gave says which.
             ex.error = ex.error or (str(exc.args[0]) if exc.args else "request cancelled")
+            # A client that reset its stream or dropped its connection mid-request: logged
+            # like an HTTP/1.1 client gone (one info line).
+            ex.client_gone = ex.client_gone or ex.error.startswith("client ")
             raise
         except _Refused as refusal:
             ex.status = refusal.status
