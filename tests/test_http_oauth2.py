@@ -309,12 +309,30 @@ async def test_wrong_client_secret_is_named_not_quoted(
         assert wrong not in text
 
 
-async def test_token_endpoint_that_never_answers_times_out(env: Env) -> None:
+async def _trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers one byte of a response head every 0.1 s, for ever (a slowloris server)."""
+    writer.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    try:
+        while True:
+            await asyncio.sleep(0.1)
+            writer.write(b"x")
+            await writer.drain()
+    except (ConnectionError, asyncio.CancelledError):
+        writer.close()
+
+
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Accepts and never answers (a hung server)."""
+    await reader.read()
+    writer.close()
+
+
+@pytest.mark.parametrize("server", [_silent, _trickle], ids=["silent", "trickling"])
+async def test_token_endpoint_that_never_answers_times_out(env: Env, server: Any) -> None:
     provider = env.provider()
     kv = client_secret(env.openbao, provider, SECRET_CLIENT)
-    # A listener that accepts and never answers (a hung server): the fetch gives up.
-    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", free_port())
-    port = silent.sockets[0].getsockname()[1]
+    hung = await asyncio.start_server(server, "127.0.0.1", free_port())
+    port = hung.sockets[0].getsockname()[1]
     try:
         async with env.proxy(provider, kv,
                                token_url=f"http://127.0.0.1:{port}/token", timeout=0.5,
@@ -324,7 +342,7 @@ async def test_token_endpoint_that_never_answers_times_out(env: Env) -> None:
             [request] = p.requests()
             assert "no answer in 0.5s" in request["error"]
     finally:
-        silent.close()
+        hung.close()
 
 
 async def test_https_token_endpoint_verified_against_its_ca(

@@ -20,6 +20,7 @@ no client secret, no assertion, no access token.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -190,7 +191,12 @@ class OAuth2Fetcher:
             if auth is not None:
                 session.register_client_auth_method(auth)
             try:
-                token = await session.fetch_token(url, grant_type="client_credentials", **params)
+                # httpx2's timeout bounds each read; this bounds the whole exchange, so a
+                # server that trickles its answer cannot hold the waiting requests longer.
+                async with asyncio.timeout(self.config.timeout):
+                    token = await session.fetch_token(
+                        url, grant_type="client_credentials", **params
+                    )
             except OAuthError as exc:
                 self._token_url = self.config.token_url  # discover again next time
                 raise CredentialUnavailable(
@@ -202,7 +208,7 @@ class OAuth2Fetcher:
                 raise CredentialUnavailable(
                     f"{where} answered HTTP {exc.response.status_code}"
                 ) from None
-            except (httpx2.HTTPError, _TooLarge, ValueError, OSError) as exc:
+            except (httpx2.HTTPError, _TooLarge, ValueError, OSError, TimeoutError) as exc:
                 self._token_url = self.config.token_url
                 raise CredentialUnavailable(
                     f"{where}: {_failure(exc, self.config.timeout)}"
@@ -247,7 +253,8 @@ class OAuth2Fetcher:
             for path in DISCOVERY_PATHS:
                 url = base + path
                 try:
-                    resp = await http.get(url, headers={"Accept": "application/json"})
+                    async with asyncio.timeout(self.config.timeout):
+                        resp = await http.get(url, headers={"Accept": "application/json"})
                     if resp.status_code == 404 and path != DISCOVERY_PATHS[-1]:
                         continue
                     if resp.status_code != 200:
@@ -255,7 +262,7 @@ class OAuth2Fetcher:
                             f"oauth2: discovery {url} answered HTTP {resp.status_code}"
                         )
                     doc = json.loads(resp.content)
-                except (httpx2.HTTPError, _TooLarge, OSError) as exc:
+                except (httpx2.HTTPError, _TooLarge, OSError, TimeoutError) as exc:
                     raise CredentialUnavailable(
                         f"oauth2: discovery {url}: {_failure(exc, self.config.timeout)}"
                     ) from None
@@ -355,7 +362,7 @@ def _description(text: object, secret: str) -> str:
 
 
 def _failure(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, httpx2.TimeoutException):
+    if isinstance(exc, httpx2.TimeoutException | TimeoutError):
         return f"no answer in {timeout:g}s"
     if isinstance(exc, httpx2.ConnectError | OSError):
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
