@@ -7,8 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from broker.config import parse_config
 from broker.errors import ConfigError
+from broker.runtime import Broker
+from tests.brokers import base_config
 from tests.pki import Pki
 from tests.test_http_config import build, service
 
@@ -85,3 +89,23 @@ def test_config_errors_are_located(
     with pytest.raises(ConfigError) as info:
         build(tmp_path, pki, first, service(**overrides))
     assert str(info.value).startswith(message), str(info.value)
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "adapters" / "http.md"
+
+
+@pytest.mark.parametrize("section", ["## OAuth2 access tokens", "## AWS Signature Version 4"])
+def test_documented_service_entries_parse(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch, section: str
+) -> None:
+    """The service entries docs/adapters/http.md shows for each mode are valid as written."""
+    text = DOC.read_text()
+    block = text[text.index(section) :].split("```yaml\n", 1)[1].split("```", 1)[0]
+    entry = yaml.safe_load(block)[0]
+    config = base_config(pki, services=[entry], admin=False)
+    config["vault"] = {"address": "http://127.0.0.1:8200",
+                       "auth": {"method": "token", "token_env": "T"}}  # fmt: skip
+    monkeypatch.setenv("T", "token-that-is-never-used")
+    # Built as the broker builds it (the adapter parses upstream and inject), not started.
+    broker = Broker(parse_config(config, tmp_path / "x.yaml"))
+    assert list(broker.services) == [entry["name"]]
