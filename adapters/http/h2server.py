@@ -40,6 +40,7 @@ from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from adapters.http.exchange import ClientRequest
+from adapters.http.h2frames import split_goaway
 from adapters.http.server import (
     MAX_HEADER_FIELDS,
     ClientConnection,
@@ -321,6 +322,8 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
         "_h2",
         "_idle_since",
         "_loop",
+        "_partial",
+        "_preface_left",
         "_timer",
         "_window_waiters",
         "_write_paused",
@@ -357,6 +360,9 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
         # Writers waiting for the client to open a stream's window (or the connection's).
         self._window_waiters: dict[int, asyncio.Future[None]] = {}
         self._drained: asyncio.Future[None] | None = None
+        # Bytes of the client preface still to come, then of an incomplete frame (h2frames).
+        self._preface_left = len(PREFACE)
+        self._partial = b""
         self._timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
         self.info: T
@@ -433,6 +439,23 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
             return
+        preface = b""
+        if self._preface_left:
+            # The client preface (not a frame) goes to h2 as it is; frames follow it.
+            preface, data = data[: self._preface_left], data[self._preface_left :]
+            self._preface_left -= len(preface)
+        frames, goaways, self._partial = split_goaway(
+            self._partial + data if self._partial else data
+        )
+        data = preface + frames if preface else frames
+        if goaways:
+            # GOAWAY (h2frames.py): the client opens no new streams; the open ones finish.
+            self._closing = True
+            if not self.streams:
+                self.transport.close()
+                return
+        if not data:
+            return
         try:
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -495,11 +518,7 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
                 self._client_gone(request, "client reset the stream")
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._wake_windows()  # an initial window change opens every stream's
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            # GOAWAY: the client opens no new streams; the open ones finish.
-            self._closing = True
-            if not self.streams and self.transport is not None:
-                self.transport.close()
+        # GOAWAY never reaches h2 (data_received).
         # Trailers of a request (gRPC sends none), PINGs (h2 answers them), priorities and
         # settings acknowledgements need nothing from us.
 

@@ -47,6 +47,7 @@ from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from adapters.http.exchange import UpstreamReply
+from adapters.http.h2frames import split_goaway
 from adapters.http.upstream import (
     IDLE_TIMEOUT_SECONDS,
     InvalidRequestHead,
@@ -69,6 +70,9 @@ STREAM_WINDOW_BYTES = 64 * 1024
 MAX_STREAMS_PER_CONNECTION = 100
 CONNECTION_WINDOW_BYTES = MAX_STREAMS_PER_CONNECTION * STREAM_WINDOW_BYTES
 _DEFAULT_WINDOW = 65_535
+# A client's stream ids are odd and below 2**31 (RFC 9113 section 5.1.1); a connection this
+# far along takes no new stream.
+_LAST_STREAM_ID = 2**31 - 1 - 2 * MAX_STREAMS_PER_CONNECTION
 # gRPC's deadline header (PROTOCOL-HTTP2.md): up to 8 digits and a unit.
 _GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
@@ -98,6 +102,11 @@ def grpc_timeout(value: str | None) -> float | None:
 
 class UpstreamStreamReset(UpstreamProtocolError):
     """The upstream reset the stream (RST_STREAM) or went away (GOAWAY) before its end."""
+
+
+class _Unprocessed(UpstreamStreamReset):
+    """The upstream says it never processed the stream (REFUSED_STREAM, or above a GOAWAY's
+    last stream id, RFC 9113 section 8.7): safe to send again on another connection."""
 
 
 class _Stream:
@@ -211,6 +220,7 @@ class _H2Upstream(asyncio.Protocol):
     __slots__ = (
         "_flush_soon",
         "_h2",
+        "_partial",
         "_timer",
         "_window_waiters",
         "_write_paused",
@@ -251,10 +261,15 @@ class _H2Upstream(asyncio.Protocol):
         self._window_waiters: dict[int, asyncio.Future[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self.idle_since = self.loop.time()
+        # The bytes of an incomplete frame, held until the rest arrives (_without_goaway).
+        self._partial = b""
 
     @property
     def capacity(self) -> int:
         if self.gone or self.transport is None or self.transport.is_closing():
+            return 0
+        if self._h2.highest_outbound_stream_id >= _LAST_STREAM_ID:
+            self.close()  # stream ids run out at 2**31: the next ones go on a new connection
             return 0
         allowed = min(self._h2.remote_settings.max_concurrent_streams, MAX_STREAMS_PER_CONNECTION)
         return allowed - len(self.streams)
@@ -287,6 +302,9 @@ class _H2Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.alpn_refused:
+            return
+        data = self._without_goaway(data)
+        if not data:
             return
         try:
             events = self._h2.receive_data(data)
@@ -356,23 +374,40 @@ class _H2Upstream(asyncio.Protocol):
             stream = self.streams.get(event.stream_id or 0)
             if stream is not None:
                 code = _code_name(event.error_code)
-                stream.fail(UpstreamStreamReset(f"upstream reset the stream ({code})"))
+                cls = (
+                    _Unprocessed
+                    if event.error_code == ErrorCodes.REFUSED_STREAM and not stream.head.done()
+                    else UpstreamStreamReset
+                )
+                stream.fail(cls(f"upstream reset the stream ({code})"))
                 self._wake_windows(stream.stream_id)
         elif isinstance(event, h2.events.WindowUpdated):
             self._wake_windows(event.stream_id or None)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._wake_windows()
             self.pool.capacity_changed()
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self.gone = True
-            last = event.last_stream_id or 0
-            for stream in list(self.streams.values()):
-                if stream.stream_id > last and not stream.ended:
-                    stream.fail(UpstreamStreamReset("upstream went away (GOAWAY) unanswered"))
-            self.pool.discard(self)
-            if not self.streams and self.transport is not None:
-                self.transport.close()
         # InformationalResponseReceived (100, 103): not relayed, like the HTTP/1.1 client.
+        # GOAWAY never reaches h2 (_without_goaway).
+
+    def _without_goaway(self, data: bytes) -> bytes:
+        """`data` as whole frames without GOAWAY, which is handled here (h2frames.py)."""
+        frames, goaways, self._partial = split_goaway(
+            self._partial + data if self._partial else data
+        )
+        for last in goaways:
+            self._goaway(last)
+        return frames
+
+    def _goaway(self, last: int) -> None:
+        """The upstream takes no new stream: the ones above its `last` stream id were never
+        processed (sent again elsewhere, `_Unprocessed`); the others finish."""
+        self.gone = True
+        for stream in list(self.streams.values()):
+            if stream.stream_id > last and not stream.ended:
+                stream.fail(_Unprocessed("upstream went away (GOAWAY) before the stream"))
+        self.pool.discard(self)
+        if not self.streams and self.transport is not None:
+            self.transport.close()
 
     def _broken(self, exc: UpstreamError) -> None:
         self.gone = True
@@ -671,7 +706,17 @@ class H2UpstreamPool:
         conn = await self._connection()
         if conn is None:
             return await self.http1.request(method, target, headers, body, content_length)
-        return await conn.exchange(method, target, fields, body, timeout)
+        try:
+            return await conn.exchange(method, target, fields, body, timeout)
+        except _Unprocessed:
+            if body is not None:
+                raise  # a streamed body cannot be sent again
+            # Never processed upstream (it was closing the connection, or refused the
+            # stream): once more, on a connection that takes it.
+            conn = await self._connection()
+            if conn is None:
+                return await self.http1.request(method, target, headers, body, content_length)
+            return await conn.exchange(method, target, fields, body, timeout)
 
     def _fields(
         self,
@@ -720,7 +765,14 @@ class H2UpstreamPool:
             if len(self._conns) >= self.limit and self._connecting is None:
                 waiter = self.loop.create_future()
                 self._capacity_waiters.append(waiter)
-                await waiter
+                try:
+                    async with asyncio.timeout(self.read_timeout):
+                        await waiter
+                except TimeoutError:
+                    raise UpstreamTimeout(
+                        f"every upstream connection ({self.limit}) was at its stream limit "
+                        f"for {self.read_timeout:g} s (upstream.timeout)"
+                    ) from None
                 continue
             if self._connecting is None:
                 self._connecting = self.loop.create_task(self._connect())
