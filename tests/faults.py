@@ -7,6 +7,7 @@ Put it between the broker and an upstream to make the network break mid-session:
         relay.trigger_connectivity_loss()   # blackhole: nothing flows, nobody is told
         relay.restore()                     # traffic flows again, nothing was lost
         relay.reset_connections()           # RST every current connection (upstream died)
+        relay.reset_on(b"SCRAM", towards="client")  # RST the connection carrying it, once
 
 A blackhole pauses reading on both legs instead of dropping bytes: like a real partition
 (TCP retransmits), both ends just see silence, and after `restore()` every byte arrives.
@@ -20,7 +21,7 @@ import socket
 import ssl
 import struct
 from types import TracebackType
-from typing import Self, cast
+from typing import Literal, Self, cast
 
 # Per-leg write buffer above which the relay stops reading the other leg: keeps a test's
 # memory bounded when one end is slow.
@@ -44,6 +45,9 @@ class _Leg(asyncio.Protocol):
         self.sync_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.pair.relay._trips(self, data):
+            self.pair.reset()
+            return
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.write(data)
         else:
@@ -116,6 +120,14 @@ class _Pair:
 
     def legs(self) -> list[_Leg]:
         return [leg for leg in (self.downstream, self.upstream) if leg is not None]
+
+    def reset(self) -> None:
+        for leg in self.legs():
+            if leg.transport is not None and not leg.transport.is_closing():
+                sock = leg.transport.get_extra_info("socket")
+                # SO_LINGER 0: close() sends RST rather than FIN, as when a host dies.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                leg.transport.abort()
 
     def lost(self) -> None:
         if all(leg.closed for leg in self.legs()):
@@ -210,6 +222,9 @@ class FaultyRelay(_LoopbackServer):
         self._pairs: set[_Pair] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        # reset_on: the marker and its direction, until a connection carries it.
+        self._trip: tuple[bytes, str] | None = None
+        self.tripped = asyncio.Event()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -244,12 +259,25 @@ class FaultyRelay(_LoopbackServer):
     def reset_connections(self) -> None:
         """Abort (RST) every current connection on both legs."""
         for pair in list(self._pairs):
-            for leg in pair.legs():
-                if leg.transport is not None and not leg.transport.is_closing():
-                    sock = leg.transport.get_extra_info("socket")
-                    # SO_LINGER 0: close() sends RST rather than FIN, as when a host dies.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    leg.transport.abort()
+            pair.reset()
+
+    def reset_on(self, marker: bytes, *, towards: Literal["upstream", "client"]) -> None:
+        """Reset (RST both legs) the first connection that carries `marker` towards the
+        upstream or the client, instead of relaying that chunk; once. A marker the sender
+        splits over two reads is not seen: pick one that fits a message (a query's text, a
+        server's auth mechanism name, a TLS record header)."""
+        self._trip = (marker, towards)
+        self.tripped = asyncio.Event()
+
+    def _trips(self, leg: _Leg, data: bytes) -> bool:
+        if self._trip is None:
+            return False
+        marker, towards = self._trip
+        if (leg is leg.pair.downstream) != (towards == "upstream") or marker not in data:
+            return False
+        self._trip = None
+        self.tripped.set()
+        return True
 
     def _sync(self) -> None:
         for pair in self._pairs:

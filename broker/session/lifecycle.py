@@ -70,7 +70,7 @@ from .splice import SpliceStats, StreamFilter, splice
 # From accepting a connection to the client's hello, TLS handshake included. Clients send it
 # at once, and there is no password to type: a client that takes longer is stuck or hostile
 # and holds a connection slot.
-DEFAULT_HELLO_TIMEOUT = 15.0
+DEFAULT_HELLO_TIMEOUT = 10.0
 # The hello of a connection over max_connections, read only to answer "too many": shorter
 # than the listener's OVERLOAD_TIMEOUT so the answer still fits in it.
 OVERLOAD_HELLO_TIMEOUT = 4.0
