@@ -706,3 +706,24 @@ async def test_calls_go_on_while_the_upstream_recycles_its_connections(
         await up.stop()
     assert pool.opened >= 4, "the upstream never recycled its connection"
     assert replies == [b"echo:%d" % i for i in range(8)] * (len(replies) // 8)
+
+
+async def test_over_max_connections_a_grpc_channel_is_unavailable_with_the_reason(
+    genv: GrpcEnv,
+) -> None:
+    service = genv.service(max_connections=1)
+    async with genv.proxy(service) as p, genv.channel(p) as first:
+        assert await first.unary_unary("/test.Echo/Unary")(b"1", timeout=10) == b"echo:1"
+        issued = genv.pki.client()
+        creds = grpc.ssl_channel_credentials(
+            genv.pki.bundle.read_bytes(), issued.key.read_bytes(), issued.cert.read_bytes()
+        )
+        port = p.broker.address(SERVICE).rsplit(":", 1)[1]
+        options = (("grpc.use_local_subchannel_pool", 1),)  # its own TCP connection
+        async with grpc.aio.secure_channel(f"localhost:{port}", creds, options) as second:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await second.unary_unary("/test.Echo/Unary")(b"2", timeout=10)
+        # The first connection is untouched.
+        assert await first.unary_unary("/test.Echo/Unary")(b"3", timeout=10) == b"echo:3"
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "connection limit" in caught.value.details()
