@@ -97,6 +97,8 @@ def test_valid_config_builds(tmp_path: Path, pki: Pki) -> None:
         ({"limits": {"max_head_bytes": 2**21}},
          "services[1].limits.max_head_bytes: must be an integer 1024-1048576"),
         ({"limits": {"max_body_bytes": 1}}, "services[1].limits.max_body_bytes: unknown key"),
+        ({"limits": {"body_idle_timeout": 0}},
+         "services[1].limits.body_idle_timeout: must be a number 0.1-3600"),
         ({"limits": 5}, "services[1].limits: must be a mapping"),
         ({"adapter": "postgres", "limits": {"max_head_bytes": 4096}},
          "services[1].limits: only applies to adapter: http"),

@@ -515,3 +515,32 @@ async def test_the_same_rules_hold_over_http2(
     assert seen.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
     assert seen.headers.getall("X-Forwarded-Host") == [p.url.removeprefix("https://")]
     assert seen.headers.getall("X-Forwarded-Proto") == ["https"]
+
+
+async def test_a_client_that_stalls_its_upload_is_408_not_an_upstream_timeout(
+    env: Env,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that stops sending its body is the client's fault, bounded by
+    limits.body_idle_timeout: 408 and one info line. It was a 504 blamed on the upstream
+    (upstream.timeout ran while the upstream waited for the body), with a warning each."""
+    caplog.set_level(logging.INFO)
+    service = env.service(upstream_extra={"timeout": 0.5}, limits={"body_idle_timeout": 2})
+    async with env.proxy(service) as p:
+        reader, writer = await open_tls(env, p.broker.address(SERVICE))
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"y" * 100
+        )
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), DEADLINE_SECONDS)
+        writer.close()
+        [event] = p.events("request")
+        assert p.upstream_errors("timeout") == 0
+    assert status_of(response) == 408, response
+    assert b"no body bytes for 2 s (limits.body_idle_timeout)" in response
+    assert event["status"] == 408 and "limits.body_idle_timeout" in event["error"]
+    sidekey = [r for r in caplog.records if r.name.startswith("sidekey")]
+    assert not [r for r in sidekey if r.levelno >= logging.WARNING], [
+        r.getMessage() for r in sidekey if r.levelno >= logging.WARNING
+    ]
+    assert [r.levelno for r in sidekey if "client error" in r.getMessage()] == [logging.INFO]

@@ -69,6 +69,7 @@ from adapters.http.server import (
     HttpServer,
     InvalidResponseHead,
     Request,
+    RequestBodyBroken,
     clock,
 )
 from adapters.http.sigv4 import parse_sigv4
@@ -83,7 +84,13 @@ from adapters.http.upstream import (
 )
 from broker.config import Section
 from broker.credentials import Credential
-from broker.errors import ConfigError, CredentialUnavailable, UpstreamError, UpstreamTimeout
+from broker.errors import (
+    ClientError,
+    ConfigError,
+    CredentialUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from broker.identity import IdentityError, MissingCertificate, WorkloadIdentity
 from broker.identity.jwt import TokenError
 from broker.identity.tls import client_context
@@ -127,6 +134,10 @@ KEEPALIVE_TIMEOUT_SECONDS = 75.0
 DEFAULT_MAX_HEAD_BYTES = MAX_REQUEST_HEAD_BYTES
 MIN_HEAD_BYTES = 1024
 MAX_HEAD_BYTES = 1024 * 1024
+# nginx's client_body_timeout default: a client may pause its upload this long between two
+# reads. Its silence is its own fault (408), never the upstream's (upstream.timeout does not
+# run while the upstream waits for the body).
+DEFAULT_BODY_IDLE_TIMEOUT_SECONDS = 60.0
 # Bodies are copied in chunks of this size: the client reader's buffer size (2**16), so one
 # chunk is one buffer; larger chunks add memory per connection and no throughput.
 STREAM_CHUNK_BYTES = 64 * 1024
@@ -169,6 +180,8 @@ class HttpSettings:
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
     # services[i].forward_identity: the caller's verified identity in request headers.
     forward_identity: ForwardIdentity | None = None
+    # services[i].limits.body_idle_timeout: the longest the client may send no body bytes.
+    body_idle_timeout: float = DEFAULT_BODY_IDLE_TIMEOUT_SECONDS
 
 
 def parse_settings(ctx: ServiceContext) -> HttpSettings:
@@ -209,6 +222,10 @@ def parse_settings(ctx: ServiceContext) -> HttpSettings:
     max_head_bytes = limits.integer(
         "max_head_bytes", MIN_HEAD_BYTES, MAX_HEAD_BYTES, DEFAULT_MAX_HEAD_BYTES
     )
+    body_idle_timeout = limits.number(
+        "body_idle_timeout", MIN_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS,
+        DEFAULT_BODY_IDLE_TIMEOUT_SECONDS,
+    )  # fmt: skip
     limits.finish()
     taken = {name: "set by the broker for its hop" for name in NOT_INJECTABLE | FORWARDED_OTHERS}
     taken |= {name: "injected (inject)" for name in injector.drop}
@@ -221,6 +238,7 @@ def parse_settings(ctx: ServiceContext) -> HttpSettings:
         url, tls, timeout, connect_timeout, headers, injector, stream_idle_timeout,
         allow_trace=service.allow_trace, http2=http2, ssl_h2=tls_h2,
         max_head_bytes=max_head_bytes, forward_identity=forward_identity,
+        body_idle_timeout=body_idle_timeout,
     )  # fmt: skip
 
 
@@ -711,12 +729,16 @@ class HttpAdapter(Adapter):
             # Answer the client's Expect ourselves, after policy and credential: a refused
             # client never uploads its body, and the upstream's 100 is not relayed.
             request.send_continue()
-        body = _counted(request, ex) if request.body_exists else None
+        idle = self.settings.body_idle_timeout
+        body = _counted(request, ex, idle) if request.body_exists else None
         out = Outgoing(request.method, target, headers, body, request.content_length)
         try:
             await self._injector.apply(credential, out)
         except InjectRefused as exc:
             raise _Refused(exc.status, exc.message, exc.kind) from None
+        except (RequestBodyBroken, ClientBodyTimeout) as exc:
+            # An injector that reads the body first (SigV4 hashing it) met the client's fault.
+            raise _client_body_refusal(exc, ex) from None
         finally:
             ex.secrets = self._lower(out.secrets)
         target, headers, body = out.target, out.headers, out.body
@@ -742,11 +764,8 @@ class HttpAdapter(Adapter):
                 or request.transport is None
                 or request.transport.is_closing()
             ):
-                # The client went away mid-upload: not the upstream's fault, nobody to tell.
-                ex.error = "client disconnected mid-request"
-                ex.client_gone = True
-                # nginx's 499 "client closed request": only the audit trail will see it.
-                raise _Refused(499, ex.error, "client") from None
+                # The client went away or went quiet mid-upload: not the upstream's fault.
+                raise _client_body_refusal(exc.__cause__ or exc, ex) from None
             raise self._upstream_refusal(exc, ex) from None
         # A refused access token: the next request gets a new one (refresh), and this one
         # is sent again with it, once, and only when it can be replayed.
@@ -822,11 +841,10 @@ class HttpAdapter(Adapter):
             while chunk := await upstream.read_chunk():
                 await request.write(chunk)
                 ex.bytes_out += len(chunk)
-        except RequestBodyError:
+        except RequestBodyError as exc:
             # The client stopped uploading while the response streamed: its fault, not the
-            # upstream's, and the connection to it is already gone.
-            ex.error = "client disconnected mid-request"
-            ex.client_gone = True
+            # upstream's; no error status can follow the head, so the connection is cut.
+            _client_body_refusal(exc.__cause__ or exc, ex)
             request.abort()
             return
         except UpstreamError as exc:
@@ -906,11 +924,43 @@ def _redact(text: str, secrets: tuple[str, ...]) -> str:
     return text
 
 
-async def _counted(request: ClientRequest[_Connection], ex: _Exchange) -> AsyncIterator[bytes]:
-    """The client's body, chunk by chunk as it arrives (backpressure comes from awaiting)."""
-    async for chunk in request.payload.iter_chunked(STREAM_CHUNK_BYTES):
+class ClientBodyTimeout(ClientError):
+    """The client sent no body bytes for limits.body_idle_timeout while the broker waited."""
+
+
+async def _counted(
+    request: ClientRequest[_Connection], ex: _Exchange, idle: float
+) -> AsyncIterator[bytes]:
+    """The client's body, chunk by chunk as it arrives (backpressure comes from awaiting).
+
+    Each wait for the next chunk is bounded by `idle`: only the client's silence is timed,
+    since while the upstream is slow to take the body, nothing asks for the next chunk.
+    One timer per 64 KiB chunk (~3 us; 1 GB is 16k chunks)."""
+    chunks = request.payload.iter_chunked(STREAM_CHUNK_BYTES).__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ClientBodyTimeout(
+                f"the client sent no body bytes for {idle:g} s (limits.body_idle_timeout)"
+            ) from None
         ex.bytes_in += len(chunk)
         yield chunk
+
+
+def _client_body_refusal(exc: BaseException, ex: _Exchange) -> _Refused:
+    """The client's fault while its body was read: gone (499, only the audit trail sees it)
+    or silent past limits.body_idle_timeout (408, and the connection is closed)."""
+    ex.client_gone = True
+    if isinstance(exc, ClientBodyTimeout):
+        ex.error = str(exc)
+        return _Refused(408, ex.error, "client")
+    ex.error = "client disconnected mid-request"
+    # nginx's 499 "client closed request".
+    return _Refused(499, ex.error, "client")
 
 
 def _hop_by_hop(headers: MultiMapping[str], drop: frozenset[str]) -> frozenset[str]:

@@ -167,6 +167,7 @@ class _UpstreamConnection(BaseProtocol):
     """One upstream connection: feeds bytes to the parser, carries one exchange at a time."""
 
     __slots__ = (
+        "_awaiting_client",
         "_got_bytes",
         "_head_bytes",
         "_keep_alive",
@@ -202,6 +203,8 @@ class _UpstreamConnection(BaseProtocol):
         self._got_bytes = False
         self._upload: asyncio.Task[None] | None = None
         self._upload_done = True
+        # The upload is waiting for the client's next body bytes (not the upstream).
+        self._awaiting_client = False
         # The exchange asked to switch protocols, and the upstream did (its 101 arrived):
         # what it sends next is the new protocol's, kept in `_tail` for `take_over()`.
         self._upgrade_asked = False
@@ -306,6 +309,12 @@ class _UpstreamConnection(BaseProtocol):
         if self._reading_paused:
             return  # our pause (slow client), not the upstream's silence; resume re-arms
         timeout = self._silence_limit()
+        if self._awaiting_client:
+            # The upload waits for the client's next bytes: the upstream may well wait for
+            # them too. That silence is the client's, bounded by the adapter
+            # (limits.body_idle_timeout); look again a full limit after now.
+            self._timer = self._loop.call_at(self._loop.time() + timeout, self._on_silence)
+            return
         due = self._last + timeout
         if due > self._loop.time():
             self._timer = self._loop.call_at(due, self._on_silence)
@@ -692,13 +701,18 @@ async def _upload(conn: _UpstreamConnection, body: AsyncIterable[bytes], chunked
     """Stream the client's body upstream, concurrently with reading the response."""
     chunks = body.__aiter__()
     while True:
+        conn._awaiting_client = True
         try:
             chunk = await chunks.__anext__()
         except StopAsyncIteration:
             break
         except Exception as exc:
-            conn.fail(RequestBodyError(f"reading the client's body failed: {_short(exc)}"))
+            err = RequestBodyError(f"reading the client's body failed: {_short(exc)}")
+            err.__cause__ = exc  # the adapter tells a client gone from one gone quiet
+            conn.fail(err)
             return
+        finally:
+            conn._awaiting_client = False
         transport = conn.transport
         if transport is None or transport.is_closing():
             return  # the response side reports why
