@@ -137,3 +137,28 @@ def test_what_the_chain_costs_per_line(tmp_path: Path) -> None:
     # Only a gross regression fails here (a busy 2-core box triples both figures).
     assert costs[True] < costs[False] + 100
     assert verify([tmp_path / "chain-True.jsonl"]).ok
+
+
+def test_workers_interleave_one_chain_each_in_one_trail(tmp_path: Path) -> None:
+    """`workers: N`: every worker appends to the one file with a chain of its own; verify
+    follows each, so a line cut from one worker's chain is still found, and a restarted
+    worker links to its own last line, not to another worker's."""
+    path = tmp_path / "audit.jsonl"
+    one, two = AuditLog(path, worker=1), AuditLog(path, worker=2)
+    for i in range(6):
+        (one if i % 2 else two).emit("session_end", n=i)
+    one.close()
+    restarted = AuditLog(path, worker=1)  # the same worker slot after a crash
+    restarted.emit("policy", reason="start")
+    restarted.close()
+    two.emit("session_end", n=6)
+    two.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["worker"] for line in lines] == [2, 1, 2, 1, 2, 1, 1, 2]
+    assert verify([path]).ok
+    last_of_one = json.loads(lines[5])["chain"]
+    assert json.loads(lines[6])["chain_prev"] == last_of_one
+    # Cut worker 1's middle line: its chain has a gap, worker 2's does not.
+    path.write_text("\n".join(lines[:3] + lines[4:]) + "\n")
+    report = verify([path])
+    assert [p.kind for p in report.problems] == ["removed"]
