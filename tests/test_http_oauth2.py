@@ -203,7 +203,9 @@ def _async(check: Any) -> Any:
 
 
 async def test_token_expiry_during_a_run_fetches_a_new_one_before_the_old_expires(env: Env) -> None:
-    provider = env.provider(token_ttl=3)
+    # 8 s tokens: dropped 0.8 s before they expire (a tenth of their life), more than a
+    # request takes from the broker to the resource server even on a loaded CI box.
+    provider = env.provider(token_ttl=8)
     kv = client_secret(env.openbao, provider, SECRET_CLIENT)
     async with env.proxy(provider, kv,
                            audience=AUDIENCE) as p:  # fmt: skip
