@@ -196,7 +196,7 @@ class _Side(asyncio.BufferedProtocol):
 class _FilteredSide(_Side):
     """The client's side when a `StreamFilter` watches what it sends."""
 
-    __slots__ = ("filter",)
+    __slots__ = ("filter", "goodbye")
 
     def __init__(
         self,
@@ -207,6 +207,8 @@ class _FilteredSide(_Side):
     ) -> None:
         super().__init__(relay, name, t)
         self.filter = stream_filter
+        # Looked up once: a getattr() that misses raises inside, on every chunk otherwise.
+        self.goodbye = hasattr(stream_filter, "goodbye")
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(self.buffer[:nbytes].tobytes())
@@ -223,7 +225,7 @@ class _FilteredSide(_Side):
             peer.transport.write(forward)
         if answer and not self.lost:
             self.transport.write(answer)
-        if not self.read_done and getattr(self.filter, "goodbye", False):
+        if self.goodbye and not self.read_done and self.filter.goodbye:  # type: ignore[attr-defined]
             self.relay.on_eof(self)
 
 
