@@ -27,6 +27,7 @@ import h2.settings
 import httpx
 import pytest
 
+from tests.brokers import base_config, running_broker
 from tests.loops import Run
 from tests.pki import DEFAULT_CLIENT_ID, Pki, server_ssl_context
 from tests.servers import OpenBao
@@ -48,6 +49,7 @@ from tests.test_http_adapter import (
     proxy,
     upstream,
 )
+from tests.tokens import ORDERS_ID, SigningIssuer
 
 __all__ = ["env", "upstream"]  # fixtures, imported for pytest
 
@@ -727,3 +729,31 @@ async def test_over_max_connections_a_grpc_channel_is_unavailable_with_the_reaso
         assert await first.unary_unary("/test.Echo/Unary")(b"3", timeout=10) == b"echo:3"
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "connection limit" in caught.value.details()
+
+
+async def test_a_grpc_caller_proven_by_a_jwt_svid_in_its_metadata(
+    genv: GrpcEnv, signing_issuer: SigningIssuer
+) -> None:
+    """client_auth: jwt over HTTP/2: the token comes as the call's authorization metadata
+    (server-authenticated TLS, no client certificate), proves that call only, and never
+    reaches the upstream, which gets the injected credential instead."""
+    service = genv.service(client_auth="jwt", allow=[ORDERS_ID])
+    audit = genv.tmp_path / "audit.jsonl"
+    config = base_config(genv.pki, services=[service], vault=genv.openbao, audit=audit)
+    config["identity"]["jwt"] = {
+        "issuers": [{"name": "spire", "jwks": str(signing_issuer.jwks_path)}]
+    }
+    token = signing_issuer.mint(sub=ORDERS_ID, aud=SERVICE)
+    async with running_broker(genv.tmp_path, config, genv.monkeypatch, vault=genv.openbao) as b:
+        port = b.address(SERVICE).rsplit(":", 1)[1]
+        creds = grpc.ssl_channel_credentials(genv.pki.bundle.read_bytes())
+        async with grpc.aio.secure_channel(f"localhost:{port}", creds) as channel:
+            unary = channel.unary_unary("/test.Echo/Unary")
+            reply = await unary(b"jwt", metadata=(("authorization", f"Bearer {token}"),))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await unary(b"none", timeout=10)  # the next call without a token
+    assert reply == b"echo:jwt"
+    assert genv.upstream.metadata[0]["authorization"] == f"Bearer {genv.token}"
+    assert token not in audit.read_text()
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert caught.value.details().startswith("sidekey: identity refused")

@@ -300,7 +300,8 @@ class Served(Protocol):
     transport: asyncio.Transport | None
 
     def stop_accepting(self) -> None:
-        """Take no new request; close once the ones in progress are answered."""
+        """Take no new request: close now if idle, else once the ones in progress are
+        answered (an HTTP/2 connection says so first, with GOAWAY)."""
 
 
 class HttpServer(Generic[T]):
@@ -344,10 +345,7 @@ class HttpServer(Generic[T]):
         """Stop taking requests: close idle connections now, busy ones after their response."""
         self.closing = True
         for conn in list(self.connections):
-            if conn.idle and conn.transport is not None:
-                conn.transport.close()
-            else:
-                conn.stop_accepting()
+            conn.stop_accepting()
 
     async def shutdown(self, timeout: float) -> None:
         """Give in-flight requests `timeout` seconds to finish, then cut what is left."""
@@ -423,7 +421,10 @@ class ClientConnection(BaseProtocol, Generic[T]):
         return not self._busy and not self._queue
 
     def stop_accepting(self) -> None:
-        """Nothing to do: the serving task sees `server.closing` after its response."""
+        """Close now if idle; a busy connection's serving task sees `server.closing` after
+        its response and closes then."""
+        if self.idle and self.transport is not None:
+            self.transport.close()
 
     def hand_over_to_h2(self) -> T:
         """The client opened with the HTTP/2 preface: stop serving this connection as
