@@ -18,6 +18,12 @@ import pytest
 from aiohttp import web
 
 from adapters.http.hygiene import climbs
+from tests.pki import client_ssl_context
+from tests.test_http2 import (  # the gRPC upstream's fixtures (genv, grpc_upstream)
+    GrpcEnv,
+    genv,  # noqa: F401
+    grpc_upstream,  # noqa: F401
+)
 from tests.test_http_adapter import (  # the fixtures (env, upstream) with them
     DEADLINE_SECONDS,
     OTHER_ID,
@@ -544,3 +550,31 @@ async def test_a_client_that_stalls_its_upload_is_408_not_an_upstream_timeout(
         r.getMessage() for r in sidekey if r.levelno >= logging.WARNING
     ]
     assert [r.levelno for r in sidekey if "client error" in r.getMessage()] == [logging.INFO]
+
+
+async def test_a_stalled_upload_to_an_http2_upstream_is_the_clients_408_too(
+    genv: GrpcEnv,  # noqa: F811
+) -> None:
+    """The same stall toward an HTTP/2 upstream (upstream.http2; a grpcio server waiting in a
+    client-streaming call for the rest of the message)."""
+    service = genv.service(limits={"body_idle_timeout": 2})
+    service["upstream"]["timeout"] = 0.5
+    async with genv.proxy(service) as p:
+        host, port = p.broker.address(SERVICE).rsplit(":", 1)
+        ctx = client_ssl_context(genv.pki, genv.pki.client())
+        reader, writer = await asyncio.open_connection(
+            host, int(port), ssl=ctx, server_hostname=host
+        )
+        # One gRPC message frame header announcing 100 bytes, and 10 of them.
+        writer.write(
+            b"POST /test.Echo/Collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/grpc\r\n"
+            b"TE: trailers\r\nContent-Length: 105\r\n\r\n" + b"\0\0\0\0\x64" + b"m" * 10
+        )
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), DEADLINE_SECONDS)
+        writer.close()
+        [event] = p.events("request")
+        assert p.upstream_errors("timeout") == 0
+    # A gRPC call gets the broker's answer as a gRPC status (grpc.py), naming the limit.
+    assert b"grpc-status:" in response and b"limits.body_idle_timeout" in response, response
+    assert event["status"] == 408 and "limits.body_idle_timeout" in event["error"]

@@ -113,6 +113,7 @@ class _Stream:
     """One exchange's state on an upstream connection."""
 
     __slots__ = (
+        "awaiting_client",
         "chunks",
         "conn",
         "ended",
@@ -142,6 +143,9 @@ class _Stream:
         self.last = conn.loop.time()
         # Body buffered and not yet read by the adapter: the client is slow, not the upstream.
         self.paused = False
+        # The upload waits for the client's next body bytes: the upstream may wait for them
+        # too, and that silence is the client's (bounded by limits.body_idle_timeout).
+        self.awaiting_client = False
         self.released = False
 
     def wake(self) -> None:
@@ -462,14 +466,19 @@ class _H2Upstream(asyncio.Protocol):
         chunks = body.__aiter__()
         h2c, stream_id = self._h2, stream.stream_id
         while True:
+            stream.awaiting_client = True
             try:
                 chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 break
             except Exception as exc:
-                stream.fail(RequestBodyError(f"reading the client's body failed: {_short(exc)}"))
+                err = RequestBodyError(f"reading the client's body failed: {_short(exc)}")
+                err.__cause__ = exc  # the adapter tells a client gone from one gone quiet
+                stream.fail(err)
                 self.reset(stream, ErrorCodes.CANCEL)
                 return
+            finally:
+                stream.awaiting_client = False
             stream.last = self.loop.time()
             offset = 0
             while offset < len(chunk):
@@ -610,6 +619,9 @@ class _H2Upstream(asyncio.Protocol):
         now = self.loop.time()
         for stream in list(self.streams.values()):
             if stream.ended or stream.paused or stream.released:
+                continue
+            if stream.awaiting_client:
+                stream.last = now  # the client's silence, not the upstream's
                 continue
             limit = self._limit(stream)
             if now - stream.last > limit:
