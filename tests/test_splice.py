@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import hashlib
 import random
 import socket
@@ -575,3 +577,71 @@ def test_client_filter_rewrites_answers_and_ends(run: Run) -> None:
             assert len(filters[0].fed) >= 3
 
     run(main())
+
+
+@pytest.mark.parametrize("first", ["client", "upstream"])
+def test_tls_state_is_freed_when_the_splice_ends_without_the_cyclic_gc(
+    run: Run, ca: trustme.CA, first: str
+) -> None:
+    """Issue 19.3: the TLS layer keeps its app protocol's bound get_buffer/buffer_updated
+    after the connection is gone; a relay side that kept its transport made a cycle that held
+    the SSLProtocol, its SSL object and its 256 KiB buffer until a full GC collection. With
+    the cyclic GC off, every SSL object of finished sessions must be gone by reference
+    counting alone, whichever side ends the session (PostgreSQL's upstream closes first)."""
+    sessions = 5
+
+    async def tls_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readexactly(4) == b"TLS?"
+        writer.write(b"S")
+        await writer.drain()
+        await writer.start_tls(server_context(ca))
+        try:
+            while (block := await reader.read(65536)) and block != b"bye":
+                writer.write(block)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def handshake(client: net.Conduit, up: net.Conduit) -> None:
+        assert await client.receive(5) == b"TLS?"
+        client.write(b"S")
+        await client.start_tls(server_context(ca), server_side=True, timeout=5)
+        up.write(b"TLS?")
+        assert await up.receive(5) == b"S"
+        await up.start_tls(client_context(ca), server_side=False, server_hostname="127.0.0.1")
+
+    def ssl_objects() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, ssl.SSLObject))
+
+    async def one(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"TLS?")
+        assert await reader.readexactly(1) == b"S"
+        await writer.start_tls(client_context(ca), server_hostname="127.0.0.1")
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        if first == "upstream":
+            writer.write(b"bye")
+            assert await reader.read() == b""
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+    async def main() -> None:
+        upstream = await asyncio.start_server(tls_echo, "127.0.0.1", 0)
+        async with upstream, broker(echo_address(upstream), handshake=handshake) as b:
+            for _ in range(sessions):
+                await one(b.port)
+                result = await b.results.get()
+                assert isinstance(result, splice.SpliceResult)
+            b.conduits.clear()  # the test's own references to the conduits
+            # What is left: the event loop's references to the closed transports go as
+            # their last callbacks run.
+            await eventually(lambda: ssl_objects() == 0)
+
+    gc.collect()
+    gc.disable()
+    try:
+        run(main())
+    finally:
+        gc.enable()

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from broker.session.net import CLOSE_LINGER_TIMEOUT, Conduit, read_buffer
+from broker.session.net import CLOSE_LINGER_TIMEOUT, LOST_TRANSPORT, Conduit, read_buffer
 
 EndedBy = Literal["client", "upstream", "idle", "error", "cancelled"]
 
@@ -179,6 +179,9 @@ class _Side(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay.on_lost(self, exc)
+        # Nothing uses a lost side's transport (every use checks `lost` first), and keeping
+        # it would leave the TLS state of the connection to the cyclic GC (LOST_TRANSPORT).
+        self.transport = LOST_TRANSPORT
 
     def pause_writing(self) -> None:
         # Our write buffer is above high-water: stop reading what would be written to it.
