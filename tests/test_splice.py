@@ -602,16 +602,24 @@ def test_tls_state_is_freed_when_the_splice_ends_without_the_cyclic_gc(
         finally:
             writer.close()
 
+    # The broker's own contexts: only its SSL objects are counted (the test's client and
+    # upstream may take their time over their own TLS shutdowns).
+    broker_contexts = (server_context(ca), client_context(ca))
+
     async def handshake(client: net.Conduit, up: net.Conduit) -> None:
         assert await client.receive(5) == b"TLS?"
         client.write(b"S")
-        await client.start_tls(server_context(ca), server_side=True, timeout=5)
+        await client.start_tls(broker_contexts[0], server_side=True, timeout=5)
         up.write(b"TLS?")
         assert await up.receive(5) == b"S"
-        await up.start_tls(client_context(ca), server_side=False, server_hostname="127.0.0.1")
+        await up.start_tls(broker_contexts[1], server_side=False, server_hostname="127.0.0.1")
 
     def ssl_objects() -> int:
-        return sum(1 for o in gc.get_objects() if isinstance(o, ssl.SSLObject))
+        return sum(
+            1
+            for o in gc.get_objects()
+            if isinstance(o, ssl.SSLObject) and o.context in broker_contexts
+        )
 
     async def one(port: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -637,7 +645,7 @@ def test_tls_state_is_freed_when_the_splice_ends_without_the_cyclic_gc(
             b.conduits.clear()  # the test's own references to the conduits
             # What is left: the event loop's references to the closed transports go as
             # their last callbacks run.
-            await eventually(lambda: ssl_objects() == 0)
+            await eventually(lambda: ssl_objects() == 0, timeout=20)
 
     gc.collect()
     gc.disable()

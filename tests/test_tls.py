@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -11,7 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from broker.identity import tls
+from broker.identity import session_cache, tls
 from broker.identity.ca import init_ca, issue_certificate, load_ca, write_issued
 from broker.identity.tls import server_context
 from tests.pki import SERVER_DNS, SERVER_ID, Pki, client_ssl_context
@@ -25,8 +26,12 @@ def test_serving_context_requires_a_client_certificate_and_mints_one_ticket(pki:
     assert off.num_tickets == 0 and off.options & ssl.OP_NO_TICKET
 
 
-def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> ssl.SSLSession | None:
-    """One mutual-TLS handshake over loopback and a byte each way; the client's session."""
+def handshake(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, *, clean_close: bool = False
+) -> ssl.SSLSession | None:
+    """One mutual-TLS handshake over loopback and a byte each way; the client's session.
+    `clean_close`: the server sends close_notify (OpenSSL drops a session from its cache
+    when a connection ends without one)."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
 
@@ -34,6 +39,9 @@ def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> ssl.SSL
         conn, _ = listener.accept()
         with server_ctx.wrap_socket(conn, server_side=True) as tls:
             tls.recv(1)
+            if clean_close:
+                with contextlib.suppress(OSError):
+                    tls.unwrap()
 
     thread = threading.Thread(target=serve_one)
     thread.start()
@@ -61,6 +69,22 @@ def test_a_ticket_to_resume_only_with_resumption_on(pki: Pki) -> None:
     server_ctx = server_context(pki.server.cert, pki.server.key, pki.bundle, resumption=False)
     session = handshake(server_ctx, client_ssl_context(pki, pki.client()))
     assert session is None or not session.has_ticket
+
+
+def test_the_server_session_cache_is_bounded(pki: Pki) -> None:
+    """OpenSSL keeps one session per full handshake (client certificate included, ~12 KB)
+    for 2 hours and up to 20,480 per context; the broker bounds it (issue 19.3)."""
+    server_ctx = server_context(pki.server.cert, pki.server.key, pki.bundle)
+    assert session_cache.bound_session_cache(server_ctx) is True
+    assert session_cache.bound_session_cache(server_ctx, 3) is True
+    client_ctx = client_ssl_context(pki, pki.client())
+    for _ in range(10):
+        handshake(server_ctx, client_ctx, clean_close=True)
+    stats = server_ctx.session_stats()
+    assert stats["accept_good"] == 10
+    # Full: the oldest were dropped to make room (a session whose connection ended without
+    # close_notify leaves the cache at once, so not all ten were kept in the first place).
+    assert stats["number"] <= 3 and stats["cache_full"] >= 1, stats
 
 
 def pem_certs(data: bytes | None) -> list[x509.Certificate]:

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker.errors import ConfigError
 
+from .session_cache import bound_session_cache
 from .trust import Bundle, Snapshot, Svid
 
 log = logging.getLogger("sidekey.identity")
@@ -99,6 +100,7 @@ def context_for(
     ctx.minimum_version = MIN_TLS_VERSION
     ctx.num_tickets = SERVER_SESSION_TICKETS if resumption else 0
     ctx.options |= ssl.OP_NO_TICKET  # stateful tickets: see SERVER_SESSION_TICKETS
+    bound_session_cache(ctx)  # one cached session per handshake, ~12 KB each
     if svid is not None:
         pool = [c for b in bundles for c in b.authorities]
         _load_svid(ctx, svid, pool, where)
