@@ -71,6 +71,7 @@ soak: $(STAMP) system-deps
 	nice -n 10 $(BIN)/python -m tests.soak --duration $(DURATION)
 
 FUZZ_TIME ?= 60
+FUZZ_RUNS ?= -1
 fuzz: $(STAMP)
 	$(BIN)/pip install --quiet 'atheris>=2.3'
-	nice -n 10 $(BIN)/python -m tests.fuzz.run --time $(FUZZ_TIME)
+	nice -n 10 $(BIN)/python -m tests.fuzz.run --time $(FUZZ_TIME) --runs $(FUZZ_RUNS)

@@ -1,7 +1,9 @@
-"""`make fuzz FUZZ_TIME=<seconds per target>`: every harness of tests/fuzz/targets.py under
-atheris (coverage-guided, libFuzzer), corpus in tests/fuzz/corpus/<target>/; prints cases run
-and crashes found per target, and exits non-zero on any crash (its input is kept in
-tests/fuzz/crashes/<target>/ to replay with `python -m tests.fuzz.run --replay FILE`).
+"""`make fuzz FUZZ_TIME=<seconds per target> [FUZZ_RUNS=<cases per target>]`: every harness
+of tests/fuzz/targets.py under atheris (coverage-guided, libFuzzer), corpus in
+tests/fuzz/corpus/<target>/; a target stops after FUZZ_TIME seconds or FUZZ_RUNS cases,
+whichever comes first. Prints cases run and crashes found per target, and exits non-zero on
+any crash (its input is kept in tests/fuzz/crashes/<target>/ to replay with
+`python -m tests.fuzz.run --replay FILE`).
 
 atheris ships manylinux wheels with libFuzzer built in, so no clang is needed to install it.
 """
@@ -23,8 +25,9 @@ CRASHES = HERE / "crashes"
 MAX_LEN = 4096
 
 
-def one(name: str, seconds: int) -> None:
-    """Run inside a child process: fuzz target `name` for `seconds`."""
+def one(name: str, seconds: int, runs: int = -1) -> None:
+    """Run inside a child process: fuzz target `name` for `seconds`, or until it ran `runs`
+    cases (-1: no limit), whichever comes first."""
     import atheris
 
     with atheris.instrument_imports(include=["broker", "adapters", "tests.fuzz"]):
@@ -49,6 +52,7 @@ def one(name: str, seconds: int) -> None:
             sys.argv[0],
             str(CORPUS / name),
             f"-max_total_time={seconds}",
+            f"-runs={runs}",
             f"-max_len={MAX_LEN}",
             "-print_final_stats=1",
             f"-artifact_prefix={crash_dir}/",
@@ -63,12 +67,15 @@ def one(name: str, seconds: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--time", type=int, default=60, help="seconds per target")
+    parser.add_argument(
+        "--runs", type=int, default=-1, help="stop a target after this many cases (-1: none)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", help="targets to run (default: all)")
     parser.add_argument("--replay", type=Path, help="run one saved input through its target")
     args = parser.parse_args()
     if args.one:
-        one(args.one, args.time)
+        one(args.one, args.time, args.runs)
         return 0
     from tests.fuzz.targets import TARGETS
 
@@ -83,7 +90,8 @@ def main() -> int:
         before = set((CRASHES / name).glob("*")) if (CRASHES / name).exists() else set()
         started = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, "-m", "tests.fuzz.run", "--one", name, "--time", str(args.time)],
+            [sys.executable, "-m", "tests.fuzz.run", "--one", name, "--time", str(args.time),
+             "--runs", str(args.runs)],
             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
             check=False,
         )  # fmt: skip
