@@ -145,6 +145,9 @@ class _Login:
     cancel_key: tuple[int, bytes] | None = None
     # The password-change guard of this session, under guard.deny_password_change.
     guard: PasswordChangeGuard | None = None
+    # The server's own BackendKeyData (its pid and secret), to cancel what a vanished client
+    # left running.
+    upstream_key: tuple[int, bytes] | None = None
 
 
 class PostgresAdapter(TcpAdapter[Hello]):
@@ -174,6 +177,9 @@ class PostgresAdapter(TcpAdapter[Hello]):
                 "the password)"
             )
         self.cancel_keys = CancelKeys()
+        # Cancels sent for vanished clients' sessions (see `release`), each within
+        # CANCEL_TIMEOUT.
+        self._orphan_cancels: set[asyncio.Task[None]] = set()
         self.scram_keys = ScramKeyCache()
 
     # -- protocol steps ----------------------------------------------------------------------
@@ -358,6 +364,7 @@ class PostgresAdapter(TcpAdapter[Hello]):
                     message.process_id, message.secret_key, session.identity.spiffe_id
                 )
                 login.cancel_key = self.cancel_keys.issue(target)
+                login.upstream_key = (message.process_id, message.secret_key)
                 out += encode(BackendKeyData(*login.cancel_key))
             else:
                 out += encode(message)
@@ -413,6 +420,39 @@ class PostgresAdapter(TcpAdapter[Hello]):
             self.cancel_keys.forget(*login.cancel_key)
         if login.guard is not None and login.guard.refused:
             session.end["password_changes_refused"] = login.guard.refused
+        stats = session.stats
+        if (
+            login.upstream_key is not None
+            and not stats.kept
+            and stats.ended_by == "error"
+            and (stats.error or "").startswith("client:")
+        ):
+            # The client was reset (its process or host died) and the broker closes the
+            # upstream connection; but a server busy with a query does not notice a closed
+            # socket until it writes (unless client_connection_check_interval is set), so its
+            # query would run on for as long as it takes, holding its locks. Cancel it. A
+            # client that leaves cleanly sends Terminate first; this costs nothing then.
+            self._cancel_orphan(session, *login.upstream_key)
+
+    def _cancel_orphan(self, session: Session[Hello], process_id: int, secret: bytes) -> None:
+        async def cancel() -> None:
+            deadline = asyncio.get_running_loop().time() + CANCEL_TIMEOUT
+            try:
+                await send_cancel(self.upstream.target, process_id, secret, deadline)
+            except UpstreamError as exc:
+                self.ctx.metrics.upstream_errors.labels(self.ctx.service.name, "cancel").inc()
+                self.ctx.log.warning("cancelling a vanished client's query failed: %s", exc)
+
+        self.ctx.log.info(
+            "client %s was reset mid-session: cancelling whatever its upstream session (pid %d) "
+            "still runs",
+            session.client.peer,
+            process_id,
+        )
+        session.end["upstream_cancelled"] = True
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._orphan_cancels.add(task)
+        task.add_done_callback(self._orphan_cancels.discard)
 
     def refusal_reply(self, refusal: Refusal, hello: Hello) -> bytes:
         sqlstate = SQLSTATE_OF_STEP[refusal.step]

@@ -662,6 +662,10 @@ class Listener:
             # Cancelled mid-handshake or mid-session (shutdown): nothing more will be said.
             conduit.abort()
             raise
+        except ClientError as exc:
+            # The client's doing (a reset mid-handshake, say): any client can cause it at
+            # will, so it must not fill the log with warnings.
+            log.info("connection from %s ended: %s", conduit.peer, exc)
         except SidekeyError as exc:
             log.warning("connection from %s ended: %s", conduit.peer, exc)
         except Exception:
