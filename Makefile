@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: soak fuzz all demo test lint pytest bench bench-openssl bench-callgrind system-deps bench-deps spire chart-tools clean
+.PHONY: soak fuzz all demo test lint pytest bench bench-openssl bench-callgrind system-deps bench-deps spire chart-tools compat-tools clean
 
 all: test
 
@@ -34,6 +34,11 @@ chart-tools:
 	@scripts/build-helm.sh
 	@PYTHON=$(PYTHON) scripts/install-checkov.sh
 
+# The driver matrix's Go, Node.js and Java clients (tests/compat), built once into
+# ~/.cache/sidekey/compat-<hash> (about 2 min of 2 idle cores from empty caches).
+compat-tools:
+	@scripts/build-compat.sh >/dev/null
+
 demo: $(STAMP)
 	$(BIN)/python demo/run_demo.py
 
@@ -44,7 +49,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 
-pytest: $(STAMP) system-deps spire chart-tools
+pytest: $(STAMP) system-deps spire chart-tools compat-tools
 	$(BIN)/pytest -q -ra
 
 test: lint pytest
