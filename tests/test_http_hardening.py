@@ -8,14 +8,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import posixpath
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import h2.config
 import h2.connection
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapters.http.hygiene import climbs
 from tests.pki import client_ssl_context
@@ -578,3 +582,27 @@ async def test_a_stalled_upload_to_an_http2_upstream_is_the_clients_408_too(
     # A gRPC call gets the broker's answer as a gRPC status (grpc.py), naming the limit.
     assert b"grpc-status:" in response and b"limits.body_idle_timeout" in response, response
     assert event["status"] == 408 and "limits.body_idle_timeout" in event["error"]
+
+
+_PATH_PIECES = st.sampled_from(
+    ["/", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%25", "\\", ";", "a", "b.c", "%", "2e"]
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_PATH_PIECES, max_size=12))
+def test_no_path_the_check_lets_through_resolves_differently_anywhere(pieces: list[str]) -> None:
+    """For every path `climbs` lets through, each way an upstream might read it (decoded 0-3
+    times, backslash as a separator, a segment cut at ';') has nothing for dot-segment
+    removal to do: posixpath.normpath (an independent resolver) keeps every segment."""
+    target = "/" + "".join(pieces)
+    if climbs(target):
+        return
+    path = target
+    for _ in range(4):
+        readings = path.replace("\\", "/")
+        segments = [s.partition(";")[0] for s in readings.split("/")]
+        kept = [s for s in segments if s]
+        resolved = [s for s in posixpath.normpath("/" + "/".join(segments)).split("/") if s]
+        assert resolved == kept, (target, path)
+        path = unquote(path, errors="surrogateescape")
