@@ -19,7 +19,7 @@ FEATURES = {
     "transaction": "transaction rolled back",
     "copy": "COPY FROM STDIN",
     "bulk_insert": "bulk insert (1000 rows)",
-    "listen_notify": "LISTEN/NOTIFY, sender PID = own PID",
+    "listen_notify": "LISTEN/NOTIFY (sender PID = own PID)",
     "pubsub": "SUBSCRIBE/PUBLISH",
     "get_set": "SET/GET",
     "cancel": "cancel (CancelRequest)",
