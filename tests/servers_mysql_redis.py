@@ -152,21 +152,39 @@ user vaultadmin on >{p["vaultadmin"]} ~* &* +@all
 user static_user on >{p["static_user"]} ~* &* +@all
 """
     )
-    proc = subprocess.Popen(
+    server = RedisServer(
+        "127.0.0.1", port, tls_port, ca_path, workdir, passwords, _spawn_redis(workdir)
+    )
+    _wait_redis(server)
+    return server
+
+
+def _spawn_redis(workdir: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         [REDIS_SERVER, str(workdir / "redis.conf")],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    server = RedisServer("127.0.0.1", port, tls_port, ca_path, workdir, passwords, proc)
+
+
+def _wait_redis(server: RedisServer) -> None:
     deadline = time.monotonic() + REDIS_START_SECONDS
-    while not _ping("127.0.0.1", port, p["vaultadmin"]):
+    proc = server.proc
+    while not _ping(server.host, server.port, server.passwords["vaultadmin"]):
         if proc.poll() is not None:
-            log = server.log() if (workdir / "redis.log").exists() else ""
+            log = server.log() if (server.workdir / "redis.log").exists() else ""
             raise RuntimeError(f"redis-server exited with {proc.returncode}:\n{log[-3000:]}")
         if time.monotonic() > deadline:
             _stop(proc)
             raise RuntimeError(f"redis-server not ready after {REDIS_START_SECONDS}s")
         time.sleep(POLL_SECONDS)
-    return server
+
+
+def restart_redis(server: RedisServer) -> None:
+    """Stop the server (SIGTERM) and start it again on its ports with its config, as an
+    operator's restart does: users not in the config (the vault's dynamic ones) are gone."""
+    _stop(server.proc)
+    server.proc = _spawn_redis(server.workdir)
+    _wait_redis(server)
 
 
 @pytest.fixture(scope="session")

@@ -185,6 +185,10 @@ class RedisAdapter(TcpAdapter[Hello]):
                 reply=encode(reply),
                 metric="refused",
                 audit={"upstream_error": reply.code},
+                # The user of a leased credential is gone or has another password (a server
+                # restarted without its ACL file, or a workload's ACL SETUSER): the core
+                # replaces the lease and retries once.
+                credential_rejected=reply.code == "WRONGPASS",
             )
         if reply != SimpleString("OK"):
             conduit.abort()

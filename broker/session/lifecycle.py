@@ -565,8 +565,9 @@ class TcpAdapter(Adapter, Generic[H]):
                 "the role dropped) outside the broker; revoking the lease and retrying once "
                 "with a new one"
             ),
-            upstream_error=refusal.message,
-            **refusal.audit,
+            # The adapter's own fields first: its `upstream_error` (a code, as Redis's) gives
+            # way to the whole message, which carries the code too.
+            **{**refusal.audit, "upstream_error": refusal.message},
         )
         self.ctx.log.warning(
             "credential rejected by the upstream; lease revoked and replaced service=%s "
