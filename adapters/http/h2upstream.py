@@ -440,10 +440,13 @@ class _H2Upstream(asyncio.Protocol):
         except h2.exceptions.ProtocolError as exc:
             self.streams.pop(stream_id, None)
             raise InvalidRequestHead(f"request head refused by HTTP/2: {_short(exc)}") from None
-        self._flush()
         self._arm()
         if body is not None:
             stream.upload = self.loop.create_task(self._upload(stream, body))
+        # Flushed on the next turn of the loop, after the upload task's first step: a body
+        # already at hand (a unary gRPC call's one message) leaves in the same write as the
+        # HEADERS, one send instead of two; so do the other streams' frames of this turn.
+        self._flush_later()
         try:
             raw = await stream.head
         except BaseException:
