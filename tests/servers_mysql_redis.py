@@ -276,6 +276,8 @@ class MariaDB:
     ca_path: Path
     passwords: dict[str, str] = field(repr=False)
     proc: subprocess.Popen[bytes] = field(repr=False)
+    # The server's command line, to start it again (`restart_mariadb`).
+    argv: list[str] = field(default_factory=list, repr=False)
 
     def sql(self, statement: str, database: str = "") -> str:
         """Run SQL as root over the unix socket; tab-separated rows without headers."""
@@ -312,35 +314,22 @@ def start_mariadb(base: Path) -> MariaDB:
     if install.returncode != 0:
         raise RuntimeError(f"mariadb-install-db failed: {install.stderr.strip()[-3000:]}")
     port = free_port()
-    proc = subprocess.Popen(
-        _as_mysql([MARIADBD, "--no-defaults", f"--datadir={datadir}", f"--socket={sock}",
+    argv = _as_mysql([MARIADBD, "--no-defaults", f"--datadir={datadir}", f"--socket={sock}",
                    f"--port={port}", "--bind-address=127.0.0.1", f"--pid-file={base}/mysqld.pid",
                    f"--log-error={base}/error.log", "--skip-name-resolve",
                    f"--ssl-ca={ca_path}", f"--ssl-cert={base}/server.pem",
                    f"--ssl-key={base}/server-key.pem", "--plugin-load-add=auth_ed25519",
                    # A throwaway server: durability and big buffers buy nothing here.
                    "--innodb-buffer-pool-size=32M", "--innodb-flush-log-at-trx-commit=0",
-                   "--skip-log-bin", "--max-connections=300"]),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+                   "--skip-log-bin", "--max-connections=300"])  # fmt: skip
+    proc = _spawn(argv)
     passwords = {
         "vaultadmin": secrets.token_urlsafe(18),
         "native_user": secrets.token_urlsafe(18),
         "ed25519_user": secrets.token_urlsafe(18),
     }
-    db = MariaDB("127.0.0.1", port, sock, base, ca_path, passwords, proc)
-    deadline = time.monotonic() + MARIADB_START_SECONDS
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mariadbd exited with {proc.returncode}:\n{db.log()[-3000:]}")
-        try:
-            db.sql("SELECT 1")
-            break
-        except RuntimeError:
-            if time.monotonic() > deadline:
-                _stop(proc)
-                raise RuntimeError(f"MariaDB not ready after {MARIADB_START_SECONDS}s") from None
-            time.sleep(POLL_SECONDS)
+    db = MariaDB("127.0.0.1", port, sock, base, ca_path, passwords, proc, argv)
+    _wait_mariadb(db)
     p = passwords
     db.sql(
         "CREATE DATABASE appdb; CREATE DATABASE otherdb;"
@@ -355,6 +344,35 @@ def start_mariadb(base: Path) -> MariaDB:
         "GRANT ALL PRIVILEGES ON appdb.* TO ed25519_user@'%';"
     )
     return db
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+
+
+def _wait_mariadb(db: MariaDB) -> None:
+    deadline = time.monotonic() + MARIADB_START_SECONDS
+    while True:
+        if db.proc.poll() is not None:
+            raise RuntimeError(f"mariadbd exited with {db.proc.returncode}:\n{db.log()[-3000:]}")
+        try:
+            db.sql("SELECT 1")
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                _stop(db.proc)
+                raise RuntimeError(f"MariaDB not ready after {MARIADB_START_SECONDS}s") from None
+            time.sleep(POLL_SECONDS)
+
+
+def restart_mariadb(db: MariaDB) -> None:
+    """Stop the server (SIGTERM: a clean shutdown that ends every session) and start it again
+    with the same command line, as an operator's restart does; users are kept on disk."""
+    _stop(db.proc)
+    db.proc = _spawn(db.argv)
+    _wait_mariadb(db)
 
 
 def stop_mariadb(db: MariaDB) -> None:

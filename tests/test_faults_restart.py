@@ -1,6 +1,6 @@
 """Upstream servers restarted under load (issue 19, "Faults"): a real stop and start of the
-session's PostgreSQL (pg_ctl restart -m fast) and redis-server (SIGTERM, started again on its
-ports) while clients keep connecting through the broker.
+session's PostgreSQL (pg_ctl restart -m fast), MariaDB and redis-server (SIGTERM, started
+again on their ports) while clients keep connecting through the broker.
 
 - while the server is down, a client gets a clear error in its protocol (PostgreSQL: the
   server's own 57P01 relayed to a session it ends, the broker's 08001 to one that cannot
@@ -9,8 +9,8 @@ ports) while clients keep connecting through the broker.
   restart drops the vault's dynamic users (they are not in its config): the broker replaces
   the lease the server now refuses (WRONGPASS) and retries once, instead of failing every
   connection until the lease's TTL;
-- no lease or dynamic user is left after shutdown (pg_roles, ACL USERS), and nothing secret
-  is in an error a client got or in the log.
+- no lease or dynamic user is left after shutdown (pg_roles, mysql.user, ACL USERS), and
+  nothing secret is in an error a client got or in the log.
 """
 
 from __future__ import annotations
@@ -23,13 +23,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
+import pymysql
 import pytest
 import redis.exceptions
 
 from tests.brokers import base_config, running_broker
 from tests.pki import Pki
 from tests.servers import VaultDatabase, restart_postgres
-from tests.servers_mysql_redis import RedisServer, VaultEngine, restart_redis
+from tests.servers_mysql_redis import (
+    MariaDB,
+    RedisServer,
+    VaultEngine,
+    restart_mariadb,
+    restart_redis,
+)
+from tests.test_mysql_adapter import connect as mysql_connect
+from tests.test_mysql_adapter import query as mysql_query
+from tests.test_mysql_adapter import service as mysql_service
 from tests.test_postgres_adapter import asyncpg_connect
 from tests.test_postgres_adapter import service as pg_service
 from tests.test_redis_adapter import client as redis_client
@@ -157,4 +167,43 @@ async def test_redis_restarted_under_load(  # noqa: PLR0917
     assert redis_server.users() == users_before
     told = "\n".join(map(str, load.errors)) + caplog.text
     for secret in (bao.token, redis_server.passwords["vaultadmin"]):
+        assert secret not in told
+
+
+@pytest.mark.timeout(120)
+async def test_mariadb_restarted_under_load(  # noqa: PLR0917
+    tmp_path: Path,
+    pki: Pki,
+    mariadb: MariaDB,
+    vault_mysql: VaultEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    bao = vault_mysql.openbao
+    config = base_config(
+        pki, services=[mysql_service(mariadb, vault_mysql)], vault=bao, admin=False
+    )
+    users_before = mariadb.users()
+    async with running_broker(tmp_path, config, monkeypatch, bao) as b:
+
+        def one() -> None:
+            conn = mysql_connect(b, pki, pki.client())
+            try:
+                for _ in range(5):
+                    assert mysql_query(conn, "SELECT 1") == ((1,),)
+            finally:
+                conn.close()
+
+        async def session() -> None:
+            await asyncio.wait_for(asyncio.to_thread(one), DEADLINE)
+
+        load = Load(session, (pymysql.MySQLError, OSError))
+        await load.run_around(lambda: restart_mariadb(mariadb))
+    assert load.errors, "the restart went unnoticed: the test did not test anything"
+    for exc in load.errors:
+        assert str(exc), repr(exc)
+    assert mariadb.users() == users_before
+    told = "\n".join(map(str, load.errors)) + caplog.text
+    for secret in (bao.token, mariadb.passwords["vaultadmin"]):
         assert secret not in told
