@@ -1,5 +1,6 @@
 """1,000 half-open TLS handshakes (slowloris) against the PostgreSQL adapter (issue 19,
-"Faults"): each connection sends an SSLRequest, gets its 'S', starts a TLS record and stops.
+"Faults"): each connection sends an SSLRequest, gets its 'S', starts a TLS record and stops;
+and against an HTTP service, where TLS starts with the first byte.
 
 - an allowed client still connects and queries while all 1,000 are held open;
 - each stuck handshake is closed by the handshake (hello) timeout, and audited as a denial
@@ -22,8 +23,16 @@ from adapters.http import adapter as http_adapter
 from adapters.postgres import PostgresAdapter
 from broker.session.lifecycle import DEFAULT_HELLO_TIMEOUT
 from tests.brokers import base_config, running_broker
-from tests.pki import Pki
-from tests.servers import VaultDatabase
+from tests.pki import Pki, client_ssl_context
+from tests.servers import OpenBao, VaultDatabase
+from tests.test_http_adapter import SERVICE as HTTP_SERVICE
+from tests.test_http_adapter import (
+    Upstream,
+    call,
+    http_service,
+    new_secret,
+    upstream,  # noqa: F401  (a fixture)
+)
 from tests.test_postgres_adapter import asyncpg_connect, host_port, service
 
 STUCK = 1000
@@ -112,3 +121,47 @@ async def test_slowloris_tls_handshakes_are_closed_and_others_served(
     assert len(denials) == STUCK
     assert all("did not finish the TLS handshake" in e["reason"] for e in denials), denials[0]
     assert await pg.aroles() == roles_before
+
+
+async def _stuck_tls(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(PARTIAL_HELLO)
+    await writer.drain()
+    return reader, writer
+
+
+@pytest.mark.timeout(120)
+async def test_slowloris_against_https_is_closed_and_others_served(
+    tmp_path: Path,
+    pki: Pki,
+    openbao: OpenBao,
+    upstream: Upstream,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same flood against an HTTP service: TLS from the first byte, so each connection
+    sends 16 bytes of a ClientHello and stops; the listener's TLS handshake timeout closes it
+    (before any request exists, so there is no audit event: nothing was asked)."""
+    _enough_descriptors(2 * STUCK + 1024)
+    monkeypatch.setattr(http_adapter, "TLS_HANDSHAKE_TIMEOUT_SECONDS", HELLO_TIMEOUT)
+    kv = new_secret(openbao, upstream)
+    config = base_config(pki, services=[http_service(upstream.url, kv.path)], vault=openbao)
+    stuck: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        async with running_broker(tmp_path, config, monkeypatch, openbao) as b:
+            host, _, port = b.address(HTTP_SERVICE).rpartition(":")
+            for _ in range(STUCK // BATCH):
+                stuck += await asyncio.gather(*(_stuck_tls(host, int(port)) for _ in range(BATCH)))
+            ctx = client_ssl_context(pki, pki.client())
+            reply = await call(ctx, f"https://{b.address(HTTP_SERVICE)}/orders")
+            assert reply.status == 200, reply
+            assert not any(reader.at_eof() for reader, _ in stuck)
+            closed = await asyncio.wait_for(
+                asyncio.gather(*(_closed(reader) for reader, _ in stuck)),
+                HELLO_TIMEOUT + CLOSE_SLACK,
+            )
+            assert all(closed)
+            # Still serving after the flood.
+            assert (await call(ctx, f"https://{b.address(HTTP_SERVICE)}/orders")).status == 200
+    finally:
+        for _, writer in stuck:
+            writer.close()
