@@ -103,11 +103,11 @@ DRIVERS = [
             "transaction",
             "copy",
             "listen_notify",
+            "cancel",
             "timeout",
             "large_result",
             "denied",
         ),
-        "`statement_timeout`; `connection.cancel()` is not covered yet",
     ),
     Driver(
         "SQLAlchemy + psycopg",
