@@ -6,7 +6,7 @@ import asyncio
 import importlib.util
 import platform
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
@@ -76,7 +76,7 @@ class Family(Collector):
         self,
         name: str,
         documentation: str,
-        labelnames: list[str],
+        labelnames: Sequence[str],
         *,
         kind: Literal["counter", "gauge"],
         registry: CollectorRegistry,
@@ -101,49 +101,50 @@ class Family(Collector):
             child = self._children[values] = Value()
         return child
 
-    def collect(self) -> Iterator[Metric]:
+    def _empty(self) -> CounterMetricFamily | GaugeMetricFamily:
         family_type = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
-        family = family_type(self.name, self.documentation, labels=self.labelnames)
+        return family_type(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._empty()
         for values, child in list(self._children.items()):
             family.add_metric(values, child.value)
         yield family
 
     def describe(self) -> Iterator[Metric]:
-        family_type = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
-        yield family_type(self.name, self.documentation, labels=self.labelnames)
+        yield self._empty()
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+
+        def counter(name: str, documentation: str, labels: Sequence[str] = ()) -> Family:
+            return Family(name, documentation, labels, kind="counter", registry=r)
+
+        def gauge(name: str, documentation: str, labels: Sequence[str] = ()) -> Family:
+            return Family(name, documentation, labels, kind="gauge", registry=r)
+
         Info("sidekey_build", "What this broker runs on", registry=r).info(platform_info())
-        self.requests = Family(
+        self.requests = counter(
             "sidekey_requests",
             "Requests and connections by service and decision",
             ["service", "decision"],
-            kind="counter",
-            registry=r,
         )
-        self.credential_fetches = Family(
+        self.credential_fetches = counter(
             "sidekey_credential_fetches",
             "Credential fetches from a provider",
             ["service", "provider", "outcome"],
-            kind="counter",
-            registry=r,
         )
-        self.cache_hits = Family(
+        self.cache_hits = counter(
             "sidekey_credential_cache_hits",
             "Credential requests served from cache",
             ["service"],
-            kind="counter",
-            registry=r,
         )
-        self.cache_misses = Family(
+        self.cache_misses = counter(
             "sidekey_credential_cache_misses",
             "Credential requests that needed a fetch",
             ["service"],
-            kind="counter",
-            registry=r,
         )
         self.fetch_seconds = Histogram(
             "sidekey_credential_fetch_seconds",
@@ -152,137 +153,98 @@ class Metrics:
             buckets=FETCH_BUCKETS,
             registry=r,
         )
-        self.upstream_errors = Family(
+        self.upstream_errors = counter(
             "sidekey_upstream_errors",
             "Upstream failures by kind",
             ["service", "kind"],
-            kind="counter",
-            registry=r,
         )
-        self.sessions_active = Family(
+        self.sessions_active = gauge(
             "sidekey_sessions_active",
             "Proxied sessions in flight",
             ["service"],
-            kind="gauge",
-            registry=r,
         )
-        self.sessions = Family(
+        self.sessions = counter(
             "sidekey_sessions",
             "Proxied sessions by outcome",
             ["service", "outcome"],
-            kind="counter",
-            registry=r,
         )
-        self.leases = Family(
+        self.leases = counter(
             "sidekey_leases",
             "Lease lifecycle events (created, renewed, revoked, expired)",
             ["service", "event"],
-            kind="counter",
-            registry=r,
         )
-        self.connections_rejected = Family(
+        self.connections_rejected = counter(
             "sidekey_connections_rejected",
             "Connections refused over max_connections",
             ["service"],
-            kind="counter",
-            registry=r,
         )
 
         # Upstream session reuse (broker.session.pool).
-        self.pool_connections = Family(
+        self.pool_connections = gauge(
             "sidekey_pool_connections",
             "Upstream connections of session pools: idle (kept for the next client) or active",
             ["service", "state"],
-            kind="gauge",
-            registry=r,
         )
-        self.pool_checkouts = Family(
+        self.pool_checkouts = counter(
             "sidekey_pool_checkouts",
             "Sessions that took a pooled connection (reused), opened one (new), or found the "
             "identity's pool full past pool.wait (full)",
             ["service", "result"],
-            kind="counter",
-            registry=r,
         )
-        self.pool_waits = Family(
+        self.pool_waits = counter(
             "sidekey_pool_waits",
             "Sessions that waited for a connection of a full pool",
             ["service"],
-            kind="counter",
-            registry=r,
         )
-        self.pool_wait_seconds = Family(
+        self.pool_wait_seconds = counter(
             "sidekey_pool_wait_seconds",
             "Seconds sessions spent waiting for a connection of a full pool",
             ["service"],
-            kind="counter",
-            registry=r,
         )
-        self.pool_closed = Family(
+        self.pool_closed = counter(
             "sidekey_pool_closed",
             "Pooled upstream connections closed, by why (idle, lease_ended, not_idle, "
             "reset_failed, revoked, upstream_closed, shutdown, ...)",
             ["service", "why"],
-            kind="counter",
-            registry=r,
         )
 
-        self.vault_up = Family(
+        self.vault_up = gauge(
             "sidekey_vault_up",
             "1 while the vault answered the broker's last health check, else 0",
             ["address"],
-            kind="gauge",
-            registry=r,
         )
-        self.audit_write_failures = Family(
+        self.audit_write_failures = counter(
             "sidekey_audit_write_failures",
             "Audit lines that could not be written to the audit file (a full disk, say)",
-            [],
-            kind="counter",
-            registry=r,
         )
-        self.deny_list_up = Family(
+        self.deny_list_up = gauge(
             "sidekey_deny_list_up",
             "1 when the last read of the shared deny list succeeded, 0 when it failed",
-            [],
-            kind="gauge",
-            registry=r,
         )
-        self.offboarded = Family(
+        self.offboarded = gauge(
             "sidekey_offboarded_identities",
             "Identities on the deny list this broker enforces",
-            [],
-            kind="gauge",
-            registry=r,
         )
-        self.sessions_closed = Family(
+        self.sessions_closed = counter(
             "sidekey_sessions_closed",
             "Live sessions and connections the broker closed (reload, offboard)",
             ["service", "why"],
-            kind="counter",
-            registry=r,
         )
         # The broker's own identity material (broker.identity.material).
-        self.svid_rotations = Family(
+        self.svid_rotations = counter(
             "sidekey_svid_rotations",
             "The broker's X.509-SVID replaced by a new one, by source (file, workload_api)",
             ["source"],
-            kind="counter",
-            registry=r,
         )
-        self.bundle_updates = Family(
+        self.bundle_updates = counter(
             "sidekey_trust_bundle_updates",
             "Trust bundles replaced by a changed set of authorities",
             ["trust_domain", "kind", "source"],
-            kind="counter",
-            registry=r,
         )
-        self.identity_errors = Family(
+        self.identity_errors = counter(
             "sidekey_identity_source_errors",
             "Identity material not had: a lost or refusing Workload API, rejected files",
             ["source", "kind"],
-            kind="counter",
-            registry=r,
         )
         # Read at scrape time from the material (the runtime sets the function).
         self.svid_expiry = Gauge(
@@ -290,55 +252,41 @@ class Metrics:
             "Seconds until the broker's X.509-SVID expires (negative once expired)",
             registry=r,
         )
-        self.jwt_verifications = Family(
+        self.jwt_verifications = counter(
             "sidekey_jwt_verifications",
             "Inbound token verifications by configured issuer (unknown: none matched) and "
             "outcome (ok, cached, expired, bad_audience, bad_signature, unknown_key, ...)",
             ["issuer", "outcome"],
-            kind="counter",
-            registry=r,
         )
-        self.jwks_refreshes = Family(
+        self.jwks_refreshes = counter(
             "sidekey_jwks_refreshes",
             "Fetches of a token issuer's keys (JWKS, discovery, file, Workload API) by outcome",
             ["issuer", "outcome"],
-            kind="counter",
-            registry=r,
         )
-        self.jwks_keys = Family(
+        self.jwks_keys = gauge(
             "sidekey_jwks_keys",
             "Signing keys a token issuer has right now",
             ["issuer"],
-            kind="gauge",
-            registry=r,
         )
-        self.vault_logins = Family(
+        self.vault_logins = counter(
             "sidekey_vault_logins",
             "The broker's own logins to the vault, by method and outcome",
             ["method", "outcome"],
-            kind="counter",
-            registry=r,
         )
-        self.vault_renewals = Family(
+        self.vault_renewals = counter(
             "sidekey_vault_token_renewals",
             "Renewals of the broker's own vault token, by outcome",
             ["outcome"],
-            kind="counter",
-            registry=r,
         )
-        self.vault_failures = Family(
+        self.vault_failures = counter(
             "sidekey_vault_failures",
             "Failed vault calls by kind (unreachable, timeout, tls, denied, rejected, ...)",
             ["kind"],
-            kind="counter",
-            registry=r,
         )
-        self.vault_address_changes = Family(
+        self.vault_address_changes = counter(
             "sidekey_vault_address_changes",
             "Times the broker moved to another vault address, by the address it moved to",
             ["address"],
-            kind="counter",
-            registry=r,
         )
         # Set to a function by the vault client: the value is computed at scrape time.
         self.vault_token_expiry = Gauge(
