@@ -21,17 +21,18 @@ anything else, is not.
 
 from __future__ import annotations
 
+from ._constants import MIN_TYPED_LENGTH, TYPED_HEADER_LENGTH
 from ._errors import ProtocolError, UpstreamProtocolError
+from ._writers import _cstring, _typed
 
-# DISCARD ALL as a simple Query: 'Q', length, the text and its NUL.
-_RESET_SQL = b"DISCARD ALL\x00"
-RESET_QUERY = b"Q" + (4 + len(_RESET_SQL)).to_bytes(4, "big") + _RESET_SQL
+# DISCARD ALL as a simple Query.
+RESET_QUERY = _typed(b"Q", _cstring("DISCARD ALL"))
 # The answer to DISCARD ALL is a CommandComplete, a ReadyForQuery and the ParameterStatus of
 # every reported parameter it reset (about 20 on PostgreSQL 16): a few hundred bytes. More
 # than this is not that answer.
 MAX_RESET_ANSWER = 64 * 1024
 
-_HEADER = 5
+_HEADER = TYPED_HEADER_LENGTH
 _QUERY, _SYNC, _FUNCTION_CALL, _TERMINATE = 0x51, 0x53, 0x46, 0x58
 # Extended-protocol messages: they open a batch that only a Sync closes.
 _BATCH = frozenset(b"PBEDCH")
@@ -104,9 +105,9 @@ class _ClientSide:
                 held = False
             kind = header[0]
             length = int.from_bytes(header[1:5], "big")
-            if length < 4:
+            if length < MIN_TYPED_LENGTH:
                 raise ProtocolError(f"client message {chr(kind)!r} has length {length}")
-            frames.need = length - 4
+            frames.need = length - MIN_TYPED_LENGTH
             if kind == _TERMINATE:
                 tracker.terminated = True
                 if out is None:
@@ -158,11 +159,11 @@ class _UpstreamSide:
                 frames.head.clear()
             i += take
             length = int.from_bytes(header[1:5], "big")
-            if length < 4:
+            if length < MIN_TYPED_LENGTH:
                 raise UpstreamProtocolError(
                     f"server message {chr(header[0])!r} has length {length}"
                 )
-            frames.need = length - 4
+            frames.need = length - MIN_TYPED_LENGTH
             if header[0] == _READY:
                 self.status_next = True
         return data, b""
@@ -228,7 +229,7 @@ class ResetReader:
         while len(buf) >= _HEADER:
             kind = buf[0]
             length = int.from_bytes(buf[1:5], "big")
-            if length < 4:
+            if length < MIN_TYPED_LENGTH:
                 return False
             if len(buf) < 1 + length:
                 return None
