@@ -120,7 +120,10 @@ class SessionPool:
         self.config = config
         self._live = live
         self._buckets: dict[Key, _Bucket] = {}
-        self._ended: collections.deque[str] = collections.deque(maxlen=ENDED_LEASES_KEPT)
+        # An insertion-ordered set (checked on every checkin: a dict lookup, where a deque
+        # of ENDED_LEASES_KEPT was a scan of up to 4096 strings); a lease source reports an
+        # ended lease more than once (retired, then dropped, then revoked).
+        self._ended: dict[str, None] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
         self._idle_gauge = metrics.pool_connections.labels(service, "idle")
@@ -211,9 +214,7 @@ class SessionPool:
 
         def close(reason: str) -> None:
             if idle in bucket.idle:
-                bucket.idle.remove(idle)
-                self._idle_gauge.dec()
-                self._close(key, bucket, idle, "revoked")
+                self._evict(key, bucket, idle, "revoked")
 
         idle.entry = self._live.add(identity, self.service, peer, "pooled", close)
         self._wake(bucket)
@@ -237,12 +238,14 @@ class SessionPool:
     def drop_lease(self, lease_id: str) -> None:
         """A lease ended (revoked, expired, retired): close its idle connections now, and
         those in use when they come back."""
-        self._ended.append(lease_id)
+        if lease_id in self._ended:
+            return  # already emptied of it
+        self._ended[lease_id] = None
+        if len(self._ended) > ENDED_LEASES_KEPT:
+            del self._ended[next(iter(self._ended))]
         for key, bucket in list(self._buckets.items()):
             for idle in [i for i in bucket.idle if i.ref.lease_id == lease_id]:
-                bucket.idle.remove(idle)
-                self._unlist(idle)
-                self._close(key, bucket, idle, "lease_ended")
+                self._evict(key, bucket, idle, "lease_ended")
 
     async def close(self) -> None:
         """Close every idle connection (shutdown, or the service is rebuilt)."""
@@ -286,10 +289,14 @@ class SessionPool:
             self._live.discard(idle.entry)
             idle.entry = None
 
+    def _evict(self, key: Key, bucket: _Bucket, idle: _Idle, why: str) -> None:
+        """Take an idle connection out of its bucket and close it."""
+        bucket.idle.remove(idle)
+        self._unlist(idle)
+        self._close(key, bucket, idle, why)
+
     def _close(self, key: Key, bucket: _Bucket, idle: _Idle, why: str) -> None:
-        if idle.entry is not None:
-            self._live.discard(idle.entry)
-            idle.entry = None
+        """Close a connection no longer idle in its bucket (`_unlist`ed, or never listed)."""
         idle.upstream.conduit.close()
         bucket.open -= 1
         self._closes.labels(self.service, why).inc()
@@ -315,6 +322,4 @@ class SessionPool:
             cutoff = time.monotonic() - idle_for
             for key, bucket in list(self._buckets.items()):
                 for idle in [i for i in bucket.idle if i.since <= cutoff]:
-                    bucket.idle.remove(idle)
-                    self._unlist(idle)
-                    self._close(key, bucket, idle, "idle")
+                    self._evict(key, bucket, idle, "idle")
