@@ -139,12 +139,14 @@ class OAuth2Fetcher:
     def __repr__(self) -> str:
         return f"OAuth2Fetcher({self.config.endpoint})"
 
-    def _http(self, cls: type[httpx2.AsyncClient] = httpx2.AsyncClient, **kwargs: Any) -> Any:
-        """An httpx2 client (or Authlib's subclass) with our timeout, TLS and size cap, no
-        redirects, no proxies or netrc from the environment."""
+    def _http(
+        self, limit: int, cls: type[httpx2.AsyncClient] = httpx2.AsyncClient, **kwargs: Any
+    ) -> Any:
+        """An httpx2 client (or Authlib's subclass) with our timeout, TLS and a response size
+        cap of `limit` bytes, no redirects, no proxies or netrc from the environment."""
         transport = httpx2.AsyncHTTPTransport(verify=self._ssl, trust_env=False)
         return cls(
-            transport=_CappedTransport(transport, MAX_TOKEN_RESPONSE_BYTES),
+            transport=_CappedTransport(transport, limit),
             timeout=httpx2.Timeout(self.config.timeout),
             follow_redirects=False,
             trust_env=False,
@@ -182,6 +184,7 @@ class OAuth2Fetcher:
             kid = fields.get("kid")
             auth = PrivateKeyJWT(url, alg=alg, headers={"kid": kid} if kid else None)
         async with self._http(
+            MAX_TOKEN_RESPONSE_BYTES,
             AsyncOAuth2Client,
             client_id=client_id,
             client_secret=key,
@@ -249,7 +252,7 @@ class OAuth2Fetcher:
         issuer = self.config.issuer
         assert issuer is not None, "OAuth2Config has token_url or issuer"
         base = issuer.rstrip("/")
-        async with self._http() as http:
+        async with self._http(MAX_DISCOVERY_BYTES) as http:
             for path in DISCOVERY_PATHS:
                 url = base + path
                 try:
