@@ -239,19 +239,21 @@ class Supervisor:
         self._signal_all(signal.SIGHUP)
         self._reread()
 
-    def _reread(self) -> Config | None:
-        """The config as the workers will read it; None (and the sockets kept) if broken."""
+    def _reread(self) -> None:
+        """The config as the workers will read it (the sockets kept if it is broken)."""
         try:
             config = load_config(self.config.path)
         except SidekeyError as exc:
             log.error("reload refused, the running config stays: %s", exc)
-            return None
+            return
+        self._adopt(config)
+
+    def _adopt(self, config: Config) -> None:
         if config.worker_count != self.count:
             log.warning("reload: workers changed to %d; it takes effect at restart",
                         config.worker_count)  # fmt: skip
         self._retire_sockets(config)
         self.config = dataclasses.replace(config, workers=self.config.workers)
-        return config
 
     async def _stop(self) -> int:
         self._stopping = True
@@ -384,7 +386,7 @@ class Supervisor:
 
     async def reload(self) -> dict[str, Any]:
         """Check the config here (a broken one changes no worker), then reload every worker."""
-        load_config(self.config.path)  # raises ConfigError: nothing changes
+        config = load_config(self.config.path)  # raises ConfigError: nothing changes
         answers = await self._ask_all("POST", "/reload")
         results = []
         errors = []
@@ -393,7 +395,7 @@ class Supervisor:
             results.append({"worker": worker.number, **body})
             if not body.get("ok"):
                 errors.append(f"worker {worker.number}: {body.get('error')}")
-        self._reread()
+        self._adopt(config)
         if errors:
             raise SidekeyError("; ".join(errors))
         summary = {k: v for k, v in results[0].items() if k not in ("ok", "worker")}

@@ -24,7 +24,7 @@ from broker.governance.verify import verify
 from tests.broker_process import BrokerProcess
 from tests.pki import DEFAULT_CLIENT_ID, Pki, client_ssl_context
 from tests.servers import OpenBao, VaultDatabase, free_port
-from tests.test_signals import DEADLINE, Setup, lease_roles, until
+from tests.test_signals import DEADLINE, Setup, _post, lease_roles, until
 
 WORKERS = 2
 # Connections spread over the workers by the kernel (a hash of the client's port): 24 of them
@@ -287,3 +287,33 @@ def test_workers_one_is_the_single_process(tmp_path: Path, pki: Pki, openbao: Op
         assert "supervising" not in broker.log()
     finally:
         broker.stop()
+
+
+async def test_post_reload_reloads_every_worker_and_a_broken_config_none(
+    setup: WorkersSetup,
+) -> None:
+    broker = setup.start()
+    setup.write(setup.config(allow=[DEFAULT_CLIENT_ID]))
+    status, body = await asyncio.to_thread(_post, setup.admin, "/reload")
+    assert status == 200, body
+    assert body["ok"] and sorted(w["worker"] for w in body["workers"]) == [1, 2]
+    assert all(w["ok"] for w in body["workers"]), body
+
+    async def reloaded() -> bool:
+        return sorted(
+            e["worker"]
+            for e in setup.events()
+            if e["event"] == "policy" and e["reason"] == "reload"
+        ) == [1, 2]
+
+    await until(reloaded, "both workers' reload")
+    # A broken config is refused by the parent before any worker is asked.
+    good = setup.config()
+    setup.write({**good, "services": [{**good["services"][0], "adapter": "ftp"}]})
+    status, body = await asyncio.to_thread(_post, setup.admin, "/reload")
+    assert status == 422 and "unknown adapter 'ftp'" in body["error"]
+    assert setup.workers_of("policy").count(1) == 2, "worker 1: start and one reload only"
+    assert broker.running
+    conn = await setup.connect()
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
