@@ -6,6 +6,7 @@ relative to the config file), so every test also exercises config parsing.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -66,3 +67,9 @@ async def running_broker(
         yield broker
     finally:
         await broker.stop(drain_timeout=2.0)
+
+
+def audit_events(path: Path, event: str | None = None) -> list[dict[str, Any]]:
+    """The audit trail at `path` (none yet: empty), only `event`'s lines when given."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in map(json.loads, lines) if event is None or e.get("event") == event]

@@ -28,10 +28,9 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.servers import POLL_SECONDS, VENV_BIN, free_port
+from tests.servers import POLL_SECONDS, VENV_BIN, _stop_pid, free_port
 
 START_SECONDS = 60.0
-STOP_GRACE_SECONDS = 10.0
 REGION = "us-east-1"
 USER = "sidekey-broker"
 ROLE = "sidekey-s3"
@@ -85,14 +84,7 @@ class Moto:
         return (self.workdir / "moto.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _stop_pid(self.proc)
 
 
 def _reset_auth(url: str, count: int) -> None:

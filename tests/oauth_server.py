@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from tests.servers import POLL_SECONDS, free_port
+from tests.servers import POLL_SECONDS, _stop_pid, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "install-oidc-provider.sh"
@@ -51,7 +51,6 @@ CACHE = Path(os.environ.get("SIDEKEY_CACHE", Path.home() / ".cache" / "sidekey")
 PREFIX = CACHE / f"oidc-provider-{OIDC_PROVIDER_VERSION}"
 # Node starts oidc-provider in about half a second; 30 s covers a loaded 2-core CI box.
 START_SECONDS = 30.0
-STOP_GRACE_SECONDS = 10.0
 AUDIENCE = "https://orders.test"
 SCOPES = ("orders.read", "orders.write")
 SECRET_CLIENT = "sidekey-secret"
@@ -93,14 +92,7 @@ class OAuthProvider:
         ]
 
     def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _stop_pid(self.proc)
 
 
 def install() -> Path:

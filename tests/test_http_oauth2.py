@@ -25,7 +25,7 @@ import trustme
 
 import broker.credentials.oauth2 as oauth2_module
 from broker.runtime import Broker
-from tests.brokers import base_config, running_broker
+from tests.brokers import audit_events, base_config, running_broker
 from tests.oauth_server import (
     AUDIENCE,
     JWT_CLIENT,
@@ -53,11 +53,7 @@ class OAuthProxy:
         return state
 
     def requests(self) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in map(json.loads, self.audit_path.read_text().splitlines())
-            if e["event"] == "request"
-        ]
+        return audit_events(self.audit_path, "request")
 
 
 def oauth_service(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +26,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from broker.runtime import Broker
-from tests.brokers import base_config, running_broker
+from tests.brokers import audit_events, base_config, running_broker
 from tests.moto_server import REGION, Keys, Moto
 from tests.pki import DEFAULT_CLIENT_ID, Pki, client_ssl_context
 from tests.servers import VENV_BIN, OpenBao
@@ -69,11 +68,7 @@ class S3Proxy:
         )
 
     def requests(self) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in map(json.loads, self.audit_path.read_text().splitlines())
-            if e["event"] == "request"
-        ]
+        return audit_events(self.audit_path, "request")
 
 
 def s3_service(moto: Moto, kv_path: str, **sigv4: Any) -> dict[str, Any]:
