@@ -9,8 +9,6 @@ before exec), over a socket with no TLS and no password; the upstream legs are T
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -23,12 +21,12 @@ import pytest
 from broker.config import LocalRule
 from broker.identity import IdentityError
 from broker.identity.local import PeerCredentials, attest, pod_uid
-from tests.brokers import base_config, running_broker
+from tests.brokers import audit_events, base_config, running_broker
+from tests.clients import run_client
 from tests.pki import Pki
 from tests.servers import PG_BIN, VaultDatabase
 from tests.servers_mysql_redis import MariaDB, RedisServer, VaultEngine
 
-CLIENT_TIMEOUT = 30.0
 ORDERS = "spiffe://example.org/ns/prod/sa/orders"
 REPORT = "spiffe://example.org/ns/prod/sa/report"
 # Arbitrary ids with no passwd entry: the kernel names them all the same.
@@ -115,20 +113,7 @@ def as_user(uid: int, gid: int, *cmd: str) -> list[str]:
 
 
 async def run(argv: list[str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "HOME": "/tmp", "PGCONNECT_TIMEOUT": "10"},
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), CLIENT_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_client(argv, env={"HOME": "/tmp", "PGCONNECT_TIMEOUT": "10"})
 
 
 @pytest.fixture
@@ -160,11 +145,6 @@ def local_service(
         "credentials": credentials,
         "allow": [ORDERS, REPORT],
     }
-
-
-def audit_events(path: Path, event: str) -> list[dict[str, Any]]:
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [e for e in map(json.loads, lines) if e.get("event") == event]
 
 
 ASYNCPG_SCRIPT = """

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import struct
 import tempfile
 import time
@@ -28,12 +27,12 @@ from broker.codecs.postgres import (
 )
 from broker.identity.ca import IssuedFiles
 from broker.runtime import Broker
+from tests import clients
 from tests.brokers import base_config, running_broker
+from tests.clients import CLIENT_TIMEOUT, run_client
 from tests.pki import DEFAULT_CLIENT_ID, Pki, client_ssl_context
 from tests.servers import Postgres, VaultDatabase
 
-# Generous bounds for one client command against a local broker; a hang fails the test.
-CLIENT_TIMEOUT = 30.0
 # How long a revocation (idle or shutdown) may take to show in pg_roles.
 REVOKE_DEADLINE = 20.0
 POLL_SECONDS = 0.1
@@ -114,8 +113,7 @@ def world(
 
 
 def host_port(broker: Broker) -> tuple[str, int]:
-    host, _, port = broker.address(SERVICE).rpartition(":")
-    return host, int(port)
+    return clients.host_port(broker, SERVICE)
 
 
 def mtls_dsn(broker: Broker, pki: Pki, issued: IssuedFiles, dbname: str = "appdb") -> str:
@@ -128,20 +126,7 @@ def mtls_dsn(broker: Broker, pki: Pki, issued: IssuedFiles, dbname: str = "appdb
 
 async def run(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run a client program without blocking the event loop the broker runs on."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PGCONNECT_TIMEOUT": "10", **(env or {})},
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), CLIENT_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_client(argv, env={"PGCONNECT_TIMEOUT": "10", **(env or {})})
 
 
 async def psql(dsn: str, sql: str) -> tuple[int, str, str]:

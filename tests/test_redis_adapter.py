@@ -23,11 +23,12 @@ import redis.exceptions
 
 from broker.identity.ca import IssuedFiles
 from broker.runtime import Broker
+from tests import clients
 from tests.brokers import base_config, running_broker
+from tests.clients import CLIENT_TIMEOUT, run_client
 from tests.pki import DEFAULT_CLIENT_ID, Pki
 from tests.servers_mysql_redis import RedisServer, VaultEngine
 
-CLIENT_TIMEOUT = 30.0
 REVOKE_DEADLINE = 20.0
 POLL_SECONDS = 0.1
 
@@ -107,8 +108,7 @@ def world(
 
 
 def host_port(broker: Broker) -> tuple[str, int]:
-    host, _, port = broker.address(SERVICE).rpartition(":")
-    return host, int(port)
+    return clients.host_port(broker, SERVICE)
 
 
 def client(broker: Broker, pki: Pki, issued: IssuedFiles | None, **kwargs: Any) -> aredis.Redis:
@@ -128,17 +128,7 @@ def client(broker: Broker, pki: Pki, issued: IssuedFiles | None, **kwargs: Any) 
 
 
 async def run(*argv: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), CLIENT_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_client(argv)
 
 
 def cli_tls(broker: Broker, pki: Pki, issued: IssuedFiles) -> list[str]:
