@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -25,12 +24,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hvac
 import pytest
 import trustme
 
-from tests.servers import POLL_SECONDS, STOP_GRACE_SECONDS, OpenBao, free_port
+from tests.servers import POLL_SECONDS, OpenBao, _stop_pid, free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 MARIADBD = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
@@ -42,17 +42,6 @@ MARIADB_START_SECONDS = 90.0
 # Lease lengths of the dynamic users: long enough that no test sees one expire.
 ROLE_DEFAULT_TTL = "1h"
 ROLE_MAX_TTL = "24h"
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(STOP_GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _tls_files(directory: Path, owner: str | None = None) -> Path:
@@ -174,7 +163,7 @@ def _wait_redis(server: RedisServer) -> None:
             log = server.log() if (server.workdir / "redis.log").exists() else ""
             raise RuntimeError(f"redis-server exited with {proc.returncode}:\n{log[-3000:]}")
         if time.monotonic() > deadline:
-            _stop(proc)
+            _stop_pid(proc)
             raise RuntimeError(f"redis-server not ready after {REDIS_START_SECONDS}s")
         time.sleep(POLL_SECONDS)
 
@@ -182,7 +171,7 @@ def _wait_redis(server: RedisServer) -> None:
 def restart_redis(server: RedisServer) -> None:
     """Stop the server (SIGTERM) and start it again on its ports with its config, as an
     operator's restart does: users not in the config (the vault's dynamic ones) are gone."""
-    _stop(server.proc)
+    _stop_pid(server.proc)
     server.proc = _spawn_redis(server.workdir)
     _wait_redis(server)
 
@@ -196,7 +185,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     try:
         yield server
     finally:
-        _stop(server.proc)
+        _stop_pid(server.proc)
 
 
 @dataclass
@@ -210,6 +199,28 @@ class VaultEngine:
 
     def client(self) -> hvac.Client:
         return self.openbao.client()
+
+    def mount_database(self, plugin: str, creation: list[str], **connection: Any) -> None:
+        """Enable the database engine at `mount`, configure its connection (`connection`:
+        the plugin's address and admin login) and create `role` with `creation`."""
+        client = self.client()
+        client.sys.enable_secrets_engine("database", path=self.mount)
+        client.secrets.database.configure(
+            name=self.connection,
+            plugin_name=plugin,
+            allowed_roles=["*"],
+            verify_connection=True,
+            mount_point=self.mount,
+            **connection,
+        )
+        client.secrets.database.create_role(
+            name=self.role,
+            db_name=self.connection,
+            creation_statements=creation,
+            default_ttl=ROLE_DEFAULT_TTL,
+            max_ttl=ROLE_MAX_TTL,
+            mount_point=self.mount,
+        )
 
     def leases(self) -> list[str]:
         """Lease ids under <mount>/creds/<role>/ (empty if none)."""
@@ -229,28 +240,15 @@ def vault_redis(openbao: OpenBao, redis_server: RedisServer) -> VaultEngine:
     """Mount `redis-db` on the session OpenBao, pointed at the session redis-server over
     TLS as vaultadmin, with role cache-rw."""
     engine = VaultEngine(openbao, "redis-db", "cache", "cache-rw")
-    client = engine.client()
-    client.sys.enable_secrets_engine("database", path=engine.mount)
-    client.secrets.database.configure(
-        name=engine.connection,
-        plugin_name="redis-database-plugin",
+    engine.mount_database(
+        "redis-database-plugin",
+        REDIS_CREATION,
         host=redis_server.host,
         port=redis_server.tls_port,
         tls=True,
         ca_cert=redis_server.ca_path.read_text(),
         username="vaultadmin",
         password=redis_server.passwords["vaultadmin"],
-        allowed_roles=["*"],
-        verify_connection=True,
-        mount_point=engine.mount,
-    )
-    client.secrets.database.create_role(
-        name=engine.role,
-        db_name=engine.connection,
-        creation_statements=REDIS_CREATION,
-        default_ttl=ROLE_DEFAULT_TTL,
-        max_ttl=ROLE_MAX_TTL,
-        mount_point=engine.mount,
     )
     return engine
 
@@ -362,7 +360,7 @@ def _wait_mariadb(db: MariaDB) -> None:
             return
         except RuntimeError:
             if time.monotonic() > deadline:
-                _stop(db.proc)
+                _stop_pid(db.proc)
                 raise RuntimeError(f"MariaDB not ready after {MARIADB_START_SECONDS}s") from None
             time.sleep(POLL_SECONDS)
 
@@ -370,13 +368,13 @@ def _wait_mariadb(db: MariaDB) -> None:
 def restart_mariadb(db: MariaDB) -> None:
     """Stop the server (SIGTERM: a clean shutdown that ends every session) and start it again
     with the same command line, as an operator's restart does; users are kept on disk."""
-    _stop(db.proc)
+    _stop_pid(db.proc)
     db.proc = _spawn(db.argv)
     _wait_mariadb(db)
 
 
 def stop_mariadb(db: MariaDB) -> None:
-    _stop(db.proc)
+    _stop_pid(db.proc)
 
 
 @pytest.fixture(scope="session")
@@ -408,24 +406,11 @@ def vault_mysql(openbao: OpenBao, mariadb: MariaDB) -> VaultEngine:
     """Mount `mysql-db` on the session OpenBao, pointed at the session MariaDB as
     vaultadmin, with role orders-rw."""
     engine = VaultEngine(openbao, "mysql-db", "orders", "orders-rw")
-    client = engine.client()
-    client.sys.enable_secrets_engine("database", path=engine.mount)
-    client.secrets.database.configure(
-        name=engine.connection,
-        plugin_name="mysql-database-plugin",
+    engine.mount_database(
+        "mysql-database-plugin",
+        MYSQL_CREATION,
         connection_url=f"{{{{username}}}}:{{{{password}}}}@tcp({mariadb.host}:{mariadb.port})/",
         username="vaultadmin",
         password=mariadb.passwords["vaultadmin"],
-        allowed_roles=["*"],
-        verify_connection=True,
-        mount_point=engine.mount,
-    )
-    client.secrets.database.create_role(
-        name=engine.role,
-        db_name=engine.connection,
-        creation_statements=MYSQL_CREATION,
-        default_ttl=ROLE_DEFAULT_TTL,
-        max_ttl=ROLE_MAX_TTL,
-        mount_point=engine.mount,
     )
     return engine
