@@ -63,6 +63,8 @@ from ._upstream import (
     ok_payload,
 )
 
+# Connecting, logging in and sending KILL QUERY for a vanished client's statement.
+KILL_TIMEOUT = 10.0
 # The greeting's server version until the broker has seen the upstream's own.
 DEFAULT_SERVER_VERSION = "8.0.0-Sidekey"
 # Connection ids in the broker's greetings start here: above any thread id a server hands
@@ -125,6 +127,8 @@ class MysqlAdapter(TcpAdapter[Hello]):
             raise ConfigError(f"{service.where}.inject: not used by the mysql adapter")
         self.server_version = self.upstream.server_version or DEFAULT_SERVER_VERSION
         self._connection_ids = itertools.count(CONNECTION_ID_BASE)
+        # KILL QUERYs sent for vanished clients' sessions (see `release`).
+        self._orphan_kills: set[asyncio.Task[None]] = set()
         self._capabilities = BROKER_CAPABILITIES | (c.CLIENT_SSL if ctx.server_ssl else 0)
 
     # -- protocol steps ----------------------------------------------------------------------
@@ -228,6 +232,7 @@ class MysqlAdapter(TcpAdapter[Hello]):
                 "upstream_login", f"cannot log in to the database of service {name}: {exc}",
                 metric="auth",
             ) from None  # fmt: skip
+        auth.credential = credential
         return Upstream(auth.conduit, user, target.address, auth)
 
     def greet(self, session: Session[Hello], upstream: Upstream) -> None:
@@ -241,6 +246,57 @@ class MysqlAdapter(TcpAdapter[Hello]):
 
     def client_filter(self, session: Session[Hello], upstream: Upstream) -> StreamFilter:
         return CommandFilter(self.upstream.databases, self.ctx.service.name)
+
+    def release(self, session: Session[Hello], upstream: Upstream) -> None:
+        auth: Authenticated = upstream.state
+        stats = session.stats
+        if (
+            auth.credential is not None
+            and not stats.kept
+            and stats.ended_by == "error"
+            and (stats.error or "").startswith("client:")
+        ):
+            # The client was reset (its process or host died). The server does not notice
+            # the closed upstream socket while a statement runs (a SLEEP, a long scan), so
+            # the statement would run to its end holding its locks: KILL QUERY it, over a
+            # connection of the same user. A client that leaves cleanly (COM_QUIT) costs
+            # nothing.
+            self._kill_orphan(session, auth.greeting.connection_id, auth.credential)
+
+    def _kill_orphan(self, session: Session[Hello], thread: int, credential: Credential) -> None:
+        target, name = self.upstream.target, self.ctx.service.name
+        user, password = credential.fields["username"], credential.fields["password"]
+
+        async def kill() -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + KILL_TIMEOUT
+            try:
+                auth = await login(
+                    target, session.hello.response, user, password,
+                    session.request["database"], deadline,
+                )  # fmt: skip
+            except UpstreamError as exc:
+                self.ctx.metrics.upstream_errors.labels(name, "cancel").inc()
+                self.ctx.log.warning("killing a vanished client's query failed: %s", exc)
+                return
+            try:
+                auth.conduit.write(frame(bytes([c.COM_QUERY]) + f"KILL QUERY {thread}".encode(), 0))
+                await auth.conduit.receive(max(deadline - loop.time(), 0.001))
+            except UpstreamError as exc:
+                self.ctx.log.warning("killing a vanished client's query failed: %s", exc)
+            finally:
+                auth.conduit.close()
+
+        self.ctx.log.info(
+            "client %s was reset mid-session: killing whatever its upstream session (thread "
+            "%d) still runs",
+            session.client.peer,
+            thread,
+        )
+        session.end["upstream_cancelled"] = True
+        task = asyncio.get_running_loop().create_task(kill())
+        self._orphan_kills.add(task)
+        task.add_done_callback(self._orphan_kills.discard)
 
     def refusal_reply(self, refusal: Refusal, hello: Hello) -> bytes:
         code, sqlstate = ERROR_OF_STEP[refusal.step]

@@ -26,6 +26,7 @@ from broker.codecs.mysql import (
     payload,
 )
 from broker.codecs.mysql import constants as c
+from broker.credentials import Credential
 from broker.errors import UpstreamError
 from broker.session.net import Conduit, connect
 from broker.session.upstream import LoginStream, UpstreamTarget
@@ -89,6 +90,9 @@ class Authenticated:
     greeting: HandshakeV10
     ok: OkPacket
     leftover: bytes
+    # The credential it logged in with, to KILL QUERY what a vanished client left running
+    # (its repr shows no secret).
+    credential: Credential | None = None
 
 
 class _Stream(LoginStream[ServerMessage]):
