@@ -343,6 +343,42 @@ async def test_token_endpoint_that_never_answers_times_out(env: Env, server: Any
         hung.close()
 
 
+async def test_an_error_code_echoing_the_secret_is_shortened_and_redacted(env: Env) -> None:
+    """A token endpoint whose error code is 20 KB of text with the client secret and line
+    breaks in it (a fake: a real authorization server answers a registered code). The
+    audit and the client see one short line, without the secret."""
+    provider = env.provider()
+    kv = client_secret(env.openbao, provider, SECRET_CLIENT)
+    secret = provider.secrets[SECRET_CLIENT]
+    code = "\n".join(["bad_client " + secret] * 400)
+    body = json.dumps({"error": code}).encode()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    odd = await asyncio.start_server(answer, "127.0.0.1", free_port())
+    port = odd.sockets[0].getsockname()[1]
+    try:
+        async with env.proxy(provider, kv, token_url=f"http://127.0.0.1:{port}/token",
+                             audience=AUDIENCE) as p:  # fmt: skip
+            reply = await call(client_ssl_context(env.pki, env.pki.client()), f"{p.url}/orders")
+            assert reply.status == 503
+            [request] = p.requests()
+            trail = p.audit_path.read_text()
+    finally:
+        odd.close()
+    assert f"refused the client {SECRET_CLIENT}: bad_client [redacted]" in request["error"]
+    assert len(request["error"]) < 500 and "\n" not in request["error"]
+    for text in (trail, reply.body.decode()):
+        assert secret not in text
+
+
 async def test_https_token_endpoint_verified_against_its_ca(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:

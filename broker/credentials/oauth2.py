@@ -67,7 +67,7 @@ EXPIRY_MARGIN_FRACTION = 0.1
 REFUSED_REFETCH_SECONDS = 5.0
 # OIDC Discovery 1.0 section 4, then RFC 8414 section 3 for plain OAuth servers.
 DISCOVERY_PATHS = ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server")
-# Longest server-supplied text (error_description) kept in an error message.
+# Longest server-supplied text (error, error_description) kept in an error message.
 MAX_DESCRIPTION_CHARS = 200
 
 
@@ -203,7 +203,8 @@ class OAuth2Fetcher:
             except OAuthError as exc:
                 self._token_url = self.config.token_url  # discover again next time
                 raise CredentialUnavailable(
-                    f"{where} refused the client {client_id}: {exc.error}"
+                    f"{where} refused the client {client_id}: "
+                    + (_server_text(exc.error, secret) or "no error code")
                     + _description(exc.description, secret)
                 ) from None
             except httpx2.HTTPStatusError as exc:
@@ -357,11 +358,17 @@ def _assertion_key(pem: str, where: str) -> tuple[RSAKey | ECKey | OKPKey, str]:
 
 
 def _description(text: object, secret: str) -> str:
-    if not isinstance(text, str) or not text:
+    text = _server_text(text, secret)
+    return f" ({text})" if text else ""
+
+
+def _server_text(text: object, secret: str) -> str:
+    """The server's words (its error code or description: whatever it chose to send, up to
+    the response cap), on one line and shortened; the secret is never quoted even if it
+    echoed it."""
+    if not isinstance(text, str):
         return ""
-    # The server's words, shortened; the secret is never quoted even if it echoed it.
-    text = " ".join(text.replace(secret, "[redacted]").split())[:MAX_DESCRIPTION_CHARS]
-    return f" ({text})"
+    return " ".join(text.replace(secret, "[redacted]").split())[:MAX_DESCRIPTION_CHARS]
 
 
 def _failure(exc: BaseException, timeout: float) -> str:
