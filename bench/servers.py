@@ -839,23 +839,10 @@ def start_upstream(
     cpus: frozenset[int] | None,
 ) -> Upstream:
     """The aiohttp upstream of `bench.upstream` (answers after `delay` seconds)."""
-    base.mkdir()
-    plain, tls = free_port(), free_port()
-    proc = procs.start(
-        "upstream",
-        [
-            str(VENV_BIN / "python"), "-m", "bench.upstream",
-            "--plain-port", str(plain), "--tls-port", str(tls),
-            "--cert", str(pki.server.cert), "--key", str(pki.server.key),
-            "--ca", str(pki.bundle), "--token", token, "--delay", str(delay),
-        ],
-        log=base / "upstream.log",
-        cwd=REPO,
-        cpus=cpus,
+    return _start_two_port(
+        procs, "upstream", "aiohttp upstream", ["bench.upstream", "--delay", str(delay)],
+        base=base, pki=pki, token=token, cpus=cpus,
     )  # fmt: skip
-    wait_for_port(plain, proc, "aiohttp upstream")
-    wait_for_port(tls, proc, "aiohttp upstream")
-    return Upstream(plain, tls, proc)
 
 
 def start_grpc_upstream(
@@ -863,22 +850,41 @@ def start_grpc_upstream(
 ) -> Upstream:
     """The grpcio server of the grpc-unary row (`bench.h2bench serve`): cleartext HTTP/2 on
     the plain port for the broker, mTLS on the TLS port for the direct baseline."""
+    return _start_two_port(
+        procs, "grpc-upstream", "grpc upstream", ["bench.h2bench", "serve"],
+        base=base, pki=pki, token=token, cpus=cpus,
+    )  # fmt: skip
+
+
+def _start_two_port(
+    procs: Processes,
+    name: str,
+    what: str,
+    module: list[str],
+    *,
+    base: Path,
+    pki: Pki,
+    token: str,
+    cpus: frozenset[int] | None,
+) -> Upstream:
+    """`python -m <module...>` serving plain on one free port and mTLS on another, with the
+    test PKI's server certificate and `token` as the one it accepts."""
     base.mkdir()
     plain, tls = free_port(), free_port()
     proc = procs.start(
-        "grpc-upstream",
+        name,
         [
-            str(VENV_BIN / "python"), "-m", "bench.h2bench", "serve",
+            str(VENV_BIN / "python"), "-m", *module,
             "--plain-port", str(plain), "--tls-port", str(tls),
             "--cert", str(pki.server.cert), "--key", str(pki.server.key),
             "--ca", str(pki.bundle), "--token", token,
         ],
-        log=base / "grpc-upstream.log",
+        log=base / f"{name}.log",
         cwd=REPO,
         cpus=cpus,
     )  # fmt: skip
-    wait_for_port(plain, proc, "grpc upstream")
-    wait_for_port(tls, proc, "grpc upstream")
+    wait_for_port(plain, proc, what)
+    wait_for_port(tls, proc, what)
     return Upstream(plain, tls, proc)
 
 
