@@ -21,13 +21,14 @@ private temporary directory. Every problem with a file becomes a located ConfigE
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import ssl
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -97,6 +98,7 @@ def context_for(
     a session resumed through it is identified under the same rules)."""
     bundles = list(bundles)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslobject_class = AlertingSSLObject
     ctx.minimum_version = MIN_TLS_VERSION
     ctx.num_tickets = SERVER_SESSION_TICKETS if resumption else 0
     ctx.options |= ssl.OP_NO_TICKET  # stateful tickets: see SERVER_SESSION_TICKETS
@@ -115,6 +117,51 @@ def context_for(
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
+
+
+# The raw socket under a TLS handshake that `Conduit.start_tls` is running, for the alert of
+# a failed one (AlertingSSLObject). Set around loop.start_tls, which creates the TLS object
+# (wrap_bio) in that task's context, under asyncio and uvloop alike.
+HANDSHAKE_SOCKET: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "sidekey_handshake_socket", default=None
+)
+
+
+class AlertingSSLObject(ssl.SSLObject):
+    """A server-side TLS object that gets its alert out when the handshake fails.
+
+    OpenSSL writes the alert (unknown_ca, bad_certificate, ...) into the outgoing memory BIO,
+    and both asyncio's and uvloop's TLS layers then close the socket without sending it, so
+    the client sees an unexplained EOF ("server closed the connection unexpectedly"). Where
+    the raw socket is known (`HANDSHAKE_SOCKET`: PostgreSQL's and MySQL's in-protocol TLS
+    upgrade under asyncio's loop), the alert is written to it, best effort, before the error
+    propagates. uvloop's start_tls creates the TLS object in the transport's own context (set
+    at accept), where the variable is unset: no alert there yet, nor on the listeners that
+    do TLS from the first byte (HTTP, Redis)."""
+
+    _alert_bio: ssl.MemoryBIO | None
+    _alert_fd: int | None
+
+    @classmethod
+    def _create(
+        cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any
+    ) -> AlertingSSLObject:
+        obj = super()._create(incoming, outgoing, *args, **kwargs)  # type: ignore[misc]
+        obj._alert_bio = outgoing
+        obj._alert_fd = HANDSHAKE_SOCKET.get()
+        return cast(AlertingSSLObject, obj)
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError:
+            fd, bio = getattr(self, "_alert_fd", None), getattr(self, "_alert_bio", None)
+            if fd is not None and bio is not None and bio.pending:
+                with contextlib.suppress(OSError):
+                    os.write(fd, bio.read())
+            raise
 
 
 def check_loadable(svid: Svid, where: str = "tls") -> None:

@@ -32,6 +32,7 @@ from typing import Any, Literal, cast
 from broker.config import DEFAULT_SOCKET_MODE, ListenAddress
 from broker.errors import ClientError, SidekeyError, UpstreamError, UpstreamTimeout
 from broker.identity.local import PeerCredentials, peer_credentials
+from broker.identity.tls import HANDSHAKE_SOCKET
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +388,9 @@ class Conduit(asyncio.Protocol):
             early = bytes(self._buffer)
             self._buffer.clear()
         loop = asyncio.get_running_loop()
+        sock = self.transport.get_extra_info("socket")
+        # A failed server-side handshake gets its TLS alert out (AlertingSSLObject).
+        token = HANDSHAKE_SOCKET.set(sock.fileno() if server_side and sock is not None else None)
         try:
             # The outer timeout is a backstop: ssl_handshake_timeout covers the handshake, this
             # also covers a peer that never lets the TCP layer make progress.
@@ -421,6 +425,8 @@ class Conduit(asyncio.Protocol):
         except BaseException:
             self.abort()
             raise
+        finally:
+            HANDSHAKE_SOCKET.reset(token)
         if tls_transport is None:  # pragma: no cover - only for transports without TLS support
             self.abort()
             raise self._error(f"TLS handshake with {self._where} failed: transport closed")
