@@ -274,3 +274,25 @@ async def test_a_lease_reaching_its_end_empties_the_pool(world: World) -> None:
             assert await conn.fetchval("SELECT current_user") != user, "a fresh lease"
         finally:
             await conn.close()
+
+
+async def test_a_pooled_backend_the_server_ended_is_replaced_and_pooled_again(
+    world: World,
+) -> None:
+    """A pooled backend ended while idle (pg_terminate_backend, as a restart does): the next
+    client gets a new backend, and that one is pooled and reused in turn."""
+    async with world.broker(pooled(world)) as broker:
+        first = await backend_pid(broker, world)
+        await returned(broker, 1)
+        await world.vdb.postgres.admin_fetch("SELECT pg_terminate_backend($1)", first)
+
+        async def gone() -> bool:
+            return not await backend_alive(world, first)
+
+        await wait_for(gone, "the pooled backend to be terminated")
+        second = await backend_pid(broker, world)
+        assert second != first
+        await returned(broker, 1)
+        assert await backend_pid(broker, world) == second
+        closed = broker.metrics.pool_closed.labels(SERVICE, "upstream_closed").value
+        assert closed == 1

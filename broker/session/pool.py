@@ -163,6 +163,10 @@ class SessionPool:
                         self._active_gauge.inc()
                         return idle.upstream
                 if bucket.open < self.config.size:
+                    # A close above may have emptied and forgotten the bucket (an idle
+                    # connection of an older credential, or one the server closed): the
+                    # reservation lists it again, or checkin/discard would not find it.
+                    self._buckets[key] = bucket
                     bucket.open += 1
                     self._checkouts["new"].inc()
                     self._active_gauge.inc()
