@@ -17,9 +17,6 @@ from typing import Any
 
 from bench import scenarios as sc
 
-CHURN = ["-C", "-S", "-c8", "-j2"]
-SELECT_ONLY = ["-S", "-M", "prepared", "-c16", "-j2"]
-
 
 def _scaling(
     num: str, den: str, goal: float, figure: str
@@ -54,14 +51,14 @@ SCALE_SCENARIOS: tuple[Any, ...] = (
             sc.pgbench_variant(
                 "broker-pool",
                 "sidekey, pool: {mode: session} (mTLS in, verify-full upstream)",
-                CHURN,
+                sc.CHURN,
                 clients=8,
                 reconnect=True,
             ),
-            sc.pgbench_variant("direct", sc.PG_DIRECT, CHURN, clients=8, reconnect=True),
-            sc.pgbench_variant("pgbouncer", sc.PG_BOUNCER, CHURN, clients=8, reconnect=True),
+            sc.pgbench_variant("direct", sc.PG_DIRECT, sc.CHURN, clients=8, reconnect=True),
+            sc.pgbench_variant("pgbouncer", sc.PG_BOUNCER, sc.CHURN, clients=8, reconnect=True),
             sc.pgbench_variant(
-                "broker", sc.PG_BROKER + ", no pool", CHURN, clients=8, reconnect=True
+                "broker", sc.PG_BROKER + ", no pool", sc.CHURN, clients=8, reconnect=True
             ),
         ),
         verdict=sc.ratio("broker-pool", "direct", 3.0, "pooled broker / direct connections/s"),
@@ -74,10 +71,14 @@ SCALE_SCENARIOS: tuple[Any, ...] = (
         goal="2 workers / 1 worker TPS >= 1.3",
         variants=(
             sc.pgbench_variant(
-                "broker-workers", sc.PG_BROKER + ", workers: 2", SELECT_ONLY, clients=16, log=False
+                "broker-workers",
+                sc.PG_BROKER + ", workers: 2",
+                sc.SELECT_ONLY,
+                clients=16,
+                log=False,
             ),
             sc.pgbench_variant(
-                "broker", sc.PG_BROKER + ", workers: 1", SELECT_ONLY, clients=16, log=False
+                "broker", sc.PG_BROKER + ", workers: 1", sc.SELECT_ONLY, clients=16, log=False
             ),
         ),
         verdict=_scaling("broker-workers", "broker", 1.3, "2 workers / 1 worker TPS"),
