@@ -51,6 +51,9 @@ CACHE = Path(os.environ.get("SIDEKEY_CACHE", Path.home() / ".cache" / "sidekey")
 PREFIX = CACHE / f"oidc-provider-{OIDC_PROVIDER_VERSION}"
 # Node starts oidc-provider in about half a second; 30 s covers a loaded 2-core CI box.
 START_SECONDS = 30.0
+# npm install of oidc-provider on a cold cache; a stuck registry fails the run instead of
+# hanging it (the ws install, tests/test_http_websocket.py, has 300 s).
+INSTALL_SECONDS = 600.0
 AUDIENCE = "https://orders.test"
 SCOPES = ("orders.read", "orders.write")
 SECRET_CLIENT = "sidekey-secret"
@@ -98,7 +101,9 @@ class OAuthProvider:
 def install() -> Path:
     """The installed oidc-provider (run the install script when missing)."""
     if not (PREFIX / "node_modules" / "oidc-provider" / "package.json").is_file():
-        done = subprocess.run([str(SCRIPT)], capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [str(SCRIPT)], capture_output=True, text=True, check=False, timeout=INSTALL_SECONDS
+        )
         if done.returncode != 0:
             pytest.fail(f"{SCRIPT.name} failed:\n{done.stdout}\n{done.stderr}")
     return PREFIX
