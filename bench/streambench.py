@@ -21,15 +21,15 @@ import socket
 import ssl
 import time
 
+from bench.loadgen import client_context
+
 BLOCK_BYTES = 256 * 1024
 # A response head is far smaller; reading this much at once keeps the loop short.
 READ_BYTES = 256 * 1024
 
 
 def _connect(args: argparse.Namespace) -> tuple[ssl.SSLSocket, float]:
-    ctx = ssl.create_default_context(cafile=args.ca)
-    ctx.load_cert_chain(args.cert, args.key)
-    ctx.check_hostname = False  # the bench PKI's server certificate names localhost
+    ctx = client_context(args)
     started = time.perf_counter()
     raw = socket.create_connection(("127.0.0.1", args.port))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # Nagle on, as said above
