@@ -163,7 +163,8 @@ class IdentityMaterial:
         if snap.svid is None:
             if agent is None:
                 return False, "waiting for the broker's X.509-SVID"
-            why = f" (last error: {agent.last_error})" if agent.last_error else ""
+            error = agent.stream_errors.get("x509")
+            why = f" (last error: {error})" if error else ""
             return False, (
                 f"waiting for the broker's X.509-SVID from the Workload API at "
                 f"{agent.endpoint}{why}"

@@ -73,7 +73,10 @@ class WorkloadApiWatch:
         self._on_error = on_error
         # What /inventory and readiness say about the connection.
         self.connected: dict[str, bool] = {"x509": False, "jwt": False}
+        # The latest error of any stream (inventory), and of each stream (readiness waits for
+        # the X.509 one: a JWT stream's error is not why the SVID is missing).
         self.last_error: str | None = None
+        self.stream_errors: dict[str, str] = {}
         self.errors = 0
 
     async def watch_x509(self) -> None:
@@ -162,7 +165,7 @@ class WorkloadApiWatch:
                 if client is not None:
                     client.close()
             self.errors += 1
-            self.last_error = f"{kind} stream: {error}"
+            self.last_error = self.stream_errors[kind] = f"{kind} stream: {error}"
             self._on_error(kind, error)
             delay = backoff * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not a secret
             log.warning(
