@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -191,15 +192,20 @@ async def test_wrong_secret_in_the_vault_fails_at_s3(env: Env) -> None:
         assert request["upstream_status"] == 403
 
 
-async def test_temporary_credentials_send_the_session_token(env: Env) -> None:
+async def test_temporary_credentials_send_the_session_token(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
     temporary = await in_thread(env.moto.temporary)
     assert temporary.access_key_id.startswith("ASIA")
     name = bucket()
+    caplog.set_level(logging.DEBUG)  # botocore's signer logs its canonical request at DEBUG
     async with env.proxy(keys=temporary) as p:
         s3 = p.client()
         await in_thread(s3.create_bucket, Bucket=name)
         await in_thread(s3.put_object, Bucket=name, Key="t", Body=b"temporary")
         assert (await get_body(s3, name, "t"))[0] == b"temporary"
+    assert temporary.session_token and temporary.session_token not in caplog.text
+    assert temporary.secret_access_key not in caplog.text
     # Without the token the same keys are refused: moto checks it.
     no_token = Keys(temporary.access_key_id, temporary.secret_access_key)
     async with env.proxy(keys=no_token) as p:

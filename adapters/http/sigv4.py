@@ -28,6 +28,7 @@ chunk signed again with the broker's key: refused with 400, naming what to chang
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -72,6 +73,13 @@ SESSION_TOKEN_FIELDS = ("session_token", "security_token")
 # A service or region name: lower-case letters, digits and dashes (s3, execute-api, eu-west-3).
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 _HEX = frozenset("0123456789abcdef")
+
+
+# botocore's signer logs each canonical request at DEBUG, and a canonical request carries the
+# signed headers' values: the session token of temporary keys (X-Amz-Security-Token), and
+# whatever the client sent. A broker run with --log-level debug must not write them: that
+# logger says nothing else worth having (the signature it logs is derived from the secret).
+logging.getLogger("botocore.auth").setLevel(logging.INFO)
 
 
 class _Payload(SigV4Auth):
