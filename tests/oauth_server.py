@@ -234,6 +234,9 @@ class ResourceServer:
         self.provider = provider
         self.scope = scope
         self.seen: list[Seen] = []
+        # Every bearer token presented, as sent (for "never in the log" checks: a JWT's jti
+        # shows only base64-encoded inside it).
+        self.tokens: list[str] = []
         self.revoked: set[str] = set()
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -265,6 +268,7 @@ class ResourceServer:
         error = "no bearer token"
         if len(auth) == 1 and auth[0].startswith("Bearer "):
             token = auth[0][len("Bearer ") :]
+            self.tokens.append(token)
             try:
                 key = self._jwks.get_signing_key_from_jwt(token)
                 claims = jwt.decode(

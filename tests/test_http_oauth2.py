@@ -168,12 +168,15 @@ async def test_access_token_fetched_injected_and_accepted(
         assert request["credential"]["provider"] == "oauth2"
         assert request["credential"]["path"] == provider.token_url
         trail = p.audit_path.read_text()
+        tokens = set(p.rs.tokens)
+    assert tokens
     secret = provider.secrets.get(client_id, provider.client_key_pem)
     basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()  # as Basic auth sends it
     for text in (trail, caplog.text):
         assert secret not in text
         assert basic not in text
         assert answer["jti"] not in text  # nothing of the token either
+        assert not any(token in text for token in tokens)
 
 
 async def test_concurrent_first_requests_share_one_token_fetch(env: Env) -> None:
