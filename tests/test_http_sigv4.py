@@ -204,8 +204,10 @@ async def test_temporary_credentials_send_the_session_token(
         await in_thread(s3.create_bucket, Bucket=name)
         await in_thread(s3.put_object, Bucket=name, Key="t", Body=b"temporary")
         assert (await get_body(s3, name, "t"))[0] == b"temporary"
-    assert temporary.session_token and temporary.session_token not in caplog.text
-    assert temporary.secret_access_key not in caplog.text
+        trail = p.audit_path.read_text()
+    for text in (caplog.text, trail):
+        assert temporary.session_token and temporary.session_token not in text
+        assert temporary.secret_access_key not in text
     # Without the token the same keys are refused: moto checks it.
     no_token = Keys(temporary.access_key_id, temporary.secret_access_key)
     async with env.proxy(keys=no_token) as p:

@@ -133,7 +133,9 @@ async def test_websockets_echo_ping_10mb_and_close_code(env: Env) -> None:
             await ws.close(4001, "bye")
         assert ws.close_code == 4001 and ws.close_reason == "bye"
         event = await audited(p)
+        trail = p.audit_path.read_text()
     [handshake] = echo.handshakes
+    assert env.kv.token not in trail, "the injected credential is nowhere in the audit trail"
     # The client's own Authorization never reaches the upstream; the injected one does, and
     # the WebSocket fields pass through.
     assert handshake.get_all("Authorization") == [f"Bearer {env.kv.token}"]
