@@ -60,7 +60,7 @@ async def test_rss_levels_off_under_bursts_of_sessions(
     pg = vault_database.postgres
     svc = service(pg, max_connections=BURST_SIZE + 50)
     # No TLS 1.3 tickets: with them each full handshake also leaves a cached session (~12 KB)
-    # until the listener's bounded cache is full (2,048, broker.identity.session_cache; its
+    # until the listener's bounded cache is full (512, broker.identity.session_cache; its
     # bound is tested in tests/test_tls.py), which would read here as growth.
     svc["tls_resumption"] = False
     config = base_config(pki, services=[svc], vault=vault_database.openbao, admin=False)

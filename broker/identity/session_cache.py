@@ -22,9 +22,12 @@ from typing import Any
 
 log = logging.getLogger("sidekey.identity")
 
-# Sessions kept per serving context: 2,048 callers reconnecting within the session timeout
-# resume (a sidecar has a handful, a gateway more); the cache then holds at most ~25 MB.
-SERVER_SESSION_CACHE_SIZE = 2048
+# Sessions kept per serving context: the last 512 full handshakes' callers may resume (a
+# sidecar has a handful of callers). The cache then holds at most ~6 MB per listener and
+# worker. 2,048 (~25 MB each) was too many: a 25-minute soak whose clients never resume
+# (libpq does not; pgbench -C and reconnecting HTTP clients made thousands of handshakes)
+# filled three listeners' caches to 83 MB of malloc'd memory in 6 minutes.
+SERVER_SESSION_CACHE_SIZE = 512
 # OpenSSL's SSL_CTX_ctrl commands (ssl.h) and its default cache size: a context must report
 # that, ours or the one asked for before its size is changed (a check on the pointer).
 _SSL_CTRL_SET_SESS_CACHE_SIZE = 42
