@@ -55,10 +55,10 @@ from adapters.http.upstream import (
     UpstreamConnectError,
     UpstreamPool,
     UpstreamProtocolError,
-    UpstreamTLSError,
+    open_buffered,
+    short_error,
 )
 from broker.errors import UpstreamError, UpstreamTimeout
-from broker.session.net import BufferedReads
 
 log = logging.getLogger("sidekey.http")
 
@@ -313,7 +313,7 @@ class _H2Upstream(asyncio.Protocol):
         try:
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            self._broken(UpstreamProtocolError(f"upstream broke HTTP/2: {_short(exc)}"))
+            self._broken(UpstreamProtocolError(f"upstream broke HTTP/2: {short_error(exc)}"))
             return
         now = self.loop.time()
         for event in events:
@@ -329,7 +329,7 @@ class _H2Upstream(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        why = f": {_short(exc)}" if exc is not None else ""
+        why = f": {short_error(exc)}" if exc is not None else ""
         for stream in list(self.streams.values()):
             if not stream.ended:
                 stream.fail(UpstreamStreamReset(f"upstream closed the connection{why}"))
@@ -439,7 +439,9 @@ class _H2Upstream(asyncio.Protocol):
             h2c.send_headers(stream_id, fields, end_stream=body is None)
         except h2.exceptions.ProtocolError as exc:
             self.streams.pop(stream_id, None)
-            raise InvalidRequestHead(f"request head refused by HTTP/2: {_short(exc)}") from None
+            raise InvalidRequestHead(
+                f"request head refused by HTTP/2: {short_error(exc)}"
+            ) from None
         self._arm()
         if body is not None:
             stream.upload = self.loop.create_task(self._upload(stream, body))
@@ -475,7 +477,7 @@ class _H2Upstream(asyncio.Protocol):
             except StopAsyncIteration:
                 break
             except Exception as exc:
-                err = RequestBodyError(f"reading the client's body failed: {_short(exc)}")
+                err = RequestBodyError(f"reading the client's body failed: {short_error(exc)}")
                 err.__cause__ = exc  # the adapter tells a client gone from one gone quiet
                 stream.fail(err)
                 self.reset(stream, ErrorCodes.CANCEL)
@@ -659,11 +661,6 @@ class _H2Upstream(asyncio.Protocol):
         transport.write(frame.serialize())
 
 
-def _short(exc: BaseException | None) -> str:
-    text = f"{type(exc).__name__}: {exc}" if exc is not None else "closed"
-    return text.splitlines()[0][:200]
-
-
 def _code_name(code: object) -> str:
     try:
         return ErrorCodes(cast(int, code)).name
@@ -804,24 +801,14 @@ class H2UpstreamPool:
         self.capacity_changed()
 
     async def _connect(self) -> _H2Upstream | None:
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                transport, reads = await self.loop.create_connection(
-                    lambda: BufferedReads(_H2Upstream(self)),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
-                    ssl_handshake_timeout=self.connect_timeout if self._ssl is not None else None,
-                )
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"connecting took longer than {self.connect_timeout:g} s"
-            ) from None
-        except ssl.SSLError as exc:
-            raise UpstreamTLSError(f"TLS handshake failed: {_short(exc)}") from None
-        except OSError as exc:
-            raise UpstreamConnectError(f"cannot connect: {_short(exc)}") from None
+        transport, reads = await open_buffered(
+            self.loop,
+            lambda: _H2Upstream(self),
+            self._host,
+            self._port,
+            tls=self._ssl,
+            timeout=self.connect_timeout,
+        )
         conn = cast(_H2Upstream, reads.protocol)
         if conn.alpn_refused:
             # One TLS handshake spent to learn it; the HTTP/1.1 pool opens its own.

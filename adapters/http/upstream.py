@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from typing import Any, cast
 
 from aiohttp.base_protocol import BaseProtocol
@@ -350,7 +350,7 @@ class _UpstreamConnection(BaseProtocol):
             self.fail(UpstreamProtocolError(self._pool.head_too_large))
             return
         except Exception as exc:
-            self.fail(UpstreamProtocolError(f"malformed response: {_short(exc)}"))
+            self.fail(UpstreamProtocolError(f"malformed response: {short_error(exc)}"))
             return
         limit = self._pool.max_head_bytes
         if waiter is not None and not waiter.done():
@@ -425,7 +425,7 @@ class _UpstreamConnection(BaseProtocol):
             self._timer = None
         waiter, payload = self._waiter, self._payload
         if waiter is not None and not waiter.done():
-            why = f": {_short(exc)}" if exc is not None else ""
+            why = f": {short_error(exc)}" if exc is not None else ""
             cls = UpstreamProtocolError if self._got_bytes else _ClosedBeforeResponse
             waiter.set_exception(cls(f"upstream closed the connection before responding{why}"))
         elif payload is not None and not payload.is_eof():
@@ -434,7 +434,7 @@ class _UpstreamConnection(BaseProtocol):
                 self._response_parser.feed_eof()
             except Exception as err:
                 payload.set_exception(
-                    UpstreamProtocolError(f"upstream closed mid-body: {_short(err)}")
+                    UpstreamProtocolError(f"upstream closed mid-body: {short_error(err)}")
                 )
             else:
                 if not payload.is_eof():
@@ -458,10 +458,39 @@ def _head_size(message: object) -> int:
     return sum(len(name) + len(value) + 4 for name, value in raw)
 
 
-def _short(exc: BaseException | None) -> str:
+def short_error(exc: BaseException | None) -> str:
+    """An exception as one bounded line (parser errors quote the offending bytes)."""
     text = f"{type(exc).__name__}: {exc}" if exc is not None else "closed"
-    # Parser errors quote the offending bytes; keep log lines bounded.
     return text.splitlines()[0][:200]
+
+
+async def open_buffered(
+    loop: asyncio.AbstractEventLoop,
+    protocol: Callable[[], Any],
+    host: str,
+    port: int,
+    *,
+    tls: ssl.SSLContext | None,
+    timeout: float,
+) -> tuple[asyncio.BaseTransport, BufferedReads]:
+    """Connect to an upstream (TLS when `tls` is set, named by `host`) within `timeout`,
+    reading through BufferedReads; the failures are the pool's UpstreamError kinds."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await loop.create_connection(
+                lambda: BufferedReads(protocol()),
+                host,
+                port,
+                ssl=tls,
+                server_hostname=host if tls is not None else None,
+                ssl_handshake_timeout=timeout if tls is not None else None,
+            )
+    except TimeoutError:
+        raise UpstreamTimeout(f"connecting took longer than {timeout:g} s") from None
+    except ssl.SSLError as exc:  # includes certificate verification failures
+        raise UpstreamTLSError(f"TLS handshake failed: {short_error(exc)}") from None
+    except OSError as exc:
+        raise UpstreamConnectError(f"cannot connect: {short_error(exc)}") from None
 
 
 class UpstreamPool:
@@ -606,24 +635,14 @@ class UpstreamPool:
         return None
 
     async def _connect(self) -> _UpstreamConnection:
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, reads = await self._loop.create_connection(
-                    lambda: BufferedReads(_UpstreamConnection(self)),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
-                    ssl_handshake_timeout=self.connect_timeout if self._ssl is not None else None,
-                )
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"connecting took longer than {self.connect_timeout:g} s"
-            ) from None
-        except ssl.SSLError as exc:  # includes certificate verification failures
-            raise UpstreamTLSError(f"TLS handshake failed: {_short(exc)}") from None
-        except OSError as exc:
-            raise UpstreamConnectError(f"cannot connect: {_short(exc)}") from None
+        _, reads = await open_buffered(
+            self._loop,
+            lambda: _UpstreamConnection(self),
+            self._host,
+            self._port,
+            tls=self._ssl,
+            timeout=self.connect_timeout,
+        )
         self.opened += 1
         return cast(_UpstreamConnection, reads.protocol)
 
@@ -707,7 +726,7 @@ async def _upload(conn: _UpstreamConnection, body: AsyncIterable[bytes], chunked
         except StopAsyncIteration:
             break
         except Exception as exc:
-            err = RequestBodyError(f"reading the client's body failed: {_short(exc)}")
+            err = RequestBodyError(f"reading the client's body failed: {short_error(exc)}")
             err.__cause__ = exc  # the adapter tells a client gone from one gone quiet
             conn.fail(err)
             return
