@@ -40,7 +40,7 @@ from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from adapters.http.exchange import ClientRequest
-from adapters.http.h2frames import split_goaway
+from adapters.http.h2frames import WindowWaiters, split_goaway
 from adapters.http.server import (
     MAX_HEADER_FIELDS,
     ClientConnection,
@@ -358,7 +358,7 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
         self._write_paused = False
         self._write_waiters: list[asyncio.Future[None]] = []
         # Writers waiting for the client to open a stream's window (or the connection's).
-        self._window_waiters: dict[int, asyncio.Future[None]] = {}
+        self._window_waiters = WindowWaiters(self._loop)
         self._drained: asyncio.Future[None] | None = None
         # Bytes of the client preface still to come, then of an incomplete frame (h2frames).
         self._preface_left = len(PREFACE)
@@ -484,7 +484,7 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
         for request in list(self.streams.values()):
             self._client_gone(request, "client disconnected")
         self._wake_writers(ConnectionResetError("client disconnected"))
-        self._wake_windows()
+        self._window_waiters.wake()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -511,13 +511,13 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
             if request is not None:
                 request.payload.feed_eof()
         elif isinstance(event, h2.events.WindowUpdated):
-            self._wake_windows(event.stream_id or None)
+            self._window_waiters.wake(event.stream_id or None)
         elif isinstance(event, h2.events.StreamReset):
             request = self.streams.get(event.stream_id or 0)
             if request is not None:
                 self._client_gone(request, "client reset the stream")
         elif isinstance(event, h2.events.RemoteSettingsChanged):
-            self._wake_windows()  # an initial window change opens every stream's
+            self._window_waiters.wake()  # an initial window change opens every stream's
         # GOAWAY never reaches h2 (data_received).
         # Trailers of a request (gRPC sends none), PINGs (h2 answers them), priorities and
         # settings acknowledgements need nothing from us.
@@ -606,7 +606,7 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
     def _done(self, request: H2Request[T]) -> None:
         stream_id = request.stream_id
         self.streams.pop(stream_id, None)
-        self._window_waiters.pop(stream_id, None)
+        self._window_waiters.forget(stream_id)
         unread = request.payload.discard()
         if self.transport is None:
             return
@@ -633,7 +633,7 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
     def _client_gone(self, request: H2Request[T], why: str) -> None:
         request.reset = True
         request.payload.set_exception(RequestBodyBroken(why))
-        waiter = self._window_waiters.pop(request.stream_id, None)
+        waiter = self._window_waiters.forget(request.stream_id)
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError(why))
         task = request.task
@@ -701,21 +701,7 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
 
     async def _window(self, stream_id: int) -> None:
         self._flush()
-        waiter = self._loop.create_future()
-        self._window_waiters[stream_id] = waiter
-        await waiter
-
-    def _wake_windows(self, stream_id: int | None = None) -> None:
-        waiters = self._window_waiters
-        if stream_id is not None:
-            found = waiters.pop(stream_id, None)
-            if found is not None and not found.done():
-                found.set_result(None)
-            return
-        self._window_waiters = {}
-        for waiter in waiters.values():
-            if not waiter.done():
-                waiter.set_result(None)
+        await self._window_waiters.wait(stream_id)
 
     async def _writable(self) -> None:
         if not self._write_paused:

@@ -47,7 +47,7 @@ from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from adapters.http.exchange import UpstreamReply
-from adapters.http.h2frames import split_goaway
+from adapters.http.h2frames import WindowWaiters, split_goaway
 from adapters.http.upstream import (
     IDLE_TIMEOUT_SECONDS,
     InvalidRequestHead,
@@ -262,7 +262,7 @@ class _H2Upstream(asyncio.Protocol):
         self._flush_soon: asyncio.Handle | None = None
         self._write_paused = False
         self._write_waiters: list[asyncio.Future[None]] = []
-        self._window_waiters: dict[int, asyncio.Future[None]] = {}
+        self._window_waiters = WindowWaiters(self.loop)
         self._timer: asyncio.TimerHandle | None = None
         self.idle_since = self.loop.time()
         # The bytes of an incomplete frame, held until the rest arrives (_without_goaway).
@@ -334,7 +334,7 @@ class _H2Upstream(asyncio.Protocol):
             if not stream.ended:
                 stream.fail(UpstreamStreamReset(f"upstream closed the connection{why}"))
         self._wake_writers(ConnectionResetError("upstream closed the connection"))
-        self._wake_windows()
+        self._window_waiters.wake()
         self.pool.discard(self)
 
     def pause_writing(self) -> None:
@@ -384,11 +384,11 @@ class _H2Upstream(asyncio.Protocol):
                     else UpstreamStreamReset
                 )
                 stream.fail(cls(f"upstream reset the stream ({code})"))
-                self._wake_windows(stream.stream_id)
+                self._window_waiters.wake(stream.stream_id)
         elif isinstance(event, h2.events.WindowUpdated):
-            self._wake_windows(event.stream_id or None)
+            self._window_waiters.wake(event.stream_id or None)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
-            self._wake_windows()
+            self._window_waiters.wake()
             self.pool.capacity_changed()
         # InformationalResponseReceived (100, 103): not relayed, like the HTTP/1.1 client.
         # GOAWAY never reaches h2 (_without_goaway).
@@ -548,7 +548,7 @@ class _H2Upstream(asyncio.Protocol):
         if unread:
             self.acknowledge(stream.stream_id, unread)
         self.streams.pop(stream.stream_id, None)
-        self._window_waiters.pop(stream.stream_id, None)
+        self._window_waiters.forget(stream.stream_id)
         if not self.streams:
             self.idle_since = self.loop.time()
             if self.gone and self.transport is not None:
@@ -558,21 +558,7 @@ class _H2Upstream(asyncio.Protocol):
 
     async def _window(self, stream_id: int) -> None:
         self._flush()
-        waiter = self.loop.create_future()
-        self._window_waiters[stream_id] = waiter
-        await waiter
-
-    def _wake_windows(self, stream_id: int | None = None) -> None:
-        waiters = self._window_waiters
-        if stream_id is not None:
-            found = waiters.pop(stream_id, None)
-            if found is not None and not found.done():
-                found.set_result(None)
-            return
-        self._window_waiters = {}
-        for waiter in waiters.values():
-            if not waiter.done():
-                waiter.set_result(None)
+        await self._window_waiters.wait(stream_id)
 
     async def _writable(self) -> None:
         if not self._write_paused:
