@@ -26,6 +26,7 @@ from broker.errors import SidekeyError
 
 if TYPE_CHECKING:
     from broker.runtime import Broker
+    from broker.session.siblings import Siblings
 
 log = logging.getLogger("sidekey")
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--worker-admin", type=Path, help=argparse.SUPPRESS)
     run.add_argument("--worker-sockets", help=argparse.SUPPRESS)
     run.add_argument("--worker-parent-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-siblings", help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate a config and every file it references")
     check.add_argument("--config", required=True, type=Path)
@@ -507,17 +509,27 @@ def run_worker(args: argparse.Namespace) -> int:
     import socket  # noqa: PLC0415
 
     from broker.config import AdminConfig, ListenAddress  # noqa: PLC0415
+    from broker.session.siblings import Siblings  # noqa: PLC0415
 
     config = load_config(args.config)
     tune_malloc()
     config = dataclasses.replace(config, admin=AdminConfig(ListenAddress(path=args.worker_admin)))
     fds: dict[str, int] = json.loads(args.worker_sockets or "{}")
     sockets = {name: socket.socket(fileno=fd) for name, fd in fds.items()}
+    # Every worker's socket for its siblings' requests, in worker order (its own among them).
+    paths = [Path(p) for p in json.loads(args.worker_siblings or "[]")]
+    siblings = (
+        Siblings(
+            args.worker, paths[args.worker - 1], paths[: args.worker - 1] + paths[args.worker :]
+        )
+        if len(paths) > 1
+        else None
+    )
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
         return runner.run(
             _serve(
                 config, args.drain_timeout, worker=args.worker, sockets=sockets,
-                parent_fd=args.worker_parent_fd,
+                parent_fd=args.worker_parent_fd, siblings=siblings,
             )
         )  # fmt: skip
 
@@ -546,13 +558,15 @@ async def _serve(
     worker: int | None = None,
     sockets: dict[str, socket.socket] | None = None,
     parent_fd: int | None = None,
+    siblings: Siblings | None = None,
 ) -> int:
     from broker.observe.metrics import platform_info  # noqa: PLC0415
     from broker.runtime import Broker  # noqa: PLC0415
 
     broker: Broker = Broker(
-        config, drain_timeout=drain_timeout, worker=worker, sockets=sockets or {}
-    )
+        config, drain_timeout=drain_timeout, worker=worker, sockets=sockets or {},
+        siblings=siblings,
+    )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

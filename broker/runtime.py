@@ -41,6 +41,7 @@ from broker.observe.sinks import OtlpSink, SyslogSink
 from broker.session.adapter import Adapter, load_adapter
 from broker.session.context import ServiceContext
 from broker.session.registry import Entry, Registry
+from broker.session.siblings import Siblings
 
 log = logging.getLogger("sidekey")
 
@@ -114,6 +115,8 @@ class Broker:
     # broker is the whole process and binds its own listeners.
     worker: int | None = None
     sockets: dict[str, socket.socket] = field(default_factory=dict)
+    # Under `workers: N`: this worker's socket for the other workers' requests, and theirs.
+    siblings: Siblings | None = None
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -201,6 +204,7 @@ class Broker:
             tokens=self.tokens if service.jwt is not None else None,
             listen_socket=inherited,
             shared_listen=self.worker is not None,
+            siblings=self.siblings,
         )
         adapter = adapter_cls(ctx)
         if service.pool is not None and adapter.describe_pool() is None:
@@ -343,6 +347,8 @@ class Broker:
             await self.admin.start()
         if self.tokens is not None:
             await self.tokens.start()
+        if self.siblings is not None:
+            await self.siblings.start(self._sibling_request)
         for svc in self.services.values():
             await self._start_service(svc)
         if self.vault is not None:
@@ -351,6 +357,16 @@ class Broker:
             task.add_done_callback(self._prime_tasks.discard)
         self._started = True
         self.audit.emit_record("policy", {"reason": "start", **self._policy()})
+
+    async def _sibling_request(
+        self, service: str, topic: str, fields: dict[str, Any], sender: int | None
+    ) -> dict[str, Any] | None:
+        """Another worker's request (broker.session.siblings), for the service running
+        under that name now."""
+        svc = self.services.get(service)
+        if svc is None:
+            return None
+        return await svc.adapter.sibling_request(topic, fields, sender)
 
     async def _start_service(self, svc: Service) -> None:
         await svc.adapter.start()
@@ -600,6 +616,10 @@ class Broker:
             await self.vault.close()
         if self.tokens is not None:
             await self.tokens.stop()
+        if self.siblings is not None:
+            # After the drain: a session that drained until now could be cancelled from a
+            # sibling until now.
+            await self.siblings.stop()
         if self.admin is not None:
             await self.admin.stop()
         await self.identity.stop()

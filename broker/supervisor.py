@@ -9,7 +9,9 @@ that does no broker work itself:
   port the first one got);
 - it starts each worker as `sidekey run` of the same config (a fresh interpreter, never a
   fork of a process with an event loop), handing it its sockets, a private admin socket and
-  the read end of a pipe whose EOF tells it the parent is gone;
+  the read end of a pipe whose EOF tells it the parent is gone, and every worker's socket for
+  its siblings' requests (broker.session.siblings: a PostgreSQL cancel reaches the worker
+  that holds its session, whichever worker the kernel gave it to);
 - a worker that exits while the parent is not stopping is started again, after a backoff that
   doubles per consecutive failure (WORKER_RESTART_*); the dead worker's TCP sockets are
   closed at once, so new connections go to the workers that are up;
@@ -70,6 +72,8 @@ STOP_GRACE_SECONDS = 30.0
 class Worker:
     number: int
     admin: Path
+    # Where this worker answers its siblings' requests (broker.session.siblings).
+    siblings: Path
     # This worker's listening sockets by service: its own SO_REUSEPORT socket for TCP, the
     # shared one for unix.
     sockets: dict[str, socket.socket] = field(default_factory=dict)
@@ -96,7 +100,10 @@ class Supervisor:
         self.drain_timeout = drain_timeout
         self._log_args = log_args
         self._rundir = Path(tempfile.mkdtemp(prefix="sidekey-workers-"))
-        self.workers = [Worker(n, self._rundir / f"worker-{n}.sock") for n in range(1, count + 1)]
+        self.workers = [
+            Worker(n, self._rundir / f"worker-{n}.sock", self._rundir / f"siblings-{n}.sock")
+            for n in range(1, count + 1)
+        ]
         # The bound address of each service (a TCP port 0 resolved), and the unix sockets
         # every worker shares.
         self._bound: dict[str, ListenAddress] = {}
@@ -157,14 +164,17 @@ class Supervisor:
 
     async def _spawn(self, worker: Worker) -> None:
         self._sockets_for(worker)
-        with contextlib.suppress(FileNotFoundError):
-            worker.admin.unlink()
+        for stale in (worker.admin, worker.siblings):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         fds = {name: sock.fileno() for name, sock in worker.sockets.items()}
+        siblings = json.dumps([str(w.siblings) for w in self.workers])
         argv = [
             sys.executable, "-m", "broker", "run", "--config", str(self.config.path),
             "--drain-timeout", str(self.drain_timeout), *self._log_args,
             "--worker", str(worker.number), "--worker-admin", str(worker.admin),
             "--worker-sockets", json.dumps(fds), "--worker-parent-fd", str(self._parent_r),
+            "--worker-siblings", siblings,
         ]  # fmt: skip
         worker.proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, pass_fds=[*fds.values(), self._parent_r]

@@ -53,6 +53,14 @@ class Adapter(abc.ABC):
         """The upstream session pool (`pool:`) as /inventory shows it; None without one."""
         return None
 
+    async def sibling_request(
+        self, topic: str, fields: dict[str, Any], sender: int | None
+    ) -> dict[str, Any] | None:
+        """Answer a request another worker of `workers: N` sent for this service
+        (`broker.session.siblings`, `ctx.siblings.ask`), from `sender` (its number); None:
+        this adapter has no such topic. Raise ValueError for malformed fields."""
+        return None
+
 
 def load_adapter(name: str, where: str = "adapter") -> type[Adapter]:
     """Find an adapter class by its registered name."""

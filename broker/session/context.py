@@ -33,6 +33,7 @@ from broker.observe.metrics import Metrics
 from broker.policy import Decision, evaluate
 
 from .registry import Registry
+from .siblings import Siblings
 
 # How a caller's token reaches `identify`: already read (an HTTP header), or asked for only
 # if no certificate proved the caller (a TCP protocol's password exchange).
@@ -66,6 +67,9 @@ class ServiceContext:
     # listener the worker binds itself must share its TCP port (SO_REUSEPORT).
     listen_socket: socket.socket | None = field(default=None, repr=False, compare=False)
     shared_listen: bool = field(default=False, repr=False, compare=False)
+    # Under `workers: N`: the other workers, to ask what only one of them knows (the
+    # session a PostgreSQL cancel key belongs to). None with one process.
+    siblings: Siblings | None = field(default=None, repr=False, compare=False)
     # Counters bound to this service once: Counter.labels() costs ~1 us per call, and the
     # HTTP adapter would call it on every request.
     _allowed: Any = field(init=False, repr=False, compare=False)
