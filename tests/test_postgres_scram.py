@@ -1,4 +1,5 @@
-"""The adapter's SCRAM-SHA-256 client against scramp's server, its key cache, and cancel keys."""
+"""The adapter's SCRAM-SHA-256 client against scramp's server, its key cache, and cancel keys
+(and how a cancel is handed to a sibling worker)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import base64
 import pytest
 from scramp import ScramMechanism
 
-from adapters.postgres._cancel import CancelKeys, CancelTarget
+from adapters.postgres._cancel import (
+    CancelCaller,
+    CancelKeys,
+    CancelTarget,
+    cancel_fields,
+    parse_cancel_fields,
+)
 from adapters.postgres._scram import (
     MAX_ITERATIONS,
     ScramClient,
@@ -146,6 +153,30 @@ def test_cancel_keys_map_only_their_own_session() -> None:
     keys.forget(pid, secret)
     assert keys.find(pid, secret) is None and keys.find(pid3, secret3) == twin
     assert len(keys) == 2
+
+
+def test_a_cancel_travels_to_a_sibling_worker_with_its_caller() -> None:
+    owner = "spiffe://example.org/a"
+    target = CancelTarget(4242, b"\1\2\3\4", owner)
+    assert CancelCaller(False, None).may_cancel(target), "no certificate: the key decides"
+    assert CancelCaller(True, owner).may_cancel(target)
+    assert not CancelCaller(True, "spiffe://example.org/b").may_cancel(target)
+    assert not CancelCaller(True, None).may_cancel(target), "a certificate proving no ID"
+    caller = CancelCaller(True, owner)
+    fields = cancel_fields(4242, b"\xff" * 256, caller)
+    assert parse_cancel_fields(fields) == (4242, b"\xff" * 256, caller)
+    for bad in (
+        {**fields, "secret_key": "zz"},
+        {**fields, "secret_key": ""},
+        {**fields, "secret_key": "00" * 257},
+        {**fields, "process_id": "4242"},
+        {**fields, "certificate": 1},
+        {**fields, "spiffe_id": "s" * 2049},
+        {k: v for k, v in fields.items() if k != "certificate"},
+    ):
+        with pytest.raises(ValueError, match="malformed cancel request") as raised:
+            parse_cancel_fields(bad)
+        assert "ff" not in str(raised.value), "no key in the error"
 
 
 def test_normalized_passwords_are_remembered_per_password() -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from broker.codecs.postgres import (
     RESET_QUERY,
@@ -58,7 +59,14 @@ from broker.session.pool import Key, SessionWatch
 from broker.session.splice import StreamFilter
 from broker.session.upstream import LoginStream
 
-from ._cancel import CancelKeys, CancelTarget
+from ._cancel import (
+    CANCEL_TOPIC,
+    CancelCaller,
+    CancelKeys,
+    CancelTarget,
+    cancel_fields,
+    parse_cancel_fields,
+)
 from ._config import UpstreamConfig, parse_upstream
 from ._scram import ScramKeyCache
 from ._upstream import (
@@ -177,9 +185,10 @@ class PostgresAdapter(TcpAdapter[Hello]):
                 "the password)"
             )
         self.cancel_keys = CancelKeys()
-        # Cancels sent for vanished clients' sessions (see `release`), each within
-        # CANCEL_TIMEOUT.
-        self._orphan_cancels: set[asyncio.Task[None]] = set()
+        # Cancels sent in the background, each within CANCEL_TIMEOUT: for vanished clients'
+        # sessions (see `release`), and for sessions of ours a sibling worker got the
+        # CancelRequest of (`sibling_request`).
+        self._cancels: set[asyncio.Task[None]] = set()
         self.scram_keys = ScramKeyCache()
 
     # -- protocol steps ----------------------------------------------------------------------
@@ -435,14 +444,6 @@ class PostgresAdapter(TcpAdapter[Hello]):
             self._cancel_orphan(session, *login.upstream_key)
 
     def _cancel_orphan(self, session: Session[Hello], process_id: int, secret: bytes) -> None:
-        async def cancel() -> None:
-            deadline = asyncio.get_running_loop().time() + CANCEL_TIMEOUT
-            try:
-                await send_cancel(self.upstream.target, process_id, secret, deadline)
-            except UpstreamError as exc:
-                self.ctx.metrics.upstream_errors.labels(self.ctx.service.name, "cancel").inc()
-                self.ctx.log.warning("cancelling a vanished client's query failed: %s", exc)
-
         self.ctx.log.info(
             "client %s was reset mid-session: cancelling whatever its upstream session (pid %d) "
             "still runs",
@@ -450,9 +451,20 @@ class PostgresAdapter(TcpAdapter[Hello]):
             process_id,
         )
         session.end["upstream_cancelled"] = True
-        task = asyncio.get_running_loop().create_task(cancel())
-        self._orphan_cancels.add(task)
-        task.add_done_callback(self._orphan_cancels.discard)
+        self._cancel_later(process_id, secret, "cancelling a vanished client's query")
+
+    def _cancel_later(self, process_id: int, secret: bytes, what: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._send_cancel(process_id, secret, what))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _send_cancel(self, process_id: int, secret: bytes, what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + CANCEL_TIMEOUT
+        try:
+            await send_cancel(self.upstream.target, process_id, secret, deadline)
+        except UpstreamError as exc:
+            self.ctx.metrics.upstream_errors.labels(self.ctx.service.name, "cancel").inc()
+            self.ctx.log.warning("%s failed: %s", what, exc)
 
     def refusal_reply(self, refusal: Refusal, hello: Hello) -> bytes:
         sqlstate = SQLSTATE_OF_STEP[refusal.step]
@@ -477,27 +489,66 @@ class PostgresAdapter(TcpAdapter[Hello]):
     # -- cancel ------------------------------------------------------------------------------
 
     async def _cancel(self, client: Conduit, request: CancelRequest) -> None:
-        """Forward a cancel for one of our sessions; ignore anything else silently, as
-        PostgreSQL does (no answer tells a guesser whether a key exists)."""
+        """Forward a cancel for one of our sessions, or one of a sibling worker's; ignore
+        anything else silently, as PostgreSQL does (no answer tells a guesser whether a key
+        exists)."""
         target = self.cancel_keys.find(request.process_id, request.secret_key)
-        if target is None:
+        siblings = self.ctx.siblings
+        if target is None and siblings is None:
             self.ctx.log.debug("ignoring cancel with an unknown key from %s", client.peer)
             return
-        ssl_object = client.ssl_object
-        if ssl_object is not None and ssl_object.getpeercert(binary_form=True):
-            # With a certificate the key alone is not enough: it must be the session owner
-            # asking. Without one (a token session's cancel, or plaintext) the key is all a
-            # PostgreSQL client has, as with the server itself.
-            try:
-                who = self.ctx.identify_tls(client.ssl_object).spiffe_id
-            except IdentityError:
-                who = None
-            if who != target.spiffe_id:
-                self.ctx.log.info("ignoring cancel from %s: not the session's identity", who)
-                return
-        deadline = asyncio.get_running_loop().time() + CANCEL_TIMEOUT
+        caller = self._cancel_caller(client)
+        if target is not None:
+            if self._may_cancel(caller, target, ""):
+                await self._send_cancel(target.process_id, target.secret_key, "forwarding a cancel")
+            return
+        assert siblings is not None
+        # Not a key of this worker's: the worker that served the session knows it, and
+        # decides and cancels as if the cancel had come to it.
+        fields = cancel_fields(request.process_id, request.secret_key, caller)
         try:
-            await send_cancel(self.upstream.target, target.process_id, target.secret_key, deadline)
-        except UpstreamError as exc:
-            self.ctx.metrics.upstream_errors.labels(self.ctx.service.name, "cancel").inc()
-            self.ctx.log.warning("forwarding a cancel failed: %s", exc)
+            answers = await siblings.ask(self.ctx.service.name, CANCEL_TOPIC, fields)
+        except ValueError as exc:  # over the request limit, which no verified SPIFFE ID reaches
+            self.ctx.log.debug("cannot pass a cancel to the other workers: %s", exc)
+            return
+        if not any(answer.get("known") is True for answer in answers):
+            self.ctx.log.debug(
+                "ignoring cancel with a key no worker knows from %s (%d of %d siblings "
+                "answered)", client.peer, len(answers), len(siblings.others),
+            )  # fmt: skip
+
+    def _cancel_caller(self, client: Conduit) -> CancelCaller:
+        ssl_object = client.ssl_object
+        if ssl_object is None or not ssl_object.getpeercert(binary_form=True):
+            return CancelCaller(certificate=False, spiffe_id=None)
+        try:
+            who: str | None = self.ctx.identify_tls(ssl_object).spiffe_id
+        except IdentityError:
+            who = None
+        return CancelCaller(certificate=True, spiffe_id=who)
+
+    def _may_cancel(self, caller: CancelCaller, target: CancelTarget, via: str) -> bool:
+        if caller.may_cancel(target):
+            return True
+        self.ctx.log.info(
+            "ignoring cancel from %s: not the session's identity%s", caller.spiffe_id, via
+        )
+        return False
+
+    async def sibling_request(
+        self, topic: str, fields: dict[str, Any], sender: int | None
+    ) -> dict[str, Any] | None:
+        """A sibling worker's CancelRequest with a key it does not know: `known` tells it
+        whether the key is one of ours (it is never told more), and the cancel goes upstream
+        from here, in the background, so the sibling waits only for the lookup."""
+        if topic != CANCEL_TOPIC:
+            return None
+        process_id, secret_key, caller = parse_cancel_fields(fields)
+        target = self.cancel_keys.find(process_id, secret_key)
+        if target is None:
+            return {"known": False}
+        if self._may_cancel(caller, target, f" (forwarded by worker {sender})"):
+            self._cancel_later(
+                target.process_id, target.secret_key, "forwarding a sibling worker's cancel"
+            )
+        return {"known": True}

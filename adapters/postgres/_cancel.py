@@ -8,6 +8,12 @@ to cancel queries of sessions that are not its own. A process id is public (anyo
 server can read pg_stat_activity), so the secret alone decides: a CancelRequest whose
 (process id, secret) matches a live session makes the broker send the upstream's key for
 that session, and only that one.
+
+Under `workers: N` a cancel comes on a new connection that the kernel gives to any worker,
+while the key lives in the worker that served the session: a worker that does not know a
+key asks its siblings (`broker.session.siblings`, CANCEL_TOPIC) with the key and the caller's
+identity, and the one that knows it decides and cancels exactly as if the cancel had come to
+it. A key no worker knows is dropped silently, as PostgreSQL does.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from __future__ import annotations
 import hmac
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
+
+from broker.spiffeid import MAX_SPIFFE_ID_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,3 +77,61 @@ class CancelKeys:
         entries[:] = [e for e in entries if e.secret_key != secret_key]
         if not entries:
             del self._entries[process_id]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelCaller:
+    """Who sent a CancelRequest, as far as its connection proves it."""
+
+    # Whether the cancel came over TLS with a client certificate.
+    certificate: bool
+    # The SPIFFE ID that certificate proves; None if it proves none.
+    spiffe_id: str | None
+
+    def may_cancel(self, target: CancelTarget) -> bool:
+        """The key found the session; over mTLS the key is not enough, it must be the
+        session's owner asking. Without a certificate (a token session's cancel, or
+        plaintext) the key is all a PostgreSQL client has, as with the server itself."""
+        return not self.certificate or self.spiffe_id == target.spiffe_id
+
+
+# What a worker asks its siblings (broker.session.siblings) when a cancel's key is not one of
+# its own: the key, and who asked, so the worker that holds the session decides as if the
+# cancel had come to it.
+CANCEL_TOPIC = "cancel"
+# BackendKeyData's secret: 4 bytes in protocol 3.0, up to 256 in 3.2.
+MAX_SECRET_BYTES = 256
+
+
+def cancel_fields(process_id: int, secret_key: bytes, caller: CancelCaller) -> dict[str, Any]:
+    return {
+        "process_id": process_id,
+        "secret_key": secret_key.hex(),
+        "certificate": caller.certificate,
+        "spiffe_id": caller.spiffe_id,
+    }
+
+
+def parse_cancel_fields(fields: dict[str, Any]) -> tuple[int, bytes, CancelCaller]:
+    """The fields of `cancel_fields`, checked; raises ValueError (naming no value)."""
+    process_id = fields.get("process_id")
+    secret = fields.get("secret_key")
+    certificate = fields.get("certificate")
+    spiffe_id = fields.get("spiffe_id")
+    if not (
+        isinstance(process_id, int)
+        and not isinstance(process_id, bool)
+        and isinstance(secret, str)
+        and 0 < len(secret) <= 2 * MAX_SECRET_BYTES
+        and isinstance(certificate, bool)
+        and (
+            spiffe_id is None
+            or (isinstance(spiffe_id, str) and len(spiffe_id.encode()) <= MAX_SPIFFE_ID_BYTES)
+        )
+    ):
+        raise ValueError("malformed cancel request from a sibling worker")
+    try:
+        secret_key = bytes.fromhex(secret)
+    except ValueError:
+        raise ValueError("malformed cancel request from a sibling worker") from None
+    return process_id, secret_key, CancelCaller(certificate, spiffe_id)
