@@ -21,7 +21,6 @@ private temporary directory. Every problem with a file becomes a located ConfigE
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import os
 import ssl
@@ -119,28 +118,26 @@ def context_for(
     return ctx
 
 
-# The raw socket under a TLS handshake that `Conduit.start_tls` is running, for the alert of
-# a failed one (AlertingSSLObject). Set around loop.start_tls, which creates the TLS object
-# (wrap_bio) in that task's context, under asyncio and uvloop alike.
-HANDSHAKE_SOCKET: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "sidekey_handshake_socket", default=None
-)
+# Where a failed handshake's SSLError carries the alert the event loop did not send.
+_UNSENT_ALERT = "sidekey_unsent_alert"
 
 
 class AlertingSSLObject(ssl.SSLObject):
-    """A server-side TLS object that gets its alert out when the handshake fails.
+    """A server-side TLS object whose failed handshake hands its alert to the caller.
 
     OpenSSL writes the alert (unknown_ca, bad_certificate, ...) into the outgoing memory BIO,
     and both asyncio's and uvloop's TLS layers then close the socket without sending it, so
-    the client sees an unexplained EOF ("server closed the connection unexpectedly"). Where
-    the raw socket is known (`HANDSHAKE_SOCKET`: PostgreSQL's and MySQL's in-protocol TLS
-    upgrade under asyncio's loop), the alert is written to it, best effort, before the error
-    propagates. uvloop's start_tls creates the TLS object in the transport's own context (set
-    at accept), where the variable is unset: no alert there yet, nor on the listeners that
-    do TLS from the first byte (HTTP, Redis)."""
+    the client sees an unexplained EOF ("server closed the connection unexpectedly").
+    `do_handshake` attaches the alert to the SSLError it raises; both loops hand that same
+    exception to whoever awaits `loop.start_tls`, where `unsent_alert` reads it and
+    `Conduit.start_tls` writes it to the socket (which it keeps open for that). The exception
+    is the one per-handshake object that passes from here to the caller on both loops: this
+    object cannot be told its socket, since uvloop creates it in one context shared by every
+    connection of the listener and keeps its TLS protocol's state out of Python's reach. On
+    the listeners that do TLS from the first byte (HTTP, Redis) the loop's server runs the
+    handshake and no one sends the alert."""
 
     _alert_bio: ssl.MemoryBIO | None
-    _alert_fd: int | None
 
     @classmethod
     def _create(
@@ -148,7 +145,6 @@ class AlertingSSLObject(ssl.SSLObject):
     ) -> AlertingSSLObject:
         obj = super()._create(incoming, outgoing, *args, **kwargs)  # type: ignore[misc]
         obj._alert_bio = outgoing
-        obj._alert_fd = HANDSHAKE_SOCKET.get()
         return cast(AlertingSSLObject, obj)
 
     def do_handshake(self) -> None:
@@ -156,12 +152,17 @@ class AlertingSSLObject(ssl.SSLObject):
             super().do_handshake()
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise
-        except ssl.SSLError:
-            fd, bio = getattr(self, "_alert_fd", None), getattr(self, "_alert_bio", None)
-            if fd is not None and bio is not None and bio.pending:
-                with contextlib.suppress(OSError):
-                    os.write(fd, bio.read())
+        except ssl.SSLError as exc:
+            bio = getattr(self, "_alert_bio", None)
+            if bio is not None and bio.pending:
+                setattr(exc, _UNSENT_ALERT, bio.read())
             raise
+
+
+def unsent_alert(exc: BaseException) -> bytes:
+    """The TLS alert a failed server-side handshake (AlertingSSLObject) left unsent, or b""."""
+    alert = getattr(exc, _UNSENT_ALERT, b"")
+    return alert if isinstance(alert, bytes) else b""
 
 
 def check_loadable(svid: Svid, where: str = "tls") -> None:
