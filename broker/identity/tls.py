@@ -26,6 +26,7 @@ import os
 import ssl
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -329,26 +330,48 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+# Connections to a server that gave a session with neither ticket nor ID before its
+# session is looked at again (a server's configuration can change; the look costs ~6 KB on
+# Python 3.11, see ResumingContext).
+NO_RESUMPTION_RECHECK = 1000
+
+
+@dataclass(slots=True)
+class _Resumption:
+    """One server name's resumption state (ResumingContext)."""
+
+    last: ssl.SSLObject | None = None  # the newest connection
+    session: ssl.SSLSession | None = None  # what new connections are offered
+    # Connections left before a server that does not resume is looked at again.
+    skip: int = 0
+
+
 class ResumingContext(ssl.SSLContext):
-    """An upstream client context that offers each new connection the TLS session of the
-    last one to the same server name, so a reconnect to an upstream that issues tickets (or
-    keeps a session cache) resumes instead of paying a full handshake.
+    """An upstream client context that offers each new connection the TLS session of an
+    earlier one to the same server name, so a reconnect to an upstream that issues tickets
+    (or keeps a session cache) resumes instead of paying a full handshake.
 
     asyncio's and uvloop's TLS layers both create a connection's `SSLObject` through
-    `wrap_bio`, which is where the session is handed over: no adapter takes part. The session
-    is read from the previous connection's object when the next one starts, since a TLS 1.3
-    ticket arrives after the handshake (one object per server name is kept for that).
-    PostgreSQL servers issue neither tickets nor session IDs, so nothing resumes there;
-    HTTPS upstreams, MariaDB and Redis with TLS do."""
+    `wrap_bio`, which is where the session is handed over: no adapter takes part. The newest
+    connection's object is kept per server name and looked at when the next one starts (a
+    TLS 1.3 ticket arrives after the handshake).
+
+    Reading `SSLObject.session` leaks a copy of the session on Python 3.11 (CPython
+    gh-116810, fixed in 3.12 and 3.13 only): ~6 KB each time, so it is read only when a
+    session is needed: after a full handshake. A session that resumed is offered again
+    until the server refuses it (a TLS 1.2 session ID, and the stateless TLS 1.3 tickets of
+    OpenSSL's, nginx's and Go's defaults, resume many times; a server with single-use
+    tickets resumes every other connection). A server that gives neither ticket nor session
+    ID (PostgreSQL) is looked at again only every NO_RESUMPTION_RECHECK connections."""
 
     # Not __slots__: ssl.SSLContext instances already carry a __dict__.
-    _last: dict[str | None, ssl.SSLObject]
+    _servers: dict[str | None, _Resumption]
 
     def __new__(
         cls, protocol: int = ssl.PROTOCOL_TLS_CLIENT, *args: Any, **kwargs: Any
     ) -> ResumingContext:
         self: ResumingContext = super().__new__(cls, protocol, *args, **kwargs)
-        self._last = {}
+        self._servers = {}
         return self
 
     def wrap_bio(
@@ -359,27 +382,40 @@ class ResumingContext(ssl.SSLContext):
         server_hostname: str | bytes | None = None,
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
+        if server_side:
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
         key = server_hostname.decode() if isinstance(server_hostname, bytes) else server_hostname
-        if session is None and not server_side:
-            session = self.session_for(key)
+        server = self._servers.setdefault(key, _Resumption())
+        if session is None:
+            session = self._session(server)
         obj = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
-        if not server_side:
-            self._last[key] = obj
+        server.last = obj
         return obj
 
     def session_for(self, server_name: str | None) -> ssl.SSLSession | None:
-        """The session the last connection to `server_name` left, if it can be resumed."""
-        last = self._last.get(server_name)
-        if last is None:
+        """The session a new connection to `server_name` is offered, if there is one."""
+        server = self._servers.get(server_name)
+        return self._session(server) if server is not None else None
+
+    @staticmethod
+    def _session(server: _Resumption) -> ssl.SSLSession | None:
+        last = server.last
+        # version() is None until a handshake completes; session_reused costs nothing.
+        if last is None or last.version() is None or last.session_reused:
+            return server.session
+        if server.skip > 0:
+            server.skip -= 1
             return None
+        server.last = None  # looked at: once per full handshake
         try:
             session = last.session
-        except (ValueError, ssl.SSLError):  # handshake never completed
-            return None
+        except (ValueError, ssl.SSLError):
+            session = None
         if session is None or not (session.has_ticket or session.id):
-            return None
-        found: ssl.SSLSession = session
-        return found
+            server.session, server.skip = None, NO_RESUMPTION_RECHECK
+        else:
+            server.session = session
+        return server.session
 
 
 def client_context(
