@@ -289,7 +289,18 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
 
-async def soak(duration: int, workdir: Path) -> int:
+LOADS = ("steady", "churn", "http", "restart", "kv")
+
+
+async def idle(until: float) -> None:
+    """What a load left out of `--loads` does: wait for the end."""
+    await asyncio.sleep(max(0.0, until - asyncio.get_running_loop().time()))
+
+
+async def soak(
+    duration: int, workdir: Path, loads: frozenset[str] = frozenset(LOADS),
+    event_loop: str = "auto", upstream_tls: bool = True,
+) -> int:  # fmt: skip
     pki = Pki(workdir / "pki")
     pg_base = Path(tempfile.mkdtemp(prefix="sidekey-soak-pg-"))
     pg = start_postgres(pg_base)
@@ -304,8 +315,10 @@ async def soak(duration: int, workdir: Path) -> int:
         )  # fmt: skip
         pg.psql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO PUBLIC", database="appdb")
         roles_before = pg.roles()
-        db = {"address": f"127.0.0.1:{pg.port}", "database": "appdb",
-              "tls": {"mode": "verify-full", "ca": str(pg.ca_path)}}  # fmt: skip
+        tls = {"mode": "verify-full", "ca": str(pg.ca_path)}
+        if not upstream_tls:
+            tls = {"mode": "disable"}
+        db = {"address": f"127.0.0.1:{pg.port}", "database": "appdb", "tls": tls}
         client_id = f"spiffe://{pki.trust_domain}/ns/soak/sa/load"
         services = [
             {"name": "db-steady", "adapter": "postgres", "listen": "127.0.0.1:0",
@@ -327,6 +340,7 @@ async def soak(duration: int, workdir: Path) -> int:
 
         config = base_config(pki, services=services, vault=_Vault, admin=False)
         config["vault"]["timeout"] = 3
+        config["event_loop"] = event_loop
         issued = pki.client(client_id)
         pg_env = {
             "PGSSLMODE": "verify-full", "PGSSLROOTCERT": str(pki.bundle),
@@ -336,6 +350,7 @@ async def soak(duration: int, workdir: Path) -> int:
         samples: list[tuple[float, int, int]] = []
         async with broker_process(workdir, config, env={TOKEN_ENV: bao.token}) as broker:
             started = time.time()
+            print(f"broker pid {broker.pid}; loads: {', '.join(sorted(loads))}", flush=True)
             loop = asyncio.get_running_loop()
             until = loop.time() + duration
             host, steady_port = broker.address("db-steady")
@@ -385,13 +400,23 @@ async def soak(duration: int, workdir: Path) -> int:
 
             ctx = client_ssl_context(pki, issued)
             url = f"https://{api_host}:{api_port}/soak"
-            results = await asyncio.gather(
+            benches = [
                 pgbench("steady", pg_env, host, steady_port, until, 3, False, workdir,
                         started, tally),
                 pgbench("churn", pg_env, host, churn_port, until, 2, True, workdir,
                         started, tally),
-                *(http_load(url, ctx, until, started, tally) for _ in range(2)),
-                sample(), restart_openbao(), rotate_kv(), report(),
+            ]  # fmt: skip
+            chosen = [b for b, name in zip(benches, LOADS[:2], strict=True) if name in loads]
+            for b, name in zip(benches, LOADS[:2], strict=True):
+                if name not in loads:
+                    b.close()
+            results = await asyncio.gather(
+                *chosen,
+                *(http_load(url, ctx, until, started, tally) if "http" in loads else idle(until)
+                  for _ in range(2)),
+                sample(), report(),
+                restart_openbao() if "restart" in loads else idle(until),
+                rotate_kv() if "kv" in loads else idle(until),
                 return_exceptions=True,
             )  # fmt: skip
             for result in results:
@@ -399,7 +424,7 @@ async def soak(duration: int, workdir: Path) -> int:
                     raise result
             http_queries = tally.queries
             wall: list[float] = []
-            for logdir in results[:2]:
+            for logdir in results[: len(chosen)]:
                 assert isinstance(logdir, Path)
                 read_pgbench_logs(logdir, started, tally, wall)
             secrets = [bao.token, pg.passwords["vaultadmin"]]
@@ -460,11 +485,26 @@ async def soak(duration: int, workdir: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=1800, help="seconds (default 1800)")
+    parser.add_argument(
+        "--loads", default=",".join(LOADS),
+        help=f"which loads to run, comma-separated (default all: {','.join(LOADS)}); "
+        "fewer to find which one a change in memory or errors comes with",
+    )  # fmt: skip
+    parser.add_argument("--event-loop", default="auto", choices=("auto", "asyncio", "uvloop"))
+    parser.add_argument(
+        "--upstream-tls", default="on", choices=("on", "off"),
+        help="TLS from the broker to PostgreSQL (default on, verify-full)",
+    )  # fmt: skip
     args = parser.parse_args()
+    loads = frozenset(args.loads.split(","))
+    if unknown := loads - set(LOADS):
+        parser.error(f"unknown load(s) {', '.join(sorted(unknown))}; choose from {','.join(LOADS)}")
     workdir = Path(tempfile.mkdtemp(prefix="sidekey-soak-"))
     print(f"soak: {args.duration}s, work directory {workdir}", flush=True)
     try:
-        return asyncio.run(soak(args.duration, workdir))
+        return asyncio.run(
+            soak(args.duration, workdir, loads, args.event_loop, args.upstream_tls == "on")
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
