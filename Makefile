@@ -71,9 +71,11 @@ clean:
 
 # The long runs, never part of `make test`: a soak of DURATION seconds (tests/soak.py) and
 # the coverage-guided fuzz targets, FUZZ_TIME seconds each (tests/fuzz/).
+# SOAK_ARGS: e.g. '--loads churn' (python -m tests.soak --help).
 DURATION ?= 1800
+SOAK_ARGS ?=
 soak: $(STAMP) system-deps
-	nice -n 10 $(BIN)/python -m tests.soak --duration $(DURATION)
+	nice -n 10 $(BIN)/python -m tests.soak --duration $(DURATION) $(SOAK_ARGS)
 
 FUZZ_TIME ?= 60
 FUZZ_RUNS ?= -1
