@@ -67,6 +67,8 @@ def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # A library's warning becomes a log line (logger py.warnings), not raw text on stderr.
+    logging.captureWarnings(True)
     # aiohttp's access log would record paths and query strings; our audit trail is the record.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,25 @@ def test_version() -> None:
     result = sidekey("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"sidekey {__version__}"
+
+
+def test_a_python_warning_is_a_json_log_line_and_spiffes_dsa_deprecation_none() -> None:
+    """The broker's log is one JSON object per line: a library's warning goes through the
+    logging set-up, not bare onto stderr. cryptography 51 deprecates DSA and warned at every
+    import of py-spiffe (which names the DSA key class), the first line of every start."""
+    script = (
+        "import warnings\n"
+        "from broker.cli import setup_logging\n"
+        "setup_logging('info', 'json')\n"
+        "import broker.identity.workload_api, spiffe\n"
+        "warnings.warn('a library warns', UserWarning)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(e["level"], e["logger"]) for e in lines] == [("warning", "py.warnings")], lines
+    assert "a library warns" in lines[0]["msg"]
 
 
 def test_check_accepts_a_valid_config(tmp_path: Path, pki: Any) -> None:
