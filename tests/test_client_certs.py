@@ -246,12 +246,6 @@ def _untrusted_context(pki: Pki, version: ssl.TLSVersion) -> ssl.SSLContext:
     return ctx
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 21.1: the HTTP adapter still runs its handshake in the loop's server (ssl=), "
-    "which drops the alert; moving it onto net.TlsFirst (branch tlsalert-http) measured up to "
-    "~7 % more server CPU per handshake, over the 5 % budget",
-)
 def test_http_with_an_untrusted_certificate_reads_the_alert(
     run: Run, tmp_path: Path, pki: Pki, openbao: OpenBao, monkeypatch: pytest.MonkeyPatch
 ) -> None:

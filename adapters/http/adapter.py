@@ -34,7 +34,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -97,7 +97,7 @@ from broker.identity.tls import client_context
 from broker.policy import Decision
 from broker.session.adapter import Adapter
 from broker.session.context import ServiceContext
-from broker.session.net import bind_unix, describe_peer, open_server
+from broker.session.net import TlsFirst, bind_unix, describe_peer, open_server
 from broker.session.registry import Entry
 from broker.session.splice import SpliceStats
 
@@ -327,6 +327,7 @@ class HttpAdapter(Adapter):
         self.settings = parse_settings(ctx)
         self._server: HttpServer[_Connection] | None = None
         self._listener: asyncio.Server | None = None
+        self._tls: TlsFirst | None = None
         self._pool: UpstreamClient | None = None
         self._address = ""
         # The upstream's base path; request paths (origin-form, checked) are appended to it.
@@ -413,38 +414,32 @@ class HttpAdapter(Adapter):
         )
         loop = asyncio.get_running_loop()
         listen = service.listen
-        handshake = TLS_HANDSHAKE_TIMEOUT_SECONDS if self.ctx.server_ssl else None
+        # HTTPS: TLS from the first byte, each handshake run by the broker (TlsFirst), so a
+        # refused certificate's alert reaches the client.
+        factory: Callable[[], asyncio.BaseProtocol] = self._server
+        if self.ctx.server_ssl is not None:
+            factory = self._tls = TlsFirst(
+                self._server, self.ctx.server_ssl, TLS_HANDSHAKE_TIMEOUT_SECONDS
+            )
         try:
             if self.ctx.listen_socket is not None or self.ctx.shared_listen:
                 # A worker of several (broker.supervisor): the parent's socket, or a port
                 # shared with the sibling workers.
                 self._listener, address, _ = await open_server(
-                    self._server, listen, sock=self.ctx.listen_socket, shared=True,
-                    ssl=self.ctx.server_ssl, ssl_handshake_timeout=handshake,
-                )  # fmt: skip
+                    factory, listen, sock=self.ctx.listen_socket, shared=True
+                )
                 self._address = str(address)
             elif listen.path is not None:
                 # Bound with the service's socket_mode before listen(), as TCP services are.
                 sock = bind_unix(listen.path, service.socket_mode)
                 try:
-                    self._listener = await loop.create_unix_server(
-                        self._server,
-                        sock=sock,
-                        ssl=self.ctx.server_ssl,
-                        ssl_handshake_timeout=handshake,
-                    )
+                    self._listener = await loop.create_unix_server(factory, sock=sock)
                 except BaseException:
                     sock.close()
                     raise
                 self._address = f"unix:{listen.path}"
             else:
-                self._listener = await loop.create_server(
-                    self._server,
-                    listen.host,
-                    listen.port or 0,
-                    ssl=self.ctx.server_ssl,
-                    ssl_handshake_timeout=handshake,
-                )
+                self._listener = await loop.create_server(factory, listen.host, listen.port or 0)
                 host, port = self._listener.sockets[0].getsockname()[:2]
                 self._address = f"{host}:{port}"
         except BaseException:
@@ -454,6 +449,8 @@ class HttpAdapter(Adapter):
     async def stop(self, drain_timeout: float) -> None:
         if self._listener is not None:
             self._listener.close()
+        if self._tls is not None:
+            self._tls.close()
         if self._server is not None:
             # Let requests that arrived before the listener closed begin, close idle
             # keep-alive connections, then give in-flight requests drain_timeout to finish.

@@ -134,10 +134,9 @@ class AlertingSSLObject(ssl.SSLObject):
     `Conduit.start_tls` writes it to the socket (which it keeps open for that). The exception
     is the one per-handshake object that passes from here to the caller on both loops: this
     object cannot be told its socket, since uvloop creates it in one context shared by every
-    connection of the listener and keeps its TLS protocol's state out of Python's reach.
-    Redis, TLS from the first byte, runs its handshakes through `Conduit.start_tls` too
-    (broker.session.net.TlsFirst); the HTTP adapter's run in the loop's server (``ssl=``),
-    where no one sends the alert."""
+    connection of the listener and keeps its TLS protocol's state out of Python's reach. The
+    listeners that do TLS from the first byte (HTTP, Redis) run their handshakes through
+    `Conduit.start_tls` too (broker.session.net.TlsFirst), never the loop's ``ssl=``."""
 
     _alert_bio: ssl.MemoryBIO | None
 

@@ -680,7 +680,7 @@ async def connect(
 
 
 class TlsFirst:
-    """A protocol factory for a listener that speaks TLS from the first byte (Redis; `serve`):
+    """A protocol factory for a listener that speaks TLS from the first byte (HTTPS, Redis):
     each connection's handshake is `Conduit.start_tls`, as an in-protocol upgrade's is, and
     only then is `factory`'s protocol made and given the TLS transport.
 
@@ -695,8 +695,8 @@ class TlsFirst:
     VM): 7.96M -> 7.99M instructions (callgrind, +0.26 %), plus ~14 syscalls (the dup, three
     more loop iterations); server CPU time alternated old/new was within the box's noise
     (medians +0.5 % over 4x300 in separate processes; +7 % paired in one process with a
-    sequential client, -2..+5 % with 8 concurrent ones). That last figure, over the 5 %
-    budget for HTTPS handshakes, is why the HTTP adapter still serves with ``ssl=``.
+    sequential client: +3..+4 % on a quiet box, +7 % with the box loaded; -2..+5 % with 8
+    concurrent ones).
     """
 
     __slots__ = ("_factory", "_handshakes", "_ssl", "_timeout")
@@ -908,14 +908,11 @@ async def open_server(
     *,
     sock: socket.socket | None = None,
     shared: bool = False,
-    ssl: ssl.SSLContext | None = None,
-    ssl_handshake_timeout: float | None = None,
     socket_mode: int = UNIX_SOCKET_MODE,
 ) -> tuple[asyncio.Server, ListenAddress, Path | None]:
     """Start serving `factory` on `listen`: (server, the address bound, the unix socket
-    path this call created and its closer must remove, else None). `ssl`: the loop's own
-    server TLS, which the HTTP adapter still uses (it sends no alert for a refused client
-    certificate); `serve` does TLS-first listeners with `TlsFirst` instead.
+    path this call created and its closer must remove, else None). Plain TCP: a TLS-first
+    listener's `factory` is a `TlsFirst`, never the loop's ``ssl=``.
 
     `sock`: an already bound, listening socket (a worker's, from its parent: see
     broker.supervisor); the server gets a dup of it, so closing one listener (a reload's
@@ -928,15 +925,9 @@ async def open_server(
         own.setblocking(False)
         try:
             if own.family == socket.AF_UNIX:
-                server = await loop.create_unix_server(
-                    factory, sock=own, backlog=LISTEN_BACKLOG, ssl=ssl,
-                    ssl_handshake_timeout=ssl_handshake_timeout,
-                )  # fmt: skip
+                server = await loop.create_unix_server(factory, sock=own, backlog=LISTEN_BACKLOG)
             else:
-                server = await loop.create_server(
-                    factory, sock=own, backlog=LISTEN_BACKLOG, ssl=ssl,
-                    ssl_handshake_timeout=ssl_handshake_timeout,
-                )  # fmt: skip
+                server = await loop.create_server(factory, sock=own, backlog=LISTEN_BACKLOG)
         except BaseException:
             own.close()
             raise
@@ -948,8 +939,6 @@ async def open_server(
                 factory,
                 sock=unix,
                 backlog=LISTEN_BACKLOG,
-                ssl=ssl,
-                ssl_handshake_timeout=ssl_handshake_timeout,
             )
         except BaseException:
             unix.close()
@@ -962,8 +951,6 @@ async def open_server(
         listen.host,
         listen.port or 0,
         backlog=LISTEN_BACKLOG,
-        ssl=ssl,
-        ssl_handshake_timeout=ssl_handshake_timeout,
         reuse_address=True,
         reuse_port=shared or None,
     )
