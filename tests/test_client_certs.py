@@ -7,8 +7,10 @@ HTTP 401 with a body); an untrusted certificate ends the handshake. Neither is e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -209,6 +211,53 @@ def test_a_failed_handshake_gets_its_alert_out(run: Run, pki: Pki, early: bool) 
             await listener.close(1.0)
         assert len(peers) == 1 and DEFAULT_CLIENT_ID in peers[0], peers
         assert len(refused) == 1 and "CERTIFICATE_VERIFY_FAILED" in str(refused[0])
+
+    run(main())
+
+
+def test_lingering_alert_sockets_are_bounded(
+    run: Run, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its alert a failed handshake's socket lingers until the client closes (see
+    broker.session.net._send_alert), outside max_connections: a flood of refused handshakes
+    from clients that never close must not pile up descriptors. Past ALERT_LINGER_MAX, a
+    socket is closed right after its alert."""
+    monkeypatch.setattr(net, "ALERT_LINGER_MAX", 1)
+    monkeypatch.setattr(net, "ALERT_LINGER_TIMEOUT", 60.0)  # only the bound can free them
+    refused = 3
+
+    async def main() -> None:
+        serving = server_context(pki.server.cert, pki.server.key, pki.bundle)
+
+        async def handler(conduit: net.Conduit) -> None:
+            with contextlib.suppress(ClientError):
+                assert await conduit.receive(5) == b"?"
+                conduit.write(b"S")
+                await conduit.start_tls(serving, server_side=True, timeout=5)
+
+        listener = await net.serve(ListenAddress("127.0.0.1", 0), handler, max_connections=8)
+        address = listener.address
+        ctx = client_ssl_context(pki, pki.other_ca_client())
+
+        def refused_client() -> ssl.SSLSocket:
+            """A TLS 1.3 client is done with its handshake before the server checks its
+            certificate; this one then neither reads the alert nor closes."""
+            sock = socket.create_connection((address.host, address.port), timeout=10)
+            sock.sendall(b"?")
+            assert sock.recv(1) == b"S"
+            return ctx.wrap_socket(sock, server_hostname="localhost")
+
+        before = open_fds()
+        clients = []
+        try:
+            for _ in range(refused):
+                clients.append(await asyncio.to_thread(refused_client))
+            # The clients' own sockets, and one lingering server socket.
+            await eventually(lambda: open_fds() <= before + refused + 1)
+        finally:
+            for client in clients:
+                client.close()
+            await listener.close(1.0)
 
     run(main())
 

@@ -53,6 +53,12 @@ CLOSE_LINGER_TIMEOUT = 5.0
 # before the client has read the alert (see _send_alert); and how much it discards.
 ALERT_LINGER_TIMEOUT = 1.0
 ALERT_LINGER_BYTES = 64 * 1024
+# At most this many such sockets at once, in the process: they are outside max_connections,
+# and a flood of refused handshakes from clients that never close must not pile up
+# descriptors. Past it a socket is closed right after its alert (the client may then see a
+# reset rather than the alert).
+ALERT_LINGER_MAX = 256
+_lingering: set[socket.socket] = set()
 # Listen backlog: the value nginx and Redis use (511); asyncio's default of 100 drops SYNs
 # under a connection burst before max_connections can answer them.
 LISTEN_BACKLOG = 511
@@ -571,6 +577,10 @@ def _send_alert(loop: asyncio.AbstractEventLoop, fd: int, alert: bytes) -> None:
     except OSError:
         sock.close()
         return
+    if len(_lingering) >= ALERT_LINGER_MAX:
+        sock.close()
+        return
+    _lingering.add(sock)
     discarded = 0
 
     def readable() -> None:
@@ -586,6 +596,9 @@ def _send_alert(loop: asyncio.AbstractEventLoop, fd: int, alert: bytes) -> None:
             done()
 
     def done() -> None:
+        if sock not in _lingering:  # done already
+            return
+        _lingering.discard(sock)
         timer.cancel()
         loop.remove_reader(sock)
         sock.close()
@@ -594,6 +607,7 @@ def _send_alert(loop: asyncio.AbstractEventLoop, fd: int, alert: bytes) -> None:
     try:
         loop.add_reader(sock, readable)
     except (OSError, ValueError):
+        _lingering.discard(sock)
         timer.cancel()
         sock.close()
 
