@@ -1,6 +1,6 @@
 """Vault-side set-up the broker's own login needs, shared by the vault tests.
 
-`BROKER_POLICY` is the policy README.md and docs/vault.md give operators, word for word
+`BROKER_POLICY` is the policy docs/vault.md gives operators, word for word
 (with the paths of the test services): roles made here set `token_no_default_policy`, so a
 test passing with it shows the policy is complete.
 """
