@@ -147,3 +147,50 @@ def test_without_a_writable_temp_dir_the_files_load_as_they_are(
     monkeypatch.setattr(tls.tempfile, "TemporaryDirectory", read_only)
     server_ctx = server_context(pki.server.cert, pki.server.key, pki.bundle)
     handshake(server_ctx, client_ssl_context(pki, pki.client()))
+
+
+def test_the_event_loops_call_the_c_methods_of_both_sides_tls_objects(pki: Pki) -> None:
+    """The serving and the upstream contexts' objects have `read`, `write` and `pending`
+    bound straight to the C object (no Python frame per record), with the signatures both
+    event loops call: read(n), read(n, buffer), write(data), pending()."""
+    client = pki.client()
+    server_ctx = server_context(pki.server.cert, pki.server.key, pki.bundle)
+    client_ctx = tls.client_context(ca=pki.bundle)
+    client_ctx.load_cert_chain(client.cert, client.key)
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    server = server_ctx.wrap_bio(bios[0], bios[1], server_side=True)
+    upstream = client_ctx.wrap_bio(bios[2], bios[3], server_hostname=SERVER_DNS[0])
+    for obj in (server, upstream):
+        assert isinstance(obj, tls.DirectSSLObject)
+        for name in ("read", "write", "pending"):
+            assert type(getattr(obj, name)).__name__ == "builtin_function_or_method", name
+
+    def pump() -> None:
+        for _ in range(10):
+            done = 0
+            for obj in (upstream, server):
+                try:
+                    obj.do_handshake()
+                    done += 1
+                except ssl.SSLWantReadError:
+                    pass
+            bios[0].write(bios[3].read())
+            bios[2].write(bios[1].read())
+            if done == 2:
+                return
+        raise AssertionError("the handshake did not finish")
+
+    pump()
+    assert server.getpeercert(binary_form=True) == x509.load_pem_x509_certificate(
+        client.cert.read_bytes()
+    ).public_bytes(Encoding.DER)
+    assert upstream.write(b"query") == 5
+    bios[0].write(bios[3].read())
+    buffer = bytearray(16)
+    assert server.read(16, memoryview(buffer)) == 5 and buffer[:5] == b"query"
+    assert server.pending() == 0
+    with pytest.raises(ssl.SSLWantReadError):
+        server.read(16)
+    server.write(b"reply")
+    bios[2].write(bios[1].read())
+    assert upstream.read(3) == b"rep" and upstream.pending() == 2 and upstream.read(8) == b"ly"

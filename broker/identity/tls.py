@@ -123,7 +123,27 @@ def context_for(
 _UNSENT_ALERT = "sidekey_unsent_alert"
 
 
-class AlertingSSLObject(ssl.SSLObject):
+class DirectSSLObject(ssl.SSLObject):
+    """An `SSLObject` whose `read`, `write` and `pending` are the C methods themselves.
+
+    `ssl.SSLObject` is a Python class around `_ssl._SSLSocket` whose methods each add a Python
+    frame and nothing else; the event loop's TLS layer calls three or four of them per record
+    relayed (uvloop: `pending` twice and `read` per record in, `write` per record out).
+    Binding the C methods on the instance (a function on the class is a non-data descriptor,
+    so the instance's own attribute wins) takes those frames off the data path. The broker's
+    instructions per `pgbench -S` transaction under callgrind: 66.6k -> 61.4k with TLS on both
+    legs, 38.7k -> 36.4k on the sidecar path (unix socket in, TLS upstream). The C methods
+    take positional arguments only, as both event loops call them."""
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> DirectSSLObject:
+        obj = super()._create(*args, **kwargs)  # type: ignore[misc]
+        c_obj = obj._sslobj
+        vars(obj).update(read=c_obj.read, write=c_obj.write, pending=c_obj.pending)
+        return cast(DirectSSLObject, obj)
+
+
+class AlertingSSLObject(DirectSSLObject):
     """A server-side TLS object whose failed handshake hands its alert to the caller.
 
     OpenSSL writes the alert (unknown_ca, bad_certificate, ...) into the outgoing memory BIO,
@@ -144,9 +164,9 @@ class AlertingSSLObject(ssl.SSLObject):
     def _create(
         cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any
     ) -> AlertingSSLObject:
-        obj = super()._create(incoming, outgoing, *args, **kwargs)  # type: ignore[misc]
+        obj = cast(AlertingSSLObject, super()._create(incoming, outgoing, *args, **kwargs))
         obj._alert_bio = outgoing
-        return cast(AlertingSSLObject, obj)
+        return obj
 
     def do_handshake(self) -> None:
         try:
@@ -424,6 +444,7 @@ def client_context(
     """A context for connecting upstream: verifies against `ca` or the system store, and
     resumes TLS sessions per server name (`ResumingContext`)."""
     ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.sslobject_class = DirectSSLObject
     ctx.minimum_version = MIN_TLS_VERSION
     if not verify:
         ctx.check_hostname = False
