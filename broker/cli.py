@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--worker-admin", type=Path, help=argparse.SUPPRESS)
     run.add_argument("--worker-sockets", help=argparse.SUPPRESS)
     run.add_argument("--worker-parent-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-journal", type=Path, help=argparse.SUPPRESS)
     run.add_argument("--worker-siblings", help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate a config and every file it references")
@@ -532,6 +533,7 @@ def run_worker(args: argparse.Namespace) -> int:
             _serve(
                 config, args.drain_timeout, worker=args.worker, sockets=sockets,
                 parent_fd=args.worker_parent_fd, siblings=siblings,
+                lease_journal=args.worker_journal,
             )
         )  # fmt: skip
 
@@ -561,13 +563,14 @@ async def _serve(
     sockets: dict[str, socket.socket] | None = None,
     parent_fd: int | None = None,
     siblings: Siblings | None = None,
+    lease_journal: Path | None = None,
 ) -> int:
     from broker.observe.metrics import platform_info  # noqa: PLC0415
     from broker.runtime import Broker  # noqa: PLC0415
 
     broker: Broker = Broker(
         config, drain_timeout=drain_timeout, worker=worker, sockets=sockets or {},
-        siblings=siblings,
+        siblings=siblings, lease_journal=lease_journal,
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -17,12 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from broker.config import DEFAULT_DRAIN_SECONDS, Config, ServiceConfig, load_config
 from broker.control import DenyWatcher
 from broker.credentials import CredentialSource
 from broker.credentials.factory import make_source
+from broker.credentials.journal import LeaseJournal
 from broker.credentials.vault import VaultClient
 from broker.credentials.vault_auth import MaterialCertificate, MaterialJwt
 from broker.errors import ConfigError, SidekeyError
@@ -117,6 +119,8 @@ class Broker:
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     # Under `workers: N`: this worker's socket for the other workers' requests, and theirs.
     siblings: Siblings | None = None
+    # Under `workers: N`: this worker slot's lease journal (broker.credentials.journal).
+    lease_journal: Path | None = None
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -150,6 +154,8 @@ class Broker:
             if cfg.vault
             else None
         )
+        if self.vault is not None and self.lease_journal is not None:
+            self.vault.journal = LeaseJournal(self.lease_journal)
         self.live = Registry()
         self.vault_health = VaultHealth()
         self._prime_tasks: set[asyncio.Task[None]] = set()

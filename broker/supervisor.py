@@ -74,6 +74,9 @@ class Worker:
     admin: Path
     # Where this worker answers its siblings' requests (broker.session.siblings).
     siblings: Path
+    # The slot's lease record: a worker started again revokes what a killed one left in it
+    # (broker.credentials.journal).
+    journal: Path
     # This worker's listening sockets by service: its own SO_REUSEPORT socket for TCP, the
     # shared one for unix.
     sockets: dict[str, socket.socket] = field(default_factory=dict)
@@ -101,7 +104,12 @@ class Supervisor:
         self._log_args = log_args
         self._rundir = Path(tempfile.mkdtemp(prefix="sidekey-workers-"))
         self.workers = [
-            Worker(n, self._rundir / f"worker-{n}.sock", self._rundir / f"siblings-{n}.sock")
+            Worker(
+                n,
+                self._rundir / f"worker-{n}.sock",
+                self._rundir / f"siblings-{n}.sock",
+                self._rundir / f"leases-{n}.journal",
+            )
             for n in range(1, count + 1)
         ]
         # The bound address of each service (a TCP port 0 resolved), and the unix sockets
@@ -174,7 +182,7 @@ class Supervisor:
             "--drain-timeout", str(self.drain_timeout), *self._log_args,
             "--worker", str(worker.number), "--worker-admin", str(worker.admin),
             "--worker-sockets", json.dumps(fds), "--worker-parent-fd", str(self._parent_r),
-            "--worker-siblings", siblings,
+            "--worker-siblings", siblings, "--worker-journal", str(worker.journal),
         ]  # fmt: skip
         worker.proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, pass_fds=[*fds.values(), self._parent_r]

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import hvac.exceptions
 import pytest
 from aiohttp import web
 
@@ -217,6 +218,58 @@ async def test_a_killed_worker_is_restarted_and_the_others_keep_serving(
     assert len(firsts) == 2 and firsts[1]["chain_prev"] != "", "a link, not a fresh chain"
     for conn in conns:
         conn.terminate()
+
+
+async def test_the_leases_of_a_killed_worker_are_revoked_by_the_one_started_in_its_place(
+    setup: WorkersSetup,
+) -> None:
+    """A worker killed outright cannot revoke its leases; the worker started in its slot
+    revokes what it left (its lease journal), and leaves the other worker's alone."""
+    broker = setup.start()
+    pids = setup.pids(broker)
+    conns = [await setup.connect() for _ in range(SPREAD // 2)]
+    users = {}
+    for conn in conns:
+        users[conn] = await conn.fetchval("SELECT current_user")
+
+    async def started() -> bool:
+        return len(setup.workers_of("session_start")) == len(conns)
+
+    await until(started, "every session_start")
+    role_of = {}  # worker -> its lease's database role
+    lease_of = {}  # worker -> its lease ID
+    for e in setup.events():
+        if e["event"] == "session_start":
+            lease_of[e["worker"]] = e["lease_id"]
+    worker_of_peer = {
+        e["peer"]: e["worker"] for e in setup.events() if e["event"] == "session_start"
+    }
+    for conn in conns:
+        peer = "{}:{}".format(*conn._transport.get_extra_info("sockname")[:2])
+        role_of[worker_of_peer[peer]] = users[conn]
+    assert set(role_of) == {1, 2} and role_of[1] != role_of[2], "a lease on each worker"
+    pg = setup.vdb.postgres
+    assert {role_of[1], role_of[2]} <= await lease_roles(pg)
+    os.kill(pids[1], signal.SIGKILL)
+
+    async def dropped() -> bool:
+        return role_of[1] not in await lease_roles(pg)
+
+    await until(dropped, "the killed worker's role to be dropped")
+    assert setup.pids(broker)[1] != pids[1], "revoked by the worker started again"
+    assert role_of[2] in await lease_roles(pg), "the other worker's lease is untouched"
+    with pytest.raises(hvac.exceptions.InvalidRequest, match=r"invalid lease"):
+        setup.vdb.openbao.client().sys.read_lease(lease_of[1])
+    revoked = [e for e in setup.events() if e["event"] == "lease_revoked"]
+    assert [(e["worker"], e["lease_id"], e["reason"]) for e in revoked] == [
+        (1, lease_of[1], "left by the previous process")
+    ]
+    # The worker on the other side serves on; the killed one's clients reconnect.
+    for conn in conns:
+        if users[conn] == role_of[2]:
+            assert await conn.fetchval("SELECT 2") == 2
+        conn.terminate()
+    await pg_backend_queries(setup, SPREAD)
 
 
 async def test_sighup_reaches_every_worker_and_sigterm_drains_them_all(

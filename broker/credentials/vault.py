@@ -28,6 +28,7 @@ import asyncio
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ import hvac.exceptions
 import requests
 
 from broker.config import VaultConfig
+from broker.credentials.journal import LeaseJournal
 from broker.credentials.vault_auth import (
     ClientCertificate,
     Explain,
@@ -71,6 +73,9 @@ MAX_REDIRECTS = 3
 MAX_ERROR_TEXT = 200
 # Failures that mean "this address cannot serve right now": the call moves on to the next.
 MOVE_ON_KINDS = frozenset({"unreachable", "tls", "sealed", "unavailable"})
+# How often the leases a killed predecessor left (LeaseJournal) are tried again while the
+# vault does not answer.
+LEFT_LEASES_RETRY_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +140,11 @@ class VaultClient:
             metrics=self.metrics,
             audit=audit,
         )
+        self._audit = audit
+        # Under `workers: N`: this worker slot's record of its leases (broker.credentials.
+        # journal), and the task revoking what the slot's previous process left.
+        self.journal: LeaseJournal | None = None
+        self._left_task: asyncio.Task[None] | None = None
 
     @classmethod
     def from_config(
@@ -174,8 +184,11 @@ class VaultClient:
     # ------------------------------------------------------------------ public API
 
     def start(self) -> None:
-        """Log in in the background now rather than at the first call."""
+        """Log in in the background now rather than at the first call; with a journal,
+        revoke in the background the leases the previous process left in it."""
         self.keeper.start()
+        if self.journal is not None and self.journal.left and self._left_task is None:
+            self._left_task = asyncio.create_task(self._revoke_left(), name="vault-left-leases")
 
     async def read_kv(self, mount: str, path: str) -> tuple[dict[str, str], int]:
         """The latest version of KV v2 secret `mount/path`: all its fields, and the version."""
@@ -251,7 +264,9 @@ class VaultClient:
         response, tok = await self._call(call, path, what="secret")
         if not isinstance(response, Mapping):
             raise CredentialUnavailable(f"vault: {path} returned no data")
-        return _lease_response(response, path, tok.generation)
+        lease = _lease_response(response, path, tok.generation)
+        self._journal_lease(lease)
+        return lease
 
     async def renew(self, lease_id: str, increment: float) -> LeaseResponse:
         """Renew a lease by `increment` seconds; the answer may be shorter (max TTL)."""
@@ -262,7 +277,9 @@ class VaultClient:
         response, _ = await self._call(call, f"lease {lease_id}", what="lease")
         if not isinstance(response, Mapping):
             raise CredentialUnavailable(f"vault: renewing lease {lease_id} returned nothing")
-        return _lease_response(response, f"lease {lease_id}")
+        lease = _lease_response(response, f"lease {lease_id}")
+        self._journal_lease(lease)
+        return lease
 
     async def revoke(self, lease_id: str) -> None:
         """Revoke a lease now (the database engine drops the role)."""
@@ -271,6 +288,39 @@ class VaultClient:
             return client.sys.revoke_lease(lease_id=lease_id)
 
         await self._call(call, f"lease {lease_id}", what="lease")
+        if self.journal is not None:
+            self.journal.ended(lease_id)
+
+    async def _revoke_left(self) -> None:
+        """Revoke the leases a killed predecessor left in the journal, each once, retrying
+        while the vault does not answer and the lease has not expired anyway."""
+        assert self.journal is not None
+        left = self.journal.left
+        log.warning("revoking %d lease(s) the previous process of this worker left "
+                    "(it did not stop cleanly)", len(left))  # fmt: skip
+        while left:
+            for lease_id, expires in list(left.items()):
+                if expires <= time.time():
+                    self.journal.ended(lease_id)  # the vault ended it at its TTL
+                    continue
+                try:
+                    await self.revoke(lease_id)
+                except CredentialUnavailable as exc:
+                    log.warning("cannot revoke a lease left by the previous process yet "
+                                "lease_id=%s error=%s", lease_id, exc)  # fmt: skip
+                    continue
+                log.info("lease revoked lease_id=%s reason=left by the previous process",
+                         lease_id)  # fmt: skip
+                if self._audit is not None:
+                    self._audit.emit(
+                        "lease_revoked", lease_id=lease_id, reason="left by the previous process"
+                    )
+            if left:
+                await asyncio.sleep(LEFT_LEASES_RETRY_SECONDS)
+
+    def _journal_lease(self, lease: LeaseResponse) -> None:
+        if self.journal is not None and lease.lease_id and lease.lease_duration > 0:
+            self.journal.added(lease.lease_id, time.time() + lease.lease_duration)
 
     async def check(self) -> None:
         """Readiness: the vault answers and the token is valid (token lookup-self)."""
@@ -304,8 +354,13 @@ class VaultClient:
         revokes its leases, and the lease manager's own revocations are the audited ones."""
         if self._closed:
             return
+        if self._left_task is not None:
+            self._left_task.cancel()
+            await asyncio.gather(self._left_task, return_exceptions=True)
         await self.keeper.close()
         self._closed = True
+        if self.journal is not None:
+            self.journal.close()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ plumbing

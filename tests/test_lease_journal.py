@@ -1,0 +1,97 @@
+"""The lease journal a worker keeps for its successor (broker/credentials/journal.py).
+
+The end-to-end case, a SIGKILLed worker's leases revoked by the worker started in its place
+against a real OpenBao and PostgreSQL, is in test_workers.py; these pin the file's rules.
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from broker.credentials import journal
+from broker.credentials.journal import LeaseJournal
+
+NOW = 1_800_000_000.0
+
+
+def open_journal(path: Path, now: float = NOW) -> LeaseJournal:
+    return LeaseJournal(path, clock=lambda: now)
+
+
+def test_what_a_process_did_not_revoke_is_left_to_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "leases-1.journal"
+    first = open_journal(path)
+    assert first.left == {}
+    first.added("database/creds/app/a", NOW + 3600)
+    first.added("database/creds/app/b", NOW + 3600)
+    first.added("database/creds/app/c", NOW + 10)
+    first.added("database/creds/app/a", NOW + 7200)  # renewed: the last expiry counts
+    first.ended("database/creds/app/b")
+    # Killed here: no close. The next process of the slot reads what is left, unexpired.
+    second = open_journal(path, now=NOW + 60)
+    assert second.left == {"database/creds/app/a": NOW + 7200}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # It revokes it and takes new leases; killed again, its successor sees only those.
+    second.ended("database/creds/app/a")
+    second.added("database/creds/app/d", NOW + 3600)
+    third = open_journal(path, now=NOW + 120)
+    assert third.left == {"database/creds/app/d": NOW + 3600}
+
+
+def test_a_lease_left_and_not_yet_revoked_is_left_again(tmp_path: Path) -> None:
+    path = tmp_path / "leases-1.journal"
+    open_journal(path).added("database/creds/app/a", NOW + 3600)
+    # The successor could not reach the vault before it was killed too.
+    assert open_journal(path).left == {"database/creds/app/a": NOW + 3600}
+    assert open_journal(path).left == {"database/creds/app/a": NOW + 3600}
+
+
+def test_a_clean_stop_leaves_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "leases-1.journal"
+    j = open_journal(path)
+    j.added("database/creds/app/a", NOW + 3600)
+    j.ended("database/creds/app/a")
+    j.close()
+    assert open_journal(path).left == {}
+
+
+def test_the_file_is_rewritten_with_the_live_leases_when_it_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "COMPACT_LINES", 10)
+    path = tmp_path / "leases-1.journal"
+    j = open_journal(path)
+    for n in range(50):
+        j.added(f"database/creds/app/{n}", NOW + 3600)
+        if n != 7:
+            j.ended(f"database/creds/app/{n}")
+    assert len(path.read_text().splitlines()) < 12
+    assert open_journal(path).left == {"database/creds/app/7": NOW + 3600}
+
+
+def test_lines_it_does_not_understand_and_oversized_files_are_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "leases-1.journal"
+    path.write_text(
+        "+ 1900000000 database/creds/app/a\n"
+        "garbage\n"
+        "+ soon database/creds/app/b\n"
+        "+ 1900000000 two words here\n"
+        "- \n"
+        "+ 1900000000 database/creds/app/c"  # a last line without its newline still counts
+    )
+    assert open_journal(path).left == {
+        "database/creds/app/a": 1_900_000_000.0,
+        "database/creds/app/c": 1_900_000_000.0,
+    }
+    path.write_bytes(b"+ 1900000000 x\n" * (journal.MAX_JOURNAL_BYTES // 15 + 1))
+    assert open_journal(path).left == {}
+
+
+def test_an_unwritable_directory_costs_the_record_not_the_broker(tmp_path: Path) -> None:
+    j = LeaseJournal(tmp_path / "missing" / "leases-1.journal")
+    j.added("database/creds/app/a", NOW + 3600)  # logged, not raised
+    j.ended("database/creds/app/a")
+    j.close()
