@@ -17,6 +17,13 @@ class ClientError(SidekeyError):
     """The calling workload is at fault: no/untrusted/invalid identity, protocol violation."""
 
 
+class TlsRefused(ClientError):
+    """The broker refused the client's TLS handshake and told it with an alert (an untrusted,
+    expired or missing certificate, a TLS version it does not accept): a caller with no
+    proven identity, audited as a denial. A client that breaks off its own handshake (a port
+    probe, a health check that only connects) raises plain ClientError."""
+
+
 class ProtocolViolation(ClientError):
     """The client sent bytes that break its protocol (raised by a codec's parser)."""
 

@@ -28,7 +28,7 @@ from tests.loops import Run, eventually
 from tests.pki import DEFAULT_CLIENT_ID, IssuedFiles, Pki, client_ssl_context
 from tests.servers import OpenBao, VaultDatabase
 from tests.servers_mysql_redis import MariaDB, RedisServer, VaultEngine
-from tests.test_http_adapter import Env, Upstream, call, curl, curl_tls, new_secret
+from tests.test_http_adapter import SERVICE, Env, Upstream, call, curl, curl_tls, new_secret
 from tests.test_mysql_adapter import World as MysqlWorld
 from tests.test_mysql_adapter import cli as mariadb_cli
 from tests.test_postgres_adapter import World, host_port, psql, service
@@ -300,7 +300,8 @@ def test_http_with_an_untrusted_certificate_reads_the_alert(
 ) -> None:
     """HTTPS is TLS from the first byte: run through Conduit.start_tls (net.TlsFirst), curl and
     Python read the unknown_ca alert, not an empty reply; HTTP/1.1 and HTTP/2, TLS 1.2 and 1.3,
-    either loop. A trusted client on the same listener is served as before."""
+    either loop. Each refusal is audited as a deny naming the peer; a connection that sends
+    nothing (a port probe) is not. A trusted client on the same listener is served as before."""
 
     async def main() -> None:
         upstream = Upstream()
@@ -308,13 +309,16 @@ def test_http_with_an_untrusted_certificate_reads_the_alert(
         try:
             env = Env(tmp_path, pki, openbao, monkeypatch, upstream, new_secret(openbao, upstream))
             async with env.proxy() as p:
+                host, _, port = p.url.removeprefix("https://").rpartition(":")
+                _, probe = await asyncio.open_connection(host, int(port))
+                probe.close()
+                await probe.wait_closed()
                 other = curl_tls(pki, pki.other_ca_client())
                 for version in ("--http1.1", "--http2"):
                     for tls in ("--tlsv1.2 --tls-max 1.2", "--tlsv1.3"):
                         rc, out, err = await curl(*other, version, *tls.split(), f"{p.url}/x")
                         assert rc != 0 and out == "", (version, tls, rc, out, err)
                         assert "alert unknown ca" in err, (version, tls, err)
-                host, _, port = p.url.removeprefix("https://").rpartition(":")
                 for max_version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
                     ctx = _untrusted_context(pki, max_version)
                     error = await _alert_from_python_ssl(host, int(port), ctx)
@@ -324,7 +328,12 @@ def test_http_with_an_untrusted_certificate_reads_the_alert(
                     rc, out, err = await curl(*trusted, version, "-i", f"{p.url}/orders")
                     assert rc == 0 and out.startswith(status_line), (version, rc, out, err)
                     assert out.split()[1] != "401", out
+                denials = p.events("deny")
             assert len(upstream.seen) == 2, upstream.seen
+            assert len(denials) == 6, denials  # 4 curl handshakes, 2 Python ones
+            for e in denials:
+                assert "CERTIFICATE_VERIFY_FAILED" in e["reason"], e
+                assert e["peer"].startswith(host + ":") and e["service"] == SERVICE, e
         finally:
             await upstream.stop()
 
@@ -342,6 +351,7 @@ def test_redis_cli_with_an_untrusted_certificate_reads_the_alert(
     returns 0 as "Server closed the connection", whatever OpenSSL read. Python's client
     shows the alert under both versions."""
     pki = redis_world.pki
+    audit = redis_world.tmp_path / "audit.jsonl"
     tls12 = redis_world.tmp_path / "tls12.cnf"
     tls12.write_text(
         "openssl_conf = init\n[init]\nssl_conf = ssl\n[ssl]\nsystem_default = tls\n"
@@ -349,7 +359,7 @@ def test_redis_cli_with_an_untrusted_certificate_reads_the_alert(
     )
 
     async def main() -> None:
-        async with redis_world.broker() as b:
+        async with redis_world.broker(audit=audit) as b:
             code, out, err = await run_client(
                 [*redis_cli_tls(b, pki, pki.other_ca_client()), "PING"],
                 env={"OPENSSL_CONF": str(tls12)},
@@ -364,5 +374,12 @@ def test_redis_cli_with_an_untrusted_certificate_reads_the_alert(
                 assert "UNKNOWN_CA" in error, (max_version, error)
             code, out, err = await run_client([*redis_cli_tls(b, pki, pki.client()), "PING"])
             assert code == 0 and out.strip() == "PONG", (code, out, err)
+        # Each refused handshake is in the trail as a deny: Python's two, and redis-cli's
+        # (which tries twice).
+        denials = [
+            e for e in map(json.loads, audit.read_text().splitlines()) if e["event"] == "deny"
+        ]
+        assert len(denials) == 4, [(e["peer"], e["reason"]) for e in denials]
+        assert all("CERTIFICATE_VERIFY_FAILED" in e["reason"] for e in denials), denials
 
     run(main())

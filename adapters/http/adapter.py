@@ -419,7 +419,11 @@ class HttpAdapter(Adapter):
         factory: Callable[[], asyncio.BaseProtocol] = self._server
         if self.ctx.server_ssl is not None:
             factory = self._tls = TlsFirst(
-                self._server, self.ctx.server_ssl, TLS_HANDSHAKE_TIMEOUT_SECONDS
+                self._server,
+                self.ctx.server_ssl,
+                TLS_HANDSHAKE_TIMEOUT_SECONDS,
+                # An untrusted certificate is turned away in the handshake: audited as a deny.
+                on_refused=self.ctx.refuse,
             )
         try:
             if self.ctx.listen_socket is not None or self.ctx.shared_listen:

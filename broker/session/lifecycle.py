@@ -28,9 +28,9 @@ Protocols differ in how a session opens, and the walk has a switch or a step for
   the server's greeting): `hello` calls `upgrade_tls` where the protocol says so.
 - TLS from the first byte (Redis): `tls_first = True`; the listener does the TLS handshake
   before the session starts (within the hello timeout). A failed handshake never becomes a
-  session, so it is logged by the event loop and counted nowhere else: holding reads for
-  `upgrade_tls` instead loses the ClientHello under uvloop, which starts reading on its own
-  after `connection_made`.
+  session; one the broker refused (an untrusted certificate) is audited as a denial, as
+  `upgrade_tls`'s are. Holding reads for `upgrade_tls` instead loses the ClientHello under
+  uvloop, which starts reading on its own after `connection_made`.
 - A protocol with no opening message at all (Redis): `hello` returns at once.
 - Commands the client may send after login that the broker must answer or rewrite (MySQL
   ``COM_CHANGE_USER``, Redis ``AUTH``): `client_filter` returns a `StreamFilter` for the
@@ -374,9 +374,13 @@ class TcpAdapter(Adapter, Generic[H]):
                 self.ctx.server_ssl, server_side=True, timeout=remaining, early_tls=early_tls
             )
         except ClientError as exc:
-            self.ctx.refuse(client.peer, str(exc))
-            self._outcomes["denied"].inc()
+            self._tls_refused(client.peer, str(exc))
             raise
+
+    def _tls_refused(self, peer: str, reason: str) -> None:
+        """A caller whose TLS handshake failed: unproven, counted and audited as a denial."""
+        self.ctx.refuse(peer, reason)
+        self._outcomes["denied"].inc()
 
     async def start(self) -> None:
         service = self.ctx.service
@@ -389,6 +393,7 @@ class TcpAdapter(Adapter, Generic[H]):
             on_overload=self._overloaded if self.overload_reply(1) is not None else None,
             ssl=self.ctx.server_ssl if self.tls_first else None,
             ssl_handshake_timeout=self.hello_timeout,
+            on_tls_refused=self._tls_refused,
             sock=self.ctx.listen_socket,
             shared=self.ctx.shared_listen,
             socket_mode=service.socket_mode,
