@@ -433,6 +433,8 @@ class Broker:
             for name in [*removed, *rebuilt]:
                 old_svc = self.services.pop(name, None)
                 if old_svc is not None:
+                    if name in rebuilt:
+                        rebuilt[name].adapter.take_over(old_svc.adapter)
                     self._retire(old_svc)
             self._drop_inherited(new)
             await asyncio.sleep(0)  # the retiring listeners close their sockets first

@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import yaml
 
 from broker.codecs.postgres import (
     BackendParser,
@@ -389,6 +390,38 @@ async def test_cancel_reaches_the_right_session(
         finally:
             await conn.close()
             await bystander.close()
+
+
+async def test_a_cancel_reaches_a_session_whose_service_a_reload_rebuilt(
+    tmp_path: Path, pki: Pki, vault_database: VaultDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that changes a service beyond its policy rebuilds it: the open sessions drain
+    on the old adapter while a new one takes the listener. Their clients' cancels come to the
+    new one, which must know their keys (it used to start with an empty table)."""
+    pg = vault_database.postgres
+    async with broker_for(tmp_path, pki, vault_database.openbao, monkeypatch, service(pg)) as b:
+        conn = await asyncpg_connect(b, pki, pki.client())
+        try:
+            host, port = host_port(b)
+            assert b.config.path is not None
+            config = yaml.safe_load(b.config.path.read_text())
+            config["services"][0].update(listen=f"{host}:{port}", max_connections=77)
+            b.config.path.write_text(yaml.safe_dump(config))
+            assert (await b.reload())["rebuilt"] == [SERVICE]
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await conn.fetchval("SELECT pg_sleep(30)", timeout=1.0)
+            # Had the cancel not reached the server, this would wait for pg_sleep to end.
+            assert await conn.fetchval("SELECT 1", timeout=10) == 1
+            assert time.monotonic() - started < 10
+            # Sessions of the rebuilt service are cancelled as before.
+            fresh = await asyncpg_connect(b, pki, pki.client())
+            with pytest.raises(TimeoutError):
+                await fresh.fetchval("SELECT pg_sleep(30)", timeout=1.0)
+            assert await fresh.fetchval("SELECT 2", timeout=10) == 2
+            await fresh.close()
+        finally:
+            await conn.close()
 
 
 async def _sleeping(pg: Postgres) -> bool:

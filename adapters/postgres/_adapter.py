@@ -52,6 +52,7 @@ from broker.config.jwt import DEFAULT_TOKEN_HEADER
 from broker.credentials import Credential
 from broker.errors import ClientError, ConfigError, UpstreamError
 from broker.identity import IdentityError
+from broker.session.adapter import Adapter
 from broker.session.context import ServiceContext
 from broker.session.lifecycle import Refusal, Session, Step, TcpAdapter, Upstream
 from broker.session.net import Conduit
@@ -185,6 +186,10 @@ class PostgresAdapter(TcpAdapter[Hello]):
                 "the password)"
             )
         self.cancel_keys = CancelKeys()
+        # The adapters of this service that reloads replaced while their sessions drain: a
+        # cancel for one of those sessions comes to this adapter's listener (take_over).
+        self._predecessors: list[PostgresAdapter] = []
+        self._stopped = False
         # Cancels sent in the background, each within CANCEL_TIMEOUT: for vanished clients'
         # sessions (see `release`), and for sessions of ours a sibling worker got the
         # CancelRequest of (`sibling_request`).
@@ -488,19 +493,43 @@ class PostgresAdapter(TcpAdapter[Hello]):
 
     # -- cancel ------------------------------------------------------------------------------
 
+    def take_over(self, previous: Adapter) -> None:
+        if isinstance(previous, PostgresAdapter):
+            self._predecessors = [previous, *previous._predecessors]
+            previous._predecessors = []
+
+    async def stop(self, drain_timeout: float) -> None:
+        await super().stop(drain_timeout)
+        self._stopped = True  # no session left: its keys need no answering
+
+    def _find_cancel(
+        self, process_id: int, secret_key: bytes
+    ) -> tuple[PostgresAdapter, CancelTarget] | None:
+        """The session a cancel key belongs to, among this adapter's and its predecessors'
+        (each sends the cancel to its own upstream), or None."""
+        self._predecessors = [p for p in self._predecessors if not p._stopped]
+        for adapter in (self, *self._predecessors):
+            target = adapter.cancel_keys.find(process_id, secret_key)
+            if target is not None:
+                return adapter, target
+        return None
+
     async def _cancel(self, client: Conduit, request: CancelRequest) -> None:
         """Forward a cancel for one of our sessions, or one of a sibling worker's; ignore
         anything else silently, as PostgreSQL does (no answer tells a guesser whether a key
         exists)."""
-        target = self.cancel_keys.find(request.process_id, request.secret_key)
+        found = self._find_cancel(request.process_id, request.secret_key)
         siblings = self.ctx.siblings
-        if target is None and siblings is None:
+        if found is None and siblings is None:
             self.ctx.log.debug("ignoring cancel with an unknown key from %s", client.peer)
             return
         caller = self._cancel_caller(client)
-        if target is not None:
+        if found is not None:
+            owner, target = found
             if self._may_cancel(caller, target, ""):
-                await self._send_cancel(target.process_id, target.secret_key, "forwarding a cancel")
+                await owner._send_cancel(
+                    target.process_id, target.secret_key, "forwarding a cancel"
+                )
             return
         assert siblings is not None
         # Not a key of this worker's: the worker that served the session knows it, and
@@ -544,11 +573,12 @@ class PostgresAdapter(TcpAdapter[Hello]):
         if topic != CANCEL_TOPIC:
             return None
         process_id, secret_key, caller = parse_cancel_fields(fields)
-        target = self.cancel_keys.find(process_id, secret_key)
-        if target is None:
+        found = self._find_cancel(process_id, secret_key)
+        if found is None:
             return {"known": False}
+        owner, target = found
         if self._may_cancel(caller, target, f" (forwarded by worker {sender})"):
-            self._cancel_later(
+            owner._cancel_later(
                 target.process_id, target.secret_key, "forwarding a sibling worker's cancel"
             )
         return {"known": True}

@@ -53,6 +53,13 @@ class Adapter(abc.ABC):
         """The upstream session pool (`pool:`) as /inventory shows it; None without one."""
         return None
 
+    def take_over(self, previous: Adapter) -> None:
+        """A reload rebuilt this adapter's service: `previous` stops accepting, and its open
+        sessions drain on it while this one serves the listener. Take over what the listener
+        must go on answering for those sessions (PostgreSQL: their cancel requests). Most
+        protocols have nothing of the kind."""
+        return None
+
     async def sibling_request(
         self, topic: str, fields: dict[str, Any], sender: int | None
     ) -> dict[str, Any] | None:
