@@ -298,6 +298,7 @@ class VaultClient:
         left = self.journal.left
         log.warning("revoking %d lease(s) the previous process of this worker left "
                     "(it did not stop cleanly)", len(left))  # fmt: skip
+        failed: set[str] = set()  # warned about once each, not at every retry
         while left:
             for lease_id, expires in list(left.items()):
                 if expires <= time.time():
@@ -306,8 +307,11 @@ class VaultClient:
                 try:
                     await self.revoke(lease_id)
                 except CredentialUnavailable as exc:
-                    log.warning("cannot revoke a lease left by the previous process yet "
-                                "lease_id=%s error=%s", lease_id, exc)  # fmt: skip
+                    level = logging.DEBUG if lease_id in failed else logging.WARNING
+                    failed.add(lease_id)
+                    log.log(level, "cannot revoke a lease left by the previous process yet; "
+                            "trying again every %.0fs until it expires lease_id=%s error=%s",
+                            LEFT_LEASES_RETRY_SECONDS, lease_id, exc)  # fmt: skip
                     continue
                 log.info("lease revoked lease_id=%s reason=left by the previous process",
                          lease_id)  # fmt: skip

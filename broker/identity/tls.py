@@ -138,8 +138,9 @@ class DirectSSLObject(ssl.SSLObject):
     @classmethod
     def _create(cls, *args: Any, **kwargs: Any) -> DirectSSLObject:
         obj = super()._create(*args, **kwargs)  # type: ignore[misc]
-        c_obj = obj._sslobj
-        vars(obj).update(read=c_obj.read, write=c_obj.write, pending=c_obj.pending)
+        c_obj = getattr(obj, "_sslobj", None)  # a Python without it keeps the wrappers
+        if c_obj is not None:
+            vars(obj).update(read=c_obj.read, write=c_obj.write, pending=c_obj.pending)
         return cast(DirectSSLObject, obj)
 
 
