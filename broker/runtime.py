@@ -100,7 +100,7 @@ POLICY_FIELDS: dict[str, Any] = {
 }
 # Top-level sections a reload cannot apply to a running broker: a change is logged, and it
 # takes effect at the next start.
-RESTART_SECTIONS = ("identity", "tls", "vault", "admin", "event_loop")
+RESTART_SECTIONS = ("identity", "tls", "vault", "admin", "event_loop", "state_dir")
 
 
 @dataclass
@@ -119,7 +119,8 @@ class Broker:
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     # Under `workers: N`: this worker's socket for the other workers' requests, and theirs.
     siblings: Siblings | None = None
-    # Under `workers: N`: this worker slot's lease journal (broker.credentials.journal).
+    # This process's lease journal (broker.credentials.journal): under `workers: N` the
+    # slot's, from the parent; else `state_dir`'s leases.journal, if there is a state_dir.
     lease_journal: Path | None = None
 
     def __post_init__(self) -> None:
@@ -154,6 +155,8 @@ class Broker:
             if cfg.vault
             else None
         )
+        if self.lease_journal is None and self.worker is None and cfg.state_dir is not None:
+            self.lease_journal = cfg.state_dir / "leases.journal"
         if self.vault is not None and self.lease_journal is not None:
             self.vault.journal = LeaseJournal(self.lease_journal)
         self.live = Registry()

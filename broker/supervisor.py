@@ -103,12 +103,14 @@ class Supervisor:
         self.drain_timeout = drain_timeout
         self._log_args = log_args
         self._rundir = Path(tempfile.mkdtemp(prefix="sidekey-workers-"))
+        # The lease journals outlive the parent only in a state_dir.
+        journals = config.state_dir or self._rundir
         self.workers = [
             Worker(
                 n,
                 self._rundir / f"worker-{n}.sock",
                 self._rundir / f"siblings-{n}.sock",
-                self._rundir / f"leases-{n}.journal",
+                journals / f"leases-{n}.journal",
             )
             for n in range(1, count + 1)
         ]

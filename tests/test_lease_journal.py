@@ -1,7 +1,8 @@
-"""The lease journal a worker keeps for its successor (broker/credentials/journal.py).
+"""The lease journal a broker keeps for its successor (broker/credentials/journal.py).
 
-The end-to-end case, a SIGKILLed worker's leases revoked by the worker started in its place
-against a real OpenBao and PostgreSQL, is in test_workers.py; these pin the file's rules.
+The end-to-end cases, against a real OpenBao and PostgreSQL: a SIGKILLed worker's leases
+revoked by the worker started in its place (test_workers.py), a SIGKILLed broker's by the
+next one on the same state_dir (test_signals.py). These pin the file's rules.
 """
 
 from __future__ import annotations
@@ -13,12 +14,22 @@ import pytest
 
 from broker.credentials import journal
 from broker.credentials.journal import LeaseJournal
+from broker.errors import ConfigError
 
 NOW = 1_800_000_000.0
 
 
 def open_journal(path: Path, now: float = NOW) -> LeaseJournal:
     return LeaseJournal(path, clock=lambda: now)
+
+
+def left_in(path: Path) -> dict[str, float]:
+    """What a process opening the journal now finds left (it closes it again)."""
+    j = open_journal(path)
+    try:
+        return j.left
+    finally:
+        j.close()
 
 
 def test_what_a_process_did_not_revoke_is_left_to_the_next(tmp_path: Path) -> None:
@@ -30,23 +41,30 @@ def test_what_a_process_did_not_revoke_is_left_to_the_next(tmp_path: Path) -> No
     first.added("database/creds/app/c", NOW + 10)
     first.added("database/creds/app/a", NOW + 7200)  # renewed: the last expiry counts
     first.ended("database/creds/app/b")
-    # Killed here: no close. The next process of the slot reads what is left, unexpired.
+    # Killed here: the kernel lets go of its lock, and nothing else happens. The next
+    # process of the slot reads what is left, unexpired.
+    first.close()
     second = open_journal(path, now=NOW + 60)
     assert second.left == {"database/creds/app/a": NOW + 7200}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     # It revokes it and takes new leases; killed again, its successor sees only those.
     second.ended("database/creds/app/a")
     second.added("database/creds/app/d", NOW + 3600)
+    second.close()
     third = open_journal(path, now=NOW + 120)
     assert third.left == {"database/creds/app/d": NOW + 3600}
 
 
 def test_a_lease_left_and_not_yet_revoked_is_left_again(tmp_path: Path) -> None:
     path = tmp_path / "leases-1.journal"
-    open_journal(path).added("database/creds/app/a", NOW + 3600)
+    first = open_journal(path)
+    first.added("database/creds/app/a", NOW + 3600)
+    first.close()
     # The successor could not reach the vault before it was killed too.
-    assert open_journal(path).left == {"database/creds/app/a": NOW + 3600}
-    assert open_journal(path).left == {"database/creds/app/a": NOW + 3600}
+    for _ in range(2):
+        successor = open_journal(path)
+        assert successor.left == {"database/creds/app/a": NOW + 3600}
+        successor.close()
 
 
 def test_a_clean_stop_leaves_nothing(tmp_path: Path) -> None:
@@ -55,7 +73,7 @@ def test_a_clean_stop_leaves_nothing(tmp_path: Path) -> None:
     j.added("database/creds/app/a", NOW + 3600)
     j.ended("database/creds/app/a")
     j.close()
-    assert open_journal(path).left == {}
+    assert left_in(path) == {}
 
 
 def test_the_file_is_rewritten_with_the_live_leases_when_it_grows(
@@ -69,7 +87,8 @@ def test_the_file_is_rewritten_with_the_live_leases_when_it_grows(
         if n != 7:
             j.ended(f"database/creds/app/{n}")
     assert len(path.read_text().splitlines()) < 12
-    assert open_journal(path).left == {"database/creds/app/7": NOW + 3600}
+    j.close()
+    assert left_in(path) == {"database/creds/app/7": NOW + 3600}
 
 
 def test_lines_it_does_not_understand_and_oversized_files_are_ignored(tmp_path: Path) -> None:
@@ -82,16 +101,27 @@ def test_lines_it_does_not_understand_and_oversized_files_are_ignored(tmp_path: 
         "- \n"
         "+ 1900000000 database/creds/app/c"  # a last line without its newline still counts
     )
-    assert open_journal(path).left == {
+    assert left_in(path) == {
         "database/creds/app/a": 1_900_000_000.0,
         "database/creds/app/c": 1_900_000_000.0,
     }
     path.write_bytes(b"+ 1900000000 x\n" * (journal.MAX_JOURNAL_BYTES // 15 + 1))
-    assert open_journal(path).left == {}
+    assert left_in(path) == {}
 
 
-def test_an_unwritable_directory_costs_the_record_not_the_broker(tmp_path: Path) -> None:
-    j = LeaseJournal(tmp_path / "missing" / "leases-1.journal")
-    j.added("database/creds/app/a", NOW + 3600)  # logged, not raised
-    j.ended("database/creds/app/a")
+def test_its_directory_is_made_private_or_the_error_names_state_dir(tmp_path: Path) -> None:
+    j = open_journal(tmp_path / "state" / "leases.journal")
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
     j.close()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"state_dir: cannot keep the lease journal in .*file"):
+        open_journal(tmp_path / "file" / "leases.journal")
+
+
+def test_two_running_brokers_cannot_share_a_journal(tmp_path: Path) -> None:
+    path = tmp_path / "leases.journal"
+    first = open_journal(path)
+    with pytest.raises(ConfigError, match="in use by another running broker"):
+        open_journal(path)
+    first.close()
+    open_journal(path).close()  # free once the first has let go (or died)

@@ -76,8 +76,9 @@ class Setup:
         tmp.replace(path)
         return path
 
-    def start(self, drain: float = 10.0) -> BrokerProcess:
-        broker = BrokerProcess.start(self.write(self.config()), self.admin, env=self.env,
+    def start(self, drain: float = 10.0, config: dict[str, Any] | None = None) -> BrokerProcess:
+        config = config if config is not None else self.config()
+        broker = BrokerProcess.start(self.write(config), self.admin, env=self.env,
                                      drain=drain)  # fmt: skip
         self.brokers.append(broker)
         return broker
@@ -324,3 +325,48 @@ def _post(admin: str, path: str) -> tuple[int, Any]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+async def test_a_broker_killed_outright_has_its_leases_revoked_by_the_next_one(
+    setup: Setup,
+) -> None:
+    """With a `state_dir`, the broker journals its leases there: killed outright (SIGKILL,
+    the OOM killer), it cannot revoke them, and the broker started after it does. While it
+    runs, a second broker cannot take the same state_dir."""
+    state = setup.tmp_path / "state"
+    config = {**setup.config(), "state_dir": str(state)}
+    broker = setup.start(config=config)
+    conn = await setup.connect()
+    user = await conn.fetchval("SELECT current_user")
+    assert user in await lease_roles(setup.vdb.postgres)
+    assert (state / "leases.journal").read_text().count("+ ") == 1
+    other = setup.tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**config, "admin": {"listen": f"127.0.0.1:{free_port()}"}}))
+    code, out = await _sidekey_run_exits(other, setup.env)
+    assert code != 0 and "in use by another running broker" in out, out
+    broker.signal(signal.SIGKILL)
+    broker.wait(10)
+    conn.terminate()
+    assert user in await lease_roles(setup.vdb.postgres), "nothing revoked it yet"
+    setup.start(config=config)
+
+    async def dropped() -> bool:
+        return user not in await lease_roles(setup.vdb.postgres)
+
+    await until(dropped, "the killed broker's lease to be revoked by the next one")
+    revoked = [e for e in setup.events() if e["event"] == "lease_revoked"]
+    assert [e["reason"] for e in revoked] == ["left by the previous process"], revoked
+    conn = await setup.connect()
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
+
+
+async def _sidekey_run_exits(config: Path, env: dict[str, str]) -> tuple[int, str]:
+    """`sidekey run` on `config` until it exits (it must, at once): its code and output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker", "run", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **env},
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), DEADLINE)
+    return proc.returncode or 0, out.decode()

@@ -179,6 +179,10 @@ class Config:
     # Worker processes sharing every listener (broker.workers); None: one per usable CPU
     # (`default_workers()`). 1 runs the broker in this one process, as before workers existed.
     workers: int | None = None
+    # Where the broker keeps what must outlive its process: the lease journals a broker (or
+    # worker) killed outright leaves for the next one to revoke (broker.credentials.journal).
+    # None: under `workers: N` the parent's run directory, which outlives only a worker.
+    state_dir: Path | None = None
 
     @property
     def worker_count(self) -> int:
@@ -255,6 +259,8 @@ def parse_config(raw: object, path: Path, environ: Mapping[str, str] | None = No
         _check_identity_pattern(info, (*identity.trust_domains, *sorted(token_domains)))
     governance = parse_governance(top)
     workers = top.integer("workers", 1, MAX_WORKERS, None)
+    state_dir_text = top.text("state_dir", None)
+    state_dir = (base / state_dir_text).resolve() if state_dir_text else None
 
     services = tuple(
         parse_service(s, i, base, identity.trust_domains, token_domains)
@@ -277,6 +283,7 @@ def parse_config(raw: object, path: Path, environ: Mapping[str, str] | None = No
         path, identity, tls, services, vault, admin, audit, identities, governance,
         workers=workers,
         event_loop=event_loop,
+        state_dir=state_dir,
     )  # fmt: skip
 
 

@@ -1,11 +1,15 @@
-"""A worker's record of the leases it holds, so that its successor can revoke what it left.
+"""A broker's record of the leases it holds, so that its successor can revoke what it left.
 
-A worker that stops revokes its leases; a worker killed outright (SIGKILL, the kernel's OOM
+A broker that stops revokes its leases; one killed outright (SIGKILL, the kernel's OOM
 killer, a crash in a C extension) cannot, and its database roles would stay valid until their
-TTL. Under `workers: N` each worker slot has a journal in the parent's run directory
-(broker.supervisor): the worker appends a line when it gets a lease or renews one and when it
-revokes one. The process that takes the slot over reads what is left, revokes every lease
-still within its TTL (`VaultClient.revoke_left`), and starts its own record.
+TTL. So the broker appends a line to its journal when it gets a lease or renews one and when
+it revokes one, and the process that starts in its place reads what is left, revokes every
+lease still within its TTL (`VaultClient._revoke_left`), and starts its own record. Under
+`workers: N` each worker slot has a journal (`leases-N.journal`) in `state_dir`, or else in
+the parent's run directory (broker.supervisor), which outlives a worker but not the parent;
+a single-process broker keeps `leases.journal` in `state_dir` when one is set. A lock file
+beside each journal keeps two running brokers from sharing one (and revoking each other's
+leases); the kernel releases it when its process dies, however it dies.
 
 The file holds lease IDs and expiry times, never a credential: a lease ID alone reads
 nothing, and revoking one takes the broker's own vault policy (``sys/leases/revoke``). Lines
@@ -20,11 +24,14 @@ directory, a temporary one, with it). The format, one lease per line:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from broker.errors import ConfigError
 
 log = logging.getLogger("sidekey.credentials")
 
@@ -37,9 +44,14 @@ COMPACT_LINES = 10_000
 class LeaseJournal:
     """The lease record of one worker slot (see the module docstring)."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: Path, *, clock: Callable[[], float] = time.time, where: str = "state_dir"
+    ) -> None:
+        """Open (and lock) the journal at `path`, creating its directory (mode 0700); raises
+        ConfigError, naming `where`, if it cannot, or another running broker holds it."""
         self.path = path
         self._clock = clock
+        self._lock_fd = self._lock(where)
         # What the previous process of this slot left: lease ID -> expiry (Unix seconds).
         self.left = self._read()
         self._live: dict[str, float] = {}
@@ -59,6 +71,32 @@ class LeaseJournal:
             self._append(f"- {lease_id}\n")
 
     def close(self) -> None:
+        self._close_file()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # and the lock goes with it
+            self._lock_fd = -1
+
+    def _lock(self, where: str) -> int:
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"{where}: cannot keep the lease journal in {self.path.parent}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(
+                f"{where}: {self.path} is in use by another running broker: give each broker "
+                "(each instance of a deployment) a state_dir of its own"
+            ) from None
+        return fd
+
+    def _close_file(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -92,7 +130,7 @@ class LeaseJournal:
             log.warning("lease journal %s: cannot write (%s): a successor may not revoke "
                         "this worker's leases if it is killed", self.path, exc)  # fmt: skip
             return
-        self.close()
+        self._close_file()
         self._fd, self._lines = fd, len(entries)
 
     def _read(self) -> dict[str, float]:
