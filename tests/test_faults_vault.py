@@ -26,6 +26,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from broker.credentials.journal import LeaseJournal
 from broker.runtime import Broker
 from tests.brokers import base_config, running_broker
 from tests.pki import DEFAULT_CLIENT_ID, Pki
@@ -184,3 +185,66 @@ async def test_stopped_openbao_makes_readyz_say_why(
         assert bao.token not in json.dumps(body)
     # With the vault gone, shutdown cannot revoke: the role lives until its lease TTL.
     # (The frozen test above checks that nothing is left when the vault comes back.)
+
+
+@pytest.mark.timeout(120)
+async def test_leases_left_by_a_killed_broker_are_revoked_once_the_vault_answers(  # noqa: PLR0917
+    tmp_path: Path,
+    pki: Pki,
+    postgres: Postgres,
+    openbao_factory: Callable[[], OpenBao],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker that starts while the vault hangs cannot revoke what its killed predecessor
+    left in the state_dir's lease journal yet: it says so once, serves on, and revokes it
+    when the vault answers again (broker.credentials.journal)."""
+    bao = openbao_factory()
+    vdb = configure_database(bao, postgres)
+    # What a killed broker leaves: a live lease (its role in PostgreSQL) in the journal.
+    leased = vdb.client().secrets.database.generate_credentials(vdb.role, mount_point=vdb.mount)
+    user, lease_id = leased["data"]["username"], leased["lease_id"]
+    state = tmp_path / "state"
+    state.mkdir()
+    expires = time.time() + leased["lease_duration"]
+    (state / "leases.journal").write_text(f"+ {expires:.0f} {lease_id}\n")
+    assert user in await postgres.aroles()
+    audit = tmp_path / "audit.jsonl"
+    config = base_config(pki, services=[service(postgres)], vault=bao, audit=audit)
+    config["vault"]["timeout"] = VAULT_TIMEOUT
+    config["state_dir"] = str(state)
+    os.kill(bao.pid, signal.SIGSTOP)
+    frozen = True
+    try:
+        async with running_broker(tmp_path, config, monkeypatch, bao):
+
+            def warned() -> bool:
+                return any("cannot revoke a lease left" in r.getMessage() for r in caplog.records)
+
+            async def said() -> bool:
+                return warned()
+
+            await until(said, "the broker to say it cannot revoke the left lease yet")
+            assert user in await postgres.aroles()
+            os.kill(bao.pid, signal.SIGCONT)
+            frozen = False
+
+            async def revoked() -> bool:
+                return user not in await postgres.aroles()
+
+            await until(revoked, "the left lease to be revoked once the vault answers")
+            warnings = [
+                r for r in caplog.records
+                if r.levelno == logging.WARNING and "cannot revoke a lease left" in r.getMessage()
+            ]  # fmt: skip
+            assert len(warnings) == 1, "said once, not at every retry"
+    finally:
+        if frozen:
+            os.kill(bao.pid, signal.SIGCONT)
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(e["lease_id"], e["reason"]) for e in events if e["event"] == "lease_revoked"] == [
+        (lease_id, "left by the previous process")
+    ]
+    journal = LeaseJournal(state / "leases.journal")
+    assert journal.left == {}, "nothing left for the next one"
+    journal.close()

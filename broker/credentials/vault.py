@@ -296,8 +296,8 @@ class VaultClient:
         while the vault does not answer and the lease has not expired anyway."""
         assert self.journal is not None
         left = self.journal.left
-        log.warning("revoking %d lease(s) the previous process of this worker left "
-                    "(it did not stop cleanly)", len(left))  # fmt: skip
+        log.warning("revoking %d lease(s) left in %s by the broker's previous process "
+                    "(it did not stop cleanly)", len(left), self.journal.path)  # fmt: skip
         failed: set[str] = set()  # warned about once each, not at every retry
         while left:
             for lease_id, expires in list(left.items()):
