@@ -125,3 +125,20 @@ def test_two_running_brokers_cannot_share_a_journal(tmp_path: Path) -> None:
         open_journal(path)
     first.close()
     open_journal(path).close()  # free once the first has let go (or died)
+
+
+def test_leases_that_ran_out_are_forgotten_when_the_file_is_rewritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "COMPACT_LINES", 10)
+    now = [NOW]
+    j = LeaseJournal(tmp_path / "leases.journal", clock=lambda: now[0])
+    for n in range(8):
+        j.added(f"database/creds/app/{n}", NOW + 60)  # never revoked: they run out
+    now[0] = NOW + 120
+    j.added("database/creds/app/live", NOW + 3600)
+    j.added("database/creds/app/live", NOW + 7200)  # the tenth line: rewritten
+    assert (tmp_path / "leases.journal").read_text() == (
+        f"+ {NOW + 7200:.0f} database/creds/app/live\n"
+    )
+    j.close()

@@ -42,7 +42,7 @@ COMPACT_LINES = 10_000
 
 
 class LeaseJournal:
-    """The lease record of one worker slot (see the module docstring)."""
+    """The lease record of one broker process or worker slot (see the module docstring)."""
 
     def __init__(
         self, path: Path, *, clock: Callable[[], float] = time.time, where: str = "state_dir"
@@ -108,7 +108,7 @@ class LeaseJournal:
             os.write(self._fd, line.encode())
         except OSError as exc:
             log.warning("lease journal %s: cannot write (%s): a successor may not revoke "
-                        "this worker's leases if it is killed", self.path, exc)  # fmt: skip
+                        "this broker's leases if it is killed", self.path, exc)  # fmt: skip
             return
         self._lines += 1
         if self._lines >= COMPACT_LINES:
@@ -118,6 +118,8 @@ class LeaseJournal:
         """Replace the file by the leases still to be revoked: this process's and those the
         previous one left, unexpired."""
         now = self._clock()
+        # A lease that ran out needs no revoking (the vault ended it): it goes here.
+        self._live = {i: e for i, e in self._live.items() if e > now}
         entries = {i: e for i, e in {**self.left, **self._live}.items() if e > now}
         tmp = self.path.with_name(self.path.name + ".new")
         try:
@@ -128,7 +130,7 @@ class LeaseJournal:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         except OSError as exc:
             log.warning("lease journal %s: cannot write (%s): a successor may not revoke "
-                        "this worker's leases if it is killed", self.path, exc)  # fmt: skip
+                        "this broker's leases if it is killed", self.path, exc)  # fmt: skip
             return
         self._close_file()
         self._fd, self._lines = fd, len(entries)
