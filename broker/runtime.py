@@ -157,8 +157,6 @@ class Broker:
         )
         if self.lease_journal is None and self.worker is None and cfg.state_dir is not None:
             self.lease_journal = cfg.state_dir / "leases.journal"
-        if self.vault is not None and self.lease_journal is not None:
-            self.vault.journal = LeaseJournal(self.lease_journal)
         self.live = Registry()
         self.vault_health = VaultHealth()
         self._prime_tasks: set[asyncio.Task[None]] = set()
@@ -346,6 +344,10 @@ class Broker:
     async def start(self) -> None:
         await self.identity.start()
         if self.vault is not None:
+            if self.lease_journal is not None:
+                # Opened here, not when built: `sidekey check` builds a Broker of the config
+                # a running broker holds the journal of.
+                self.vault.journal = LeaseJournal(self.lease_journal)
             self.vault.start()  # log in while the listeners bind
         if self.deny is not None:
             # Before the first listener: a broker that starts knows who is offboarded.

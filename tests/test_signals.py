@@ -342,8 +342,11 @@ async def test_a_broker_killed_outright_has_its_leases_revoked_by_the_next_one(
     assert (state / "leases.journal").read_text().count("+ ") == 1
     other = setup.tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({**config, "admin": {"listen": f"127.0.0.1:{free_port()}"}}))
-    code, out = await _sidekey_run_exits(other, setup.env)
+    code, out = await _sidekey_exits("run", other, setup.env)
     assert code != 0 and "in use by another running broker" in out, out
+    # Checking the running broker's config (as `sidekey reload` does first) takes no lock.
+    code, out = await _sidekey_exits("check", setup.tmp_path / "sidekey.yaml", setup.env)
+    assert code == 0, out
     broker.signal(signal.SIGKILL)
     broker.wait(10)
     conn.terminate()
@@ -361,10 +364,10 @@ async def test_a_broker_killed_outright_has_its_leases_revoked_by_the_next_one(
     await conn.close()
 
 
-async def _sidekey_run_exits(config: Path, env: dict[str, str]) -> tuple[int, str]:
-    """`sidekey run` on `config` until it exits (it must, at once): its code and output."""
+async def _sidekey_exits(command: str, config: Path, env: dict[str, str]) -> tuple[int, str]:
+    """`sidekey <command>` on `config` until it exits (it must, at once): code and output."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker", "run", "--config", str(config),
+        sys.executable, "-m", "broker", command, "--config", str(config),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, **env},
     )  # fmt: skip
