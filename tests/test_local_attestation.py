@@ -10,12 +10,14 @@ before exec), over a socket with no TLS and no password; the upstream legs are T
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from broker.config import LocalRule
@@ -112,8 +114,23 @@ def as_user(uid: int, gid: int, *cmd: str) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *cmd]
 
 
-async def run(argv: list[str]) -> tuple[int, str, str]:
-    return await run_client(argv, env={"HOME": "/tmp", "PGCONNECT_TIMEOUT": "10"})
+async def run(argv: list[str], pythonpath: Path | None = None) -> tuple[int, str, str]:
+    env = {"HOME": "/tmp", "PGCONNECT_TIMEOUT": "10"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return await run_client(argv, env=env)
+
+
+@pytest.fixture(scope="module")
+def readable_asyncpg() -> Iterator[Path]:
+    """A copy of asyncpg every test uid can import (a directory for PYTHONPATH): the venv's
+    may sit in a checkout only root can enter (a `mktemp -d` clone is mode 0700)."""
+    lib = Path(tempfile.mkdtemp(prefix="sk-lib-"))
+    shutil.copytree(Path(asyncpg.__file__).parent, lib / "asyncpg")
+    for path in (lib, *lib.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield lib
+    shutil.rmtree(lib)
 
 
 @pytest.fixture
@@ -164,7 +181,7 @@ asyncio.run(main())
 
 async def test_postgres_callers_get_the_id_their_uid_gid_and_exe_select(
     *, tmp_path: Path, pki: Pki, vault_database: VaultDatabase, sock_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, readable_asyncpg: Path,
 ) -> None:  # fmt: skip
     pg = vault_database.postgres
     psql = str(PG_BIN / "psql")  # the executable itself (/usr/bin/psql is a Perl wrapper)
@@ -188,11 +205,11 @@ async def test_postgres_callers_get_the_id_their_uid_gid_and_exe_select(
         assert (code, out.strip()) == (0, "2"), err
         # gid 42000 but not psql (asyncpg in Python): no rule, refused with 28000.
         script = [sys.executable, "-c", ASYNCPG_SCRIPT, str(sock_dir)]
-        code, out, err = await run(as_user(STRANGER_UID, REPORT_GID, *script))
+        code, out, err = await run(as_user(STRANGER_UID, REPORT_GID, *script), readable_asyncpg)
         assert code == 0, err
         assert out.startswith("28000 ") and f"uid {STRANGER_UID}" in out, out
         # uid 41000 with asyncpg: the first rule does not care about the executable.
-        code, out, err = await run(as_user(ORDERS_UID, ORDERS_UID, *script))
+        code, out, err = await run(as_user(ORDERS_UID, ORDERS_UID, *script), readable_asyncpg)
         assert out.startswith("ok v-"), (out, err)
         # Nobody's rule: psql prints the broker's FATAL naming the uid.
         code, out, err = await run(as_user(STRANGER_UID, STRANGER_UID, *sql, "-c", "SELECT 3"))
