@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import socket
 import ssl
 import sys
@@ -52,6 +53,12 @@ def percentile(hist: Mapping[int, int], q: float) -> float | None:
         if seen > rank:
             return float(value)
     return float(max(hist))
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time so far, every thread, user and kernel."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def client_context(args: argparse.Namespace, tls13_only: bool = False) -> ssl.SSLContext:
@@ -160,6 +167,7 @@ async def http_main(args: argparse.Namespace) -> dict[str, object]:
     await asyncio.sleep(max(0.0, args.start_at - time.time()))
     run.start = time.perf_counter_ns()
     run.end = run.start + int(args.duration * 1e9)
+    cpu_at_start = cpu_seconds()
     for conn in run.conns:
         conn.send()
     while True:
@@ -183,6 +191,7 @@ async def http_main(args: argparse.Namespace) -> dict[str, object]:
                 run.conns[i] = proto
                 proto.send()
     late = max(0.0, (time.perf_counter_ns() - run.start) / 1e9 - args.duration)
+    cpu = cpu_seconds() - cpu_at_start
     for conn in run.conns:
         if conn.transport is not None:
             conn.transport.abort()
@@ -194,6 +203,7 @@ async def http_main(args: argparse.Namespace) -> dict[str, object]:
         "errors": run.errors,
         "seconds": args.duration,
         "started_late": late,
+        "cpu_seconds": cpu,
         "hist": dict(run.hist),
     }
 

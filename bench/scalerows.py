@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,9 +33,24 @@ def _scaling(
                 per_core = 1e6 / cpu
                 v.extra[f"{name}_ops_per_cpu_second"] = per_core
                 v.notes.append(f"{name}: {per_core:,.0f}/core-s")
+            client = _median_extra(s[name], "client_cpu_us_per_op")
+            if client:
+                v.notes.append(f"{name}: load generator {client:.0f}us CPU/op")
+        # Everything on the box (load generator and upstream included) with one worker: the
+        # most a second one can add here is the idle rest, if nothing cost more per operation.
+        busy = _median_extra(s[den], "system_cpu_busy_percent")
+        if busy:
+            ceiling = 100.0 / busy
+            v.extra["ceiling_on_this_box"] = ceiling
+            v.notes.append(f"ceiling here: all CPUs / {busy:.0f}% busy with {den} = {ceiling:.2f}")
         return v
 
     return verdict
+
+
+def _median_extra(summary: sc.Summary, key: str) -> float | None:
+    values = [m.extra[key] for m in summary.runs if m.extra.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def _workers_port(service: str) -> Callable[[sc.Env], int]:

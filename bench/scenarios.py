@@ -629,6 +629,11 @@ def run_loadgen(
         connections=ok if mode in ("handshake", "resume") else processes * per_process,
         errors=errors,
     )
+    client_cpu = [r["cpu_seconds"] for r in reports if "cpu_seconds" in r]
+    if ok and len(client_cpu) == len(reports):
+        # What the load generator itself spent per operation, for rows where it shares the
+        # cores with what it measures.
+        m.extra["client_cpu_us_per_op"] = round(sum(client_cpu) / ok * 1e6, 1)
     late = max(float(r.get("started_late", 0.0)) for r in reports)
     if late > 0.2:
         m.extra["warning"] = f"a load generator finished {late:.2f}s late"
