@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--worker-sockets", help=argparse.SUPPRESS)
     run.add_argument("--worker-parent-fd", type=int, help=argparse.SUPPRESS)
     run.add_argument("--worker-journal", type=Path, help=argparse.SUPPRESS)
+    run.add_argument("--worker-adopt", type=json.loads, default=[], help=argparse.SUPPRESS)
     run.add_argument("--worker-siblings", help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate a config and every file it references")
@@ -534,6 +535,7 @@ def run_worker(args: argparse.Namespace) -> int:
                 config, args.drain_timeout, worker=args.worker, sockets=sockets,
                 parent_fd=args.worker_parent_fd, siblings=siblings,
                 lease_journal=args.worker_journal,
+                adopt_journals=[Path(p) for p in args.worker_adopt],
             )
         )  # fmt: skip
 
@@ -564,13 +566,14 @@ async def _serve(
     parent_fd: int | None = None,
     siblings: Siblings | None = None,
     lease_journal: Path | None = None,
+    adopt_journals: list[Path] | None = None,
 ) -> int:
     from broker.observe.metrics import platform_info  # noqa: PLC0415
     from broker.runtime import Broker  # noqa: PLC0415
 
     broker: Broker = Broker(
         config, drain_timeout=drain_timeout, worker=worker, sockets=sockets or {},
-        siblings=siblings, lease_journal=lease_journal,
+        siblings=siblings, lease_journal=lease_journal, adopt_journals=adopt_journals or [],
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -24,7 +24,7 @@ from broker.config import DEFAULT_DRAIN_SECONDS, Config, ServiceConfig, load_con
 from broker.control import DenyWatcher
 from broker.credentials import CredentialSource
 from broker.credentials.factory import make_source
-from broker.credentials.journal import LeaseJournal
+from broker.credentials.journal import SINGLE_JOURNAL, LeaseJournal, orphaned
 from broker.credentials.vault import VaultClient
 from broker.credentials.vault_auth import MaterialCertificate, MaterialJwt
 from broker.errors import ConfigError, SidekeyError
@@ -122,6 +122,9 @@ class Broker:
     # This process's lease journal (broker.credentials.journal): under `workers: N` the
     # slot's, from the parent; else `state_dir`'s leases.journal, if there is a state_dir.
     lease_journal: Path | None = None
+    # Journals in `state_dir` no process of this broker opens (journal.orphaned), which this
+    # one takes over: from the parent, for worker 1; found at start by a single process.
+    adopt_journals: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -156,7 +159,7 @@ class Broker:
             else None
         )
         if self.lease_journal is None and self.worker is None and cfg.state_dir is not None:
-            self.lease_journal = cfg.state_dir / "leases.journal"
+            self.lease_journal = cfg.state_dir / SINGLE_JOURNAL
         self.live = Registry()
         self.vault_health = VaultHealth()
         self._prime_tasks: set[asyncio.Task[None]] = set()
@@ -347,7 +350,12 @@ class Broker:
             if self.lease_journal is not None:
                 # Opened here, not when built: `sidekey check` builds a Broker of the config
                 # a running broker holds the journal of.
-                self.vault.journal = LeaseJournal(self.lease_journal)
+                journal = LeaseJournal(self.lease_journal)
+                adopt = self.adopt_journals
+                if self.worker is None and self.config.state_dir is not None:
+                    adopt = orphaned(self.config.state_dir, keep={SINGLE_JOURNAL})
+                journal.adopt(adopt)
+                self.vault.journal = journal
             self.vault.start()  # log in while the listeners bind
         if self.deny is not None:
             # Before the first listener: a broker that starts knows who is offboarded.

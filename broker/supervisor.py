@@ -49,6 +49,7 @@ import aiohttp
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from broker.config import Config, ListenAddress, load_config
+from broker.credentials.journal import orphaned, worker_journal
 from broker.errors import SidekeyError
 from broker.observe.admin import AdminServer
 from broker.observe.aggregate import merge
@@ -110,10 +111,17 @@ class Supervisor:
                 n,
                 self._rundir / f"worker-{n}.sock",
                 self._rundir / f"siblings-{n}.sock",
-                journals / f"leases-{n}.journal",
+                journals / worker_journal(n),
             )
             for n in range(1, count + 1)
         ]
+        # Journals of slots this broker does not run (a predecessor with more workers, or a
+        # single process): worker 1 takes them over at its start.
+        self._orphaned = (
+            orphaned(config.state_dir, keep={w.journal.name for w in self.workers})
+            if config.state_dir is not None
+            else []
+        )
         # The bound address of each service (a TCP port 0 resolved), and the unix sockets
         # every worker shares.
         self._bound: dict[str, ListenAddress] = {}
@@ -186,6 +194,8 @@ class Supervisor:
             "--worker-sockets", json.dumps(fds), "--worker-parent-fd", str(self._parent_r),
             "--worker-siblings", siblings, "--worker-journal", str(worker.journal),
         ]  # fmt: skip
+        if worker.number == 1 and self._orphaned:
+            argv += ["--worker-adopt", json.dumps([str(p) for p in self._orphaned])]
         worker.proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, pass_fds=[*fds.values(), self._parent_r]
         )

@@ -142,3 +142,49 @@ def test_leases_that_ran_out_are_forgotten_when_the_file_is_rewritten(
         f"+ {NOW + 7200:.0f} database/creds/app/live\n"
     )
     j.close()
+
+
+def test_journals_of_slots_not_run_are_found_by_name(tmp_path: Path) -> None:
+    for name in ("leases.journal", "leases-1.journal", "leases-2.journal", "leases-3.journal"):
+        (tmp_path / name).write_text("")
+    for name in ("leases-1.journal.lock", "leases-0.journal", "leases-x.journal", "other"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in journal.orphaned(tmp_path, keep={"leases-1.journal"})] == [
+        "leases-2.journal",
+        "leases-3.journal",
+        "leases.journal",
+    ]
+    assert journal.orphaned(tmp_path / "missing", keep=set()) == []
+
+
+def test_a_journal_taken_over_is_recorded_before_it_is_deleted(tmp_path: Path) -> None:
+    gone = tmp_path / "leases-2.journal"
+    old = open_journal(gone)
+    old.added("database/creds/app/a", NOW + 3600)
+    old.added("database/creds/app/b", NOW + 10)
+    old.close()  # killed
+    mine = open_journal(tmp_path / "leases-1.journal", now=NOW + 60)
+    mine.added("database/creds/app/c", NOW + 3600)
+    mine.adopt([gone, tmp_path / "leases-3.journal"])  # one never written: nothing to do
+    assert mine.left == {"database/creds/app/a": NOW + 3600}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "leases-1.journal",
+        "leases-1.journal.lock",
+    ]
+    # Killed before it revoked the lease it took over: its own successor has it.
+    mine.close()
+    assert left_in(tmp_path / "leases-1.journal") == {
+        "database/creds/app/a": NOW + 3600,
+        "database/creds/app/c": NOW + 3600,
+    }
+
+
+def test_a_journal_another_process_holds_is_not_taken_over(tmp_path: Path) -> None:
+    held = open_journal(tmp_path / "leases.journal")
+    held.added("database/creds/app/a", NOW + 3600)
+    mine = open_journal(tmp_path / "leases-1.journal")
+    mine.adopt([held.path])
+    assert mine.left == {}
+    assert held.path.exists()
+    held.close()
+    assert left_in(held.path) == {"database/creds/app/a": NOW + 3600}

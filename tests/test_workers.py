@@ -272,6 +272,71 @@ async def test_the_leases_of_a_killed_worker_are_revoked_by_the_one_started_in_i
     await pg_backend_queries(setup, SPREAD)
 
 
+def kill_outright(setup: WorkersSetup, broker: BrokerProcess) -> None:
+    """SIGKILL the parent and every worker, none of them able to stop cleanly: the parent
+    held still first, so it starts no worker in place of a killed one."""
+    pids = setup.pids(broker)
+    broker.signal(signal.SIGSTOP)
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)
+    broker.signal(signal.SIGKILL)
+    broker.wait(10)
+
+
+async def test_a_broker_started_with_fewer_workers_revokes_the_leases_of_slots_it_does_not_run(
+    setup: WorkersSetup,
+) -> None:
+    """Journals are found by name: leases.journal for a single process, leases-N.journal for
+    worker slot N. A broker killed outright, then started again with fewer journals (one
+    process after two workers, or the other way round), takes the others over and revokes
+    what they hold: a single process takes both workers' journals, worker 1 takes a single
+    process's."""
+    state = setup.tmp_path / "state"
+    pg = setup.vdb.postgres
+    several = {**setup.config(), "state_dir": str(state)}
+    single = {**several, "workers": 1}
+
+    broker = setup.start(config=single)
+    conn = await setup.connect()
+    single_role = await conn.fetchval("SELECT current_user")
+    broker.signal(signal.SIGKILL)
+    broker.wait(10)
+    conn.terminate()
+    assert single_role in await lease_roles(pg)
+
+    broker = setup.start(config=several)
+
+    async def single_dropped() -> bool:
+        return single_role not in await lease_roles(pg)
+
+    await until(single_dropped, "worker 1 to revoke the single process's lease")
+    conns = [await setup.connect() for _ in range(SPREAD // 2)]
+    roles = {await c.fetchval("SELECT current_user") for c in conns}
+    assert len(roles) == 2, "a lease on each worker"
+    assert sorted(p.name for p in state.glob("*.journal")) == [
+        "leases-1.journal",
+        "leases-2.journal",
+    ], "the single process's journal was taken over, then deleted"
+    kill_outright(setup, broker)
+    for c in conns:
+        c.terminate()
+    assert roles <= await lease_roles(pg), "nothing revoked them yet"
+
+    setup.start(config=single)
+
+    async def workers_dropped() -> bool:
+        return not roles & await lease_roles(pg)
+
+    await until(workers_dropped, "the single process to revoke both workers' leases")
+    revoked = [e for e in setup.events() if e["event"] == "lease_revoked"]
+    assert [e.get("worker") for e in revoked] == [1, None, None], revoked
+    assert {e["reason"] for e in revoked} == {"left by the previous process"}
+    assert [p.name for p in state.glob("*.journal")] == ["leases.journal"]
+    conn = await setup.connect()
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
+
+
 async def test_sighup_reaches_every_worker_and_sigterm_drains_them_all(
     setup: WorkersSetup,
 ) -> None:
