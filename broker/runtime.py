@@ -39,6 +39,7 @@ from broker.identity.trust import Snapshot
 from broker.observe.admin import AdminServer
 from broker.observe.audit import AuditLog
 from broker.observe.metrics import Metrics
+from broker.observe.refusals import RefusalLimiter
 from broker.observe.sinks import OtlpSink, SyslogSink
 from broker.session.adapter import Adapter, load_adapter
 from broker.session.context import ServiceContext
@@ -132,6 +133,10 @@ class Broker:
             cfg.audit.file, chain=cfg.audit.chain, worker=self.worker, required=cfg.audit.required
         )
         self.audit.on_failure = self.metrics.audit_write_failures.labels().inc
+        self.refusals = RefusalLimiter(
+            cfg.audit.refusal_lines_per_minute,
+            lambda fields: self.audit.emit_record("deny_suppressed", fields),
+        )
         # Which address each inherited socket was bound for: a reload that moves a service
         # elsewhere binds a socket of its own (a TCP port shared with the other workers).
         self._socket_for = {s.name: s.listen for s in cfg.services if s.name in self.sockets}
@@ -210,6 +215,7 @@ class Broker:
             metrics=self.metrics,
             log=logging.getLogger(f"sidekey.{service.adapter}"),
             live=self.live,
+            refusals=self.refusals,
             material=self.identity,
             tokens=self.tokens if service.jwt is not None else None,
             listen_socket=inherited,
@@ -461,6 +467,7 @@ class Broker:
             if old.audit.file != new.audit.file or new.audit.file is not None:
                 self.audit.reopen(new.audit.file)
             self.audit.required = new.audit.required
+            self.refusals.lines_per_minute = new.audit.refusal_lines_per_minute
             self.audit.emit_record("policy", {"reason": "reload", **self._policy()})
             closed = self.enforce("policy reload")
             summary = {
@@ -645,6 +652,7 @@ class Broker:
             await self.admin.stop()
         await self.identity.stop()
         took = time.monotonic() - started
+        self.refusals.close()  # the counts of refusals not written yet
         self.audit.emit_record("stop", {"drained_seconds": round(took, 3)})
         self.audit.close()
         for sink in self._sinks:

@@ -119,12 +119,19 @@ def service_with(**changes: Any) -> dict[str, Any]:
             minimal(vault={"address": "http://x", "auth": {"method": "token"}}),
             "vault.auth: token auth needs exactly one of token_env, token_file",
         ),
+        (minimal(audit={"refusal_lines_per_minute": -1}), "audit.refusal_lines_per_minute"),
     ],
 )
 def test_errors_name_the_key(files: Path, config: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load(files, config)
     assert message in str(err.value)
+
+
+def test_refusal_lines_default_to_60_a_minute_and_0_turns_the_cap_off(files: Path) -> None:
+    assert load(files, minimal()).audit.refusal_lines_per_minute == 60
+    config = load(files, minimal(audit={"refusal_lines_per_minute": 0}))
+    assert config.audit.refusal_lines_per_minute == 0
 
 
 def test_vault_providers_need_a_vault_section(files: Path) -> None:

@@ -150,6 +150,10 @@ class AdminConfig:
     listen: ListenAddress
 
 
+# `audit.refusal_lines_per_minute`'s default (broker.observe.refusals).
+DEFAULT_REFUSAL_LINES_PER_MINUTE = 60
+
+
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
     file: Path | None
@@ -158,6 +162,9 @@ class AuditConfig:
     # Fail closed: refuse requests and sessions while the audit file cannot be written.
     required: bool = False
     otlp: OtlpConfig | None = None
+    # `deny` lines per service and peer address per minute for callers that proved no
+    # identity; the rest go into one `deny_suppressed` line (broker.observe.refusals). 0: all.
+    refusal_lines_per_minute: int = DEFAULT_REFUSAL_LINES_PER_MINUTE
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +252,9 @@ def parse_config(raw: object, path: Path, environ: Mapping[str, str] | None = No
             file=(base / audit_file).resolve() if audit_file else None,
             chain=audit_section.boolean("chain", True),
             required=audit_section.boolean("required", False),
+            refusal_lines_per_minute=audit_section.integer(
+                "refusal_lines_per_minute", 0, 1_000_000, DEFAULT_REFUSAL_LINES_PER_MINUTE
+            ),
             syslog=parse_syslog(audit_section.section("syslog"))
             if audit_section.has("syslog")
             else None,

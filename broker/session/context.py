@@ -30,6 +30,7 @@ from broker.identity.tls import verified_anchor
 from broker.identity.trust import check_anchor
 from broker.observe.audit import AuditLog
 from broker.observe.metrics import Metrics
+from broker.observe.refusals import RefusalLimiter
 from broker.policy import Decision, evaluate
 
 from .registry import Registry
@@ -70,6 +71,9 @@ class ServiceContext:
     # Under `workers: N`: the other workers, to ask what only one of them knows (the
     # session a PostgreSQL cancel key belongs to). None with one process.
     siblings: Siblings | None = field(default=None, repr=False, compare=False)
+    # How many refusals of unproven callers get a `deny` line (shared by all services of a
+    # broker; broker.observe.refusals). None: every one.
+    refusals: RefusalLimiter | None = field(default=None, repr=False, compare=False)
     # Counters bound to this service once: Counter.labels() costs ~1 us per call, and the
     # HTTP adapter would call it on every request.
     _allowed: Any = field(init=False, repr=False, compare=False)
@@ -221,8 +225,14 @@ class ServiceContext:
     def refuse(
         self, peer: str, reason: str, identity: WorkloadIdentity | None = None, **fields: Any
     ) -> None:
-        """Count and audit a caller refused before policy could run (no proven identity)."""
+        """Count and audit a caller refused before policy could run (no proven identity):
+        every one is counted, not every one written (`refusals`)."""
         self._denied.inc()
+        service = self.service
+        if self.refusals is not None and not self.refusals.admit(
+            service.name, service.adapter, peer, reason
+        ):
+            return
         self.record(
             "deny", identity=identity, peer=peer, decision=Decision(False, reason), **fields
         )
