@@ -36,13 +36,16 @@ def _scaling(
             client = _median_extra(s[name], "client_cpu_us_per_op")
             if client:
                 v.notes.append(f"{name}: load generator {client:.0f}us CPU/op")
-        # Everything on the box (load generator and upstream included) with one worker: the
-        # most a second one can add here is the idle rest, if nothing cost more per operation.
+        # Everything on the box (load generator and upstream included) with one worker: what
+        # a second one can add here is about the idle rest (more only when the one-worker
+        # runs were slow per operation, less when two workers cost more per operation).
         busy = _median_extra(s[den], "system_cpu_busy_percent")
         if busy:
-            ceiling = 100.0 / busy
-            v.extra["ceiling_on_this_box"] = ceiling
-            v.notes.append(f"ceiling here: all CPUs / {busy:.0f}% busy with {den} = {ceiling:.2f}")
+            headroom = 100.0 / busy
+            v.extra["idle_headroom_with_one_worker"] = headroom
+            v.notes.append(
+                f"idle headroom: all CPUs / {busy:.0f}% busy with {den} = {headroom:.2f}"
+            )
         return v
 
     return verdict

@@ -144,3 +144,19 @@ def test_past_max_peers_the_others_share_one_count() -> None:
 )
 def test_a_peer_is_its_host_or_uid(peer: str, host: str) -> None:
     assert peer_host(peer) == host
+
+
+async def test_a_summary_is_written_when_its_window_ends_without_another_refusal() -> None:
+    written: list[dict[str, Any]] = []
+    refusals = RefusalLimiter(1, written.append, window=0.05)
+    for source in ("10.0.0.1:1", "10.0.0.1:2", "10.0.0.2:1", "10.0.0.2:2", "10.0.0.2:3"):
+        refusals.admit("db", "postgres", source, "r")
+    deadline = asyncio.get_running_loop().time() + 10
+    while len(written) < 2 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert sorted((s["peer"], s["refusals"]) for s in written) == [
+        ("10.0.0.1", 1),
+        ("10.0.0.2", 2),
+    ]
+    refusals.close()
+    assert len(written) == 2, "nothing left to write at the stop"

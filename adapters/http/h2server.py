@@ -66,6 +66,12 @@ STREAM_WINDOW_BYTES = 64 * 1024
 CONNECTION_WINDOW_BYTES = MAX_CONCURRENT_STREAMS * STREAM_WINDOW_BYTES
 # HTTP/2's default connection window, which the increment above is added to.
 _DEFAULT_WINDOW = 65_535
+# A header list over limits.max_head_bytes gets a 431 on its stream, as on HTTP/1.1, up to
+# this many times the limit (SETTINGS_MAX_HEADER_LIST_SIZE, which h2's HPACK decoder
+# enforces); a larger one ends the connection (GOAWAY), since it must be decoded to be read.
+HEADER_LIST_HEADROOM = 2
+# RFC 9113 section 6.5.2: a header list's size counts 32 bytes per field besides its bytes.
+_FIELD_OVERHEAD = 32
 
 _ALPN_H2 = "h2"
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -418,18 +424,19 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
         self.info = info
         server.connections.add(self)
         h2c = self._h2
+        header_list_cap = server.max_head_bytes * HEADER_LIST_HEADROOM
         h2c.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW_BYTES,
-                # limits.max_head_bytes, as on the HTTP/1.1 side.
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: server.max_head_bytes,
+                # limits.max_head_bytes, with room to answer a 431 (HEADER_LIST_HEADROOM).
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: header_list_cap,
             },
         )
         # h2 applies MAX_HEADER_LIST_SIZE to its HPACK decoder only once the peer ACKs our
         # SETTINGS (and keeps 64 KiB until then): the limit holds from the first frame.
-        h2c.decoder.max_header_list_size = server.max_head_bytes
+        h2c.decoder.max_header_list_size = header_list_cap
         h2c.initiate_connection()
         h2c.increment_flow_control_window(CONNECTION_WINDOW_BYTES - _DEFAULT_WINDOW)
         self._flush()
@@ -532,8 +539,10 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
         fields: CIMultiDict[str] = CIMultiDict()
         cookies: list[str] = []
         count = 0
+        size = 0
         for raw_name, raw_value in event.headers or ():
             name, value = bytes(raw_name), bytes(raw_value)
+            size += len(name) + len(value) + _FIELD_OVERHEAD
             if name.startswith(b":"):
                 pseudo[name] = value
                 continue
@@ -571,6 +580,12 @@ class H2ClientConnection(asyncio.Protocol, Generic[T]):
             request.task = self._loop.create_task(
                 self._answer(request, 431, f"request has over {MAX_HEADER_FIELDS} header fields")
             )
+        elif size > self.server.max_head_bytes:
+            message = (
+                f"request header list of {size} bytes exceeds the limit of "
+                f"{self.server.max_head_bytes} bytes (limits.max_head_bytes)"
+            )
+            request.task = self._loop.create_task(self._answer(request, 431, message))
         else:
             request.task = self._loop.create_task(self._serve(request))
 

@@ -68,6 +68,8 @@ class RefusalLimiter:
         self._window = window
         self._windows: dict[tuple[str, str], _Window] = {}
         self._timer: asyncio.TimerHandle | None = None
+        # Windows that have suppressed something (a summary to write when they end).
+        self._suppressing = 0
 
     def admit(self, service: str, adapter: str, peer: str, reason: str) -> bool:
         """Whether this refusal gets its `deny` line; if not, it is counted for the summary."""
@@ -75,21 +77,19 @@ class RefusalLimiter:
             return True
         now = self._clock()
         key = (service, peer_host(peer))
-        w = self._windows.get(key)
-        if w is not None and now - w.started >= self._window:
-            self._end(key, w)
-            w = None
-        if w is None:
+        w = self._current(key, now)
+        if w is None and len(self._windows) >= MAX_PEERS:
+            self.flush(now)
             if len(self._windows) >= MAX_PEERS:
-                self.flush(now)
-                if len(self._windows) >= MAX_PEERS:
-                    key = (service, "*")
-            w = self._windows.get(key)
-            if w is None:
-                w = self._windows[key] = _Window(service, adapter, key[1], now)
+                key = (service, "*")
+                w = self._current(key, now)
+        if w is None:
+            w = self._windows[key] = _Window(service, adapter, key[1], now)
         if w.written < self.lines_per_minute:
             w.written += 1
             return True
+        if not w.suppressed:
+            self._suppressing += 1
         w.suppressed += 1
         w.reason = reason
         self._schedule(w.started + self._window - now)
@@ -97,14 +97,24 @@ class RefusalLimiter:
 
     def flush(self, now: float | None = None) -> None:
         """End the windows that are over by `now` (all of them with None, as at a stop),
-        writing the summary of each that suppressed something."""
+        writing the summary of each that suppressed something. The table is in the order
+        the windows started, so this stops at the first one still running."""
         for key, w in list(self._windows.items()):
-            if now is None or now - w.started >= self._window:
-                self._end(key, w)
+            if now is not None and now - w.started < self._window:
+                break
+            self._end(key, w)
+
+    def _current(self, key: tuple[str, str], now: float) -> _Window | None:
+        w = self._windows.get(key)
+        if w is not None and now - w.started >= self._window:
+            self._end(key, w)
+            return None
+        return w
 
     def _end(self, key: tuple[str, str], w: _Window) -> None:
         del self._windows[key]
         if w.suppressed:
+            self._suppressing -= 1
             self._emit(
                 {
                     "service": w.service,
@@ -130,9 +140,11 @@ class RefusalLimiter:
         self._timer = None
         now = self._clock()
         self.flush(now)
-        pending = [w.started + self._window - now for w in self._windows.values() if w.suppressed]
-        if pending:
-            self._schedule(min(pending))
+        if self._suppressing:
+            # The oldest window ends first (the table is in starting order): each tick
+            # ends at least one, and reads only those that ended.
+            oldest = next(iter(self._windows.values()))
+            self._schedule(oldest.started + self._window - now)
 
     def close(self) -> None:
         """Write every pending summary and stop the timer (the broker is stopping)."""
