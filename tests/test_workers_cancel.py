@@ -37,6 +37,8 @@ SSL_REQUEST_CODE = 80877103
 # Cancels that must do nothing, each from a fresh connection: all of them land on the
 # session's own worker with probability 2**-16.
 ATTEMPTS = 16
+# Made-up cancels from one address, well past what the sibling limit lets through.
+FLOOD = 300
 
 
 class TwoWorkers(Setup):
@@ -77,12 +79,18 @@ async def _active(pg: Postgres, query: str) -> int:
 
 
 async def _raw_cancel(
-    port: int, pid: int, secret: bytes, ssl: Any = None, *, timeout: float = 10.0
+    port: int,
+    pid: int,
+    secret: bytes,
+    ssl: Any = None,
+    *,
+    timeout: float = 10.0,
+    source: str = "127.0.0.1",
 ) -> bytes:
-    """A CancelRequest on a fresh connection (over TLS when `ssl` is given); what the broker
-    answered before it closed (PostgreSQL answers nothing)."""
+    """A CancelRequest on a fresh connection (over TLS when `ssl` is given) from the loopback
+    address `source`; what the broker answered before it closed (PostgreSQL answers nothing)."""
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
         try:
             if ssl is not None:
                 writer.write(struct.pack("!II", 8, SSL_REQUEST_CODE))
@@ -193,6 +201,50 @@ async def test_a_wrong_key_or_another_identity_cancels_nothing_on_any_worker(
         assert f"ignoring cancel from {OTHER_ID}: not the session's identity" in log
         assert "forwarded by worker" in log, log[-4000:]
         assert secret.hex() not in log, "no secret in the log"
+    finally:
+        await conn.close()
+
+
+async def test_cancels_passed_to_the_other_workers_are_limited_per_peer_address(
+    setup: TwoWorkers,
+) -> None:
+    """A CancelRequest needs no TLS and no identity, and a worker that does not hold its key
+    asks every other worker: a peer sending made-up keys is limited to SIBLING_CANCELS_BURST
+    at once and SIBLING_CANCELS_PER_SECOND after, per worker; past it its cancels are dropped
+    (counted, logged once). A cancel from another address still reaches its query."""
+    from adapters.postgres._cancel import SIBLING_CANCELS_BURST, SIBLING_CANCELS_PER_SECOND
+    from tests.test_workers import _metrics
+
+    setup.start()
+    pg = setup.vdb.postgres
+    conn = await setup.connect()
+    try:
+        pid, secret = conn.get_server_pid(), _secret(conn._protocol.backend_secret)
+        wrong = bytes(b ^ 0xFF for b in secret)
+        began = time.monotonic()
+        for _ in range(FLOOD):
+            assert await _raw_cancel(setup.port, pid, wrong) == b""
+        took = time.monotonic() - began
+        query = "SELECT pg_sleep(30)"
+        running = asyncio.create_task(conn.fetchval(query))
+
+        async def started() -> bool:
+            return await _active(pg, query) == 1
+
+        await until(started, "the query to run")
+        assert await _raw_cancel(setup.port, pid, secret, source="127.0.0.2") == b""
+        with pytest.raises(Exception, match="canceling statement"):
+            await asyncio.wait_for(running, CANCELLED_WITHIN)
+        counts = {
+            name.split('outcome="')[1].split('"')[0]: value
+            for name, value in _metrics(setup.admin).items()
+            if name.startswith("sidekey_cancel_requests_total{")
+        }
+        passed_most = WORKERS * (SIBLING_CANCELS_BURST + SIBLING_CANCELS_PER_SECOND * took)
+        assert counts.get("limited", 0) >= FLOOD - passed_most, (counts, took)
+        assert counts.get("limited", 0) + counts.get("unknown", 0) == FLOOD, counts
+        assert counts.get("forwarded") == 1, counts
+        assert setup.full_log().count("not passed to the other workers") == WORKERS
     finally:
         await conn.close()
 

@@ -25,6 +25,7 @@ ever written to the upstream connection.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,7 @@ from ._cancel import (
     CancelCaller,
     CancelKeys,
     CancelTarget,
+    SiblingCancelRate,
     cancel_fields,
     parse_cancel_fields,
 )
@@ -82,6 +84,8 @@ from ._upstream import (
 
 # Forwarding one CancelRequest: connect, TLS, write, wait for the server to hang up.
 CANCEL_TIMEOUT = 5.0
+# How often a peer's cancels over the rate passed to sibling workers are logged, at most.
+LIMITED_CANCELS_LOG_SECONDS = 60.0
 
 # The first byte of a TLS handshake record: a client that opens with a ClientHello instead of
 # an SSLRequest (libpq 17's sslnegotiation=direct). No SSLRequest or StartupMessage can start
@@ -194,6 +198,10 @@ class PostgresAdapter(TcpAdapter[Hello]):
         # sessions (see `release`), and for sessions of ours a sibling worker got the
         # CancelRequest of (`sibling_request`).
         self._cancels: set[asyncio.Task[None]] = set()
+        # Cancels passed to sibling workers, per peer address (_cancel.SiblingCancelRate),
+        # and when the last one over the rate was logged.
+        self._sibling_rate = SiblingCancelRate()
+        self._limited_said = -LIMITED_CANCELS_LOG_SECONDS
         self.scram_keys = ScramKeyCache()
 
     # -- protocol steps ----------------------------------------------------------------------
@@ -497,6 +505,7 @@ class PostgresAdapter(TcpAdapter[Hello]):
         if isinstance(previous, PostgresAdapter):
             self._predecessors = [previous, *previous._predecessors]
             previous._predecessors = []
+            self._sibling_rate = previous._sibling_rate
 
     async def stop(self, drain_timeout: float) -> None:
         await super().stop(drain_timeout)
@@ -522,6 +531,7 @@ class PostgresAdapter(TcpAdapter[Hello]):
         siblings = self.ctx.siblings
         if found is None and siblings is None:
             self.ctx.log.debug("ignoring cancel with an unknown key from %s", client.peer)
+            self._count_cancel("unknown")
             return
         caller = self._cancel_caller(client)
         if found is not None:
@@ -532,6 +542,17 @@ class PostgresAdapter(TcpAdapter[Hello]):
                 )
             return
         assert siblings is not None
+        if not self._sibling_rate.allow(client.peer):
+            self._count_cancel("limited")
+            now = time.monotonic()
+            if now - self._limited_said >= LIMITED_CANCELS_LOG_SECONDS:
+                self._limited_said = now
+                self.ctx.log.warning(
+                    "cancels from %s over %.0f a second: not passed to the other workers "
+                    "(dropped, as a cancel with an unknown key is; said once a minute)",
+                    client.peer, self._sibling_rate.per_second,
+                )  # fmt: skip
+            return
         # Not a key of this worker's: the worker that served the session knows it, and
         # decides and cancels as if the cancel had come to it.
         fields = cancel_fields(request.process_id, request.secret_key, caller)
@@ -541,10 +562,14 @@ class PostgresAdapter(TcpAdapter[Hello]):
             self.ctx.log.debug("cannot pass a cancel to the other workers: %s", exc)
             return
         if not any(answer.get("known") is True for answer in answers):
+            self._count_cancel("unknown")
             self.ctx.log.debug(
                 "ignoring cancel with a key no worker knows from %s (%d of %d siblings "
                 "answered)", client.peer, len(answers), len(siblings.others),
             )  # fmt: skip
+
+    def _count_cancel(self, outcome: str) -> None:
+        self.ctx.metrics.cancels.labels(self.ctx.service.name, outcome).inc()
 
     def _cancel_caller(self, client: Conduit) -> CancelCaller:
         ssl_object = client.ssl_object
@@ -558,7 +583,9 @@ class PostgresAdapter(TcpAdapter[Hello]):
 
     def _may_cancel(self, caller: CancelCaller, target: CancelTarget, via: str) -> bool:
         if caller.may_cancel(target):
+            self._count_cancel("forwarded")
             return True
+        self._count_cancel("refused")
         self.ctx.log.info(
             "ignoring cancel from %s: not the session's identity%s", caller.spiffe_id, via
         )

@@ -14,16 +14,34 @@ while the key lives in the worker that served the session: a worker that does no
 key asks its siblings (`broker.session.siblings`, CANCEL_TOPIC) with the key and the caller's
 identity, and the one that knows it decides and cancels exactly as if the cancel had come to
 it. A key no worker knows is dropped silently, as PostgreSQL does.
+
+A CancelRequest needs no TLS and no identity, and asking the siblings costs a connection to
+each of them: a peer sending made-up keys would make every worker do N-1 times the work it
+takes to send one. So the cancels a worker passes on are limited per peer address
+(`SiblingCancelRate`, a token bucket: 20 a second, 40 at once); past it a cancel is dropped
+as an unknown key would be, counted, and logged once a minute. A cancel whose key this
+worker holds is never limited.
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.observe.refusals import peer_host
 from broker.spiffeid import MAX_SPIFFE_ID_BYTES
+
+# SiblingCancelRate's bucket per peer address: cancels a second, and at once. A client's
+# cancels are one per statement timeout or Ctrl-C; a pool of connections timing out together
+# is the burst.
+SIBLING_CANCELS_PER_SECOND = 20.0
+SIBLING_CANCELS_BURST = 40.0
+# Peer addresses with a bucket at once; past it, the others share one ("*").
+MAX_CANCEL_PEERS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +95,37 @@ class CancelKeys:
         entries[:] = [e for e in entries if e.secret_key != secret_key]
         if not entries:
             del self._entries[process_id]
+
+
+class SiblingCancelRate:
+    """Whether a cancel from `peer` may be passed to the other workers (module docstring)."""
+
+    def __init__(
+        self,
+        per_second: float = SIBLING_CANCELS_PER_SECOND,
+        burst: float = SIBLING_CANCELS_BURST,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_second, self.burst = per_second, burst
+        self._clock = clock
+        # Peer address -> (tokens, when last counted); a full bucket is dropped when the table
+        # is full, since a peer absent from it starts full.
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, peer: str) -> bool:
+        now = self._clock()
+        key = peer_host(peer)
+        if key not in self._buckets and len(self._buckets) >= MAX_CANCEL_PEERS:
+            refill = self.burst / self.per_second
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < refill}
+            if len(self._buckets) >= MAX_CANCEL_PEERS:
+                key = "*"
+        tokens, then = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.per_second)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
 
 
 @dataclass(frozen=True, slots=True)

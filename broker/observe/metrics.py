@@ -179,6 +179,13 @@ class Metrics:
             ["service"],
         )
 
+        self.cancels = counter(
+            "sidekey_cancel_requests",
+            "PostgreSQL CancelRequests by outcome: forwarded upstream, unknown key, refused "
+            "(another identity's session), limited (over the rate passed to other workers)",
+            ["service", "outcome"],
+        )
+
         # Upstream session reuse (broker.session.pool).
         self.pool_connections = gauge(
             "sidekey_pool_connections",
