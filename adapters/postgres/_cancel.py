@@ -109,8 +109,9 @@ class SiblingCancelRate:
     ) -> None:
         self.per_second, self.burst = per_second, burst
         self._clock = clock
-        # Peer address -> (tokens, when last counted); a full bucket is dropped when the table
-        # is full, since a peer absent from it starts full.
+        # Peer address -> (tokens, when last counted), least recently counted first; one
+        # refilled to the full burst is dropped when the table is full (a peer absent from
+        # it starts full), oldest first, so dropping reads only what it drops.
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def allow(self, peer: str) -> bool:
@@ -118,10 +119,14 @@ class SiblingCancelRate:
         key = peer_host(peer)
         if key not in self._buckets and len(self._buckets) >= MAX_CANCEL_PEERS:
             refill = self.burst / self.per_second
-            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < refill}
+            while self._buckets:
+                oldest = next(iter(self._buckets))
+                if now - self._buckets[oldest][1] < refill:
+                    break
+                del self._buckets[oldest]
             if len(self._buckets) >= MAX_CANCEL_PEERS:
                 key = "*"
-        tokens, then = self._buckets.get(key, (self.burst, now))
+        tokens, then = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - then) * self.per_second)
         allowed = tokens >= 1.0
         self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
