@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,13 +32,13 @@ def _scaling(
                 per_core = 1e6 / cpu
                 v.extra[f"{name}_ops_per_cpu_second"] = per_core
                 v.notes.append(f"{name}: {per_core:,.0f}/core-s")
-            client = _median_extra(s[name], "client_cpu_us_per_op")
+            client = s[name].extra_median("client_cpu_us_per_op")
             if client:
                 v.notes.append(f"{name}: load generator {client:.0f}us CPU/op")
         # Everything on the box (load generator and upstream included) with one worker: what
         # a second one can add here is about the idle rest (more only when the one-worker
         # runs were slow per operation, less when two workers cost more per operation).
-        busy = _median_extra(s[den], "system_cpu_busy_percent")
+        busy = s[den].extra_median("system_cpu_busy_percent")
         if busy:
             headroom = 100.0 / busy
             v.extra["idle_headroom_with_one_worker"] = headroom
@@ -49,11 +48,6 @@ def _scaling(
         return v
 
     return verdict
-
-
-def _median_extra(summary: sc.Summary, key: str) -> float | None:
-    values = [m.extra[key] for m in summary.runs if m.extra.get(key) is not None]
-    return statistics.median(values) if values else None
 
 
 def _workers_port(service: str) -> Callable[[sc.Env], int]:

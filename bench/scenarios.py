@@ -263,6 +263,10 @@ class Summary:
     def cpu_us_per_op(self) -> float | None:
         return self._median(lambda m: m.cpu_us_per_op)
 
+    def extra_median(self, key: str) -> float | None:
+        """The median of one of the runs' `extra` figures (those that have it)."""
+        return self._median(lambda m: m.extra.get(key))
+
     def as_json(self) -> dict[str, Any]:
         return {
             "label": self.variant.label,
